@@ -1,0 +1,1 @@
+"""The consuming side: the runtime (queue → validated event → projection → ack), projections, replay."""

@@ -1,0 +1,137 @@
+"""PostgreSQL access: connecting with clear errors, migrations, and applying projections exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterable, Sequence
+from importlib.resources import files
+
+import asyncpg
+
+from consumers.projection import Projection, Statement
+from schemas import Event
+from sntrack.settings import ConfigurationError, redact
+
+MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
+
+# Errors that mean "the database is away or the transaction lost a race": retry the batch later.
+TRANSIENT_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10)
+    except asyncpg.InvalidCatalogNameError:
+        raise ConfigurationError(
+            f"database in {redact(database_url)} does not exist; create it (createdb) or run `sntrack db migrate "
+            "--create`"
+        ) from None
+    except asyncpg.InvalidPasswordError:
+        raise ConfigurationError(f"PostgreSQL refused the credentials in {redact(database_url)}") from None
+    except (TimeoutError, OSError) as exc:
+        raise ConfigurationError(
+            f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set SNTRACK_DATABASE_URL"
+        ) from None
+
+
+async def create_database(database_url: str) -> bool:
+    """Create the database named in the URL if missing (connecting to `postgres` on the same server)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(database_url)
+    name = parts.path.lstrip("/")
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    try:
+        conn = await asyncpg.connect(admin_url, timeout=10)
+    except (TimeoutError, OSError) as exc:
+        raise ConfigurationError(f"cannot reach PostgreSQL at {redact(admin_url)} ({exc})") from None
+    try:
+        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return False
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        return True
+    finally:
+        await conn.close()
+
+
+def migration_files() -> list[tuple[str, str]]:
+    folder = files("consumers") / "sql"
+    return sorted((f.name, f.read_text()) for f in folder.iterdir() if f.name.endswith(".sql"))
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply the SQL files not yet recorded in schema_migrations, each in its own transaction."""
+    applied = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, checksum text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        for name, sql in migration_files():
+            checksum = hashlib.sha256(sql.encode()).hexdigest()
+            if name in done:
+                if done[name] != checksum:
+                    raise ConfigurationError(f"migration {name} changed after it was applied; add a new file instead")
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)", name, checksum)
+            applied.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return applied
+
+
+async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statement]) -> None:
+    """Run statements grouped by SQL text (one pipelined executemany per group), first-seen order."""
+    groups: dict[str, list[tuple]] = {}
+    for sql, args in statements:
+        groups.setdefault(sql, []).append(args)
+    for sql, rows in groups.items():
+        await conn.executemany(sql, rows)
+
+
+async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
+    """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
+    those not applied before. Returns how many were new."""
+    fresh = {
+        r["event_id"]
+        for r in await conn.fetch(
+            "INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
+            "ON CONFLICT DO NOTHING RETURNING event_id",
+            projection.name,
+            [e.event_id for e in events],
+        )
+    }
+    new_events = []
+    for event in events:
+        if event.event_id in fresh:
+            fresh.discard(event.event_id)  # a duplicate inside the same batch is applied once
+            new_events.append(event)
+    await run_statements(conn, (s for e in new_events for s in projection.project(e)))
+    return len(new_events)
+
+
+class Store:
+    """Applies batches of events to a projection: one transaction per batch, rows and bookkeeping together."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def apply(self, projection: Projection, events: Sequence[Event]) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await apply_events(conn, projection, events)

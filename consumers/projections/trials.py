@@ -1,0 +1,109 @@
+"""The Trial read model: `trials` (one row per trial) and `trial_metrics` (its learning curve).
+
+Every clause is an order-independent upsert: start fills the configuration, stop the outcome, metrics the
+curve; timestamps come from the events (not the clock) so a replay reproduces the live rows exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+from consumers.projection import Projection, Statement
+from consumers.topology import QueueSpec
+from schemas import Event, RunMetric, RunStarted, RunStopped
+
+_KEEP_TIMES = """
+    inserted_at = LEAST(t.inserted_at, EXCLUDED.inserted_at),
+    updated_at = GREATEST(t.updated_at, EXCLUDED.updated_at),
+    metrics = CASE WHEN EXCLUDED.last_seq > t.last_seq THEN EXCLUDED.metrics ELSE t.metrics END,
+    last_seq = GREATEST(t.last_seq, EXCLUDED.last_seq)
+"""
+
+UPSERT_START = f"""
+INSERT INTO trials AS t (id, model_run_id, spectral_norm, mlflow_run_id, hyperparams, dataset, model, seed,
+                         optuna_trial_number, paired_with, epochs, started_at, last_seq, inserted_at, updated_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, 0, $12, $12)
+ON CONFLICT (id) DO UPDATE SET
+    model_run_id = EXCLUDED.model_run_id,
+    spectral_norm = EXCLUDED.spectral_norm,
+    mlflow_run_id = COALESCE(EXCLUDED.mlflow_run_id, t.mlflow_run_id),
+    hyperparams = EXCLUDED.hyperparams,
+    dataset = EXCLUDED.dataset,
+    model = EXCLUDED.model,
+    seed = EXCLUDED.seed,
+    optuna_trial_number = EXCLUDED.optuna_trial_number,
+    paired_with = EXCLUDED.paired_with,
+    epochs = EXCLUDED.epochs,
+    started_at = EXCLUDED.started_at,
+{_KEEP_TIMES}
+"""
+
+UPSERT_METRIC_TRIAL = f"""
+INSERT INTO trials AS t (id, model_run_id, metrics, last_seq, last_epoch, inserted_at, updated_at)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6, $6)
+ON CONFLICT (id) DO UPDATE SET
+    last_epoch = GREATEST(t.last_epoch, EXCLUDED.last_epoch),
+{_KEEP_TIMES}
+"""
+
+UPSERT_CURVE = """
+INSERT INTO trial_metrics AS m (trial_id, epoch, seq, train_loss, val_loss, train_accuracy, val_accuracy,
+                                measurements, spectral_norms, occurred_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10)
+ON CONFLICT (trial_id, epoch) DO UPDATE SET
+    seq = EXCLUDED.seq, train_loss = EXCLUDED.train_loss, val_loss = EXCLUDED.val_loss,
+    train_accuracy = EXCLUDED.train_accuracy, val_accuracy = EXCLUDED.val_accuracy,
+    measurements = EXCLUDED.measurements, spectral_norms = EXCLUDED.spectral_norms,
+    occurred_at = EXCLUDED.occurred_at
+WHERE m.seq < EXCLUDED.seq
+"""
+
+UPSERT_STOP = f"""
+INSERT INTO trials AS t (id, model_run_id, spectral_norm, status, metrics, duration_ms, error_type, error_message,
+                         finished_at, last_seq, inserted_at, updated_at)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $9, $9)
+ON CONFLICT (id) DO UPDATE SET
+    spectral_norm = EXCLUDED.spectral_norm,
+    status = EXCLUDED.status,
+    duration_ms = EXCLUDED.duration_ms,
+    error_type = EXCLUDED.error_type,
+    error_message = EXCLUDED.error_message,
+    finished_at = EXCLUDED.finished_at,
+{_KEEP_TIMES}
+"""
+
+
+def _epochs(hyperparams: dict) -> int | None:
+    value = hyperparams.get("epochs")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class TrialsProjection(Projection):
+    name = "trials"
+    queue = QueueSpec("sntrack.trials")
+    tables = ("trial_metrics", "trials")
+
+    def project(self, event: Event):
+        match event:
+            case RunStarted(payload=p):
+                yield Statement(UPSERT_START, (
+                    event.trial_id, event.model_run_id, p.spectral_norm, p.mlflow_run_id,
+                    json.dumps(p.hyperparams), p.dataset, p.model, p.seed, p.optuna_trial_number,
+                    p.paired_with, _epochs(p.hyperparams), event.occurred_at,
+                ))
+            case RunMetric(payload=p):
+                m = p.measurements
+                yield Statement(UPSERT_METRIC_TRIAL, (
+                    event.trial_id, event.model_run_id, json.dumps(m), event.seq, p.epoch, event.occurred_at,
+                ))
+                yield Statement(UPSERT_CURVE, (
+                    event.trial_id, p.epoch, event.seq, m.get("train_loss"), m.get("val_loss"),
+                    m.get("train_accuracy"), m.get("val_accuracy"), json.dumps(m),
+                    None if p.spectral_norms is None else json.dumps(p.spectral_norms), event.occurred_at,
+                ))
+            case RunStopped(payload=p):
+                yield Statement(UPSERT_STOP, (
+                    event.trial_id, event.model_run_id, p.spectral_norm, p.status, json.dumps(p.measurements),
+                    p.measurements.get("duration_ms"), p.error.type if p.error else None,
+                    p.error.message if p.error else None, event.occurred_at, event.seq,
+                ))

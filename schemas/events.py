@@ -1,0 +1,143 @@
+"""Pydantic v2 models of the event envelope and the three ml.run.* events (schema_version 1).
+
+Strict at the gate: no coercion ("true" is not a boolean), no unknown fields, no NaN/inf.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
+
+from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
+
+CURRENT_SCHEMA_VERSION = 1
+
+EventType = Literal["ml.run.start", "ml.run.metric", "ml.run.stop"]
+Identifier = Annotated[str, Field(min_length=1, max_length=200)]
+Scalar = str | int | float | bool | None
+Measurements = dict[Annotated[str, Field(min_length=1, max_length=100)], float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class ProducerInfo(_Strict):
+    worker_id: Identifier
+    host: str
+    pid: int
+    version: str
+
+
+class StartPayload(_Strict):
+    spectral_norm: bool
+    hyperparams: dict[str, Scalar] = Field(default_factory=dict)
+    dataset: str
+    model: str
+    seed: int
+    mlflow_run_id: str | None = None
+    optuna_trial_number: int | None = None
+    paired_with: str | None = None
+
+
+class MetricPayload(_Strict):
+    epoch: Annotated[int, Field(ge=0)]
+    measurements: Measurements
+    spectral_norms: Measurements | None = None
+
+
+class RunError(_Strict):
+    type: Literal["nan_loss", "oom", "timeout", "exception", "interrupted"]
+    message: Annotated[str, Field(max_length=4000)]
+
+
+class StopPayload(_Strict):
+    status: Literal["completed", "failed", "pruned"]
+    spectral_norm: bool
+    measurements: Measurements = Field(default_factory=dict)
+    error: RunError | None = None
+
+    @model_validator(mode="after")
+    def _error_only_when_failed(self) -> StopPayload:
+        if self.status == "failed" and self.error is None:
+            raise ValueError("a failed stop must carry an error")
+        if self.status != "failed" and self.error is not None:
+            raise ValueError(f"a {self.status} stop must not carry an error")
+        return self
+
+
+class _Envelope(_Strict):
+    event_id: uuid.UUID
+    schema_version: Annotated[int, Field(ge=1)]
+    occurred_at: AwareDatetime
+    trial_id: Identifier
+    model_run_id: Identifier
+    seq: Annotated[int, Field(ge=0)]
+    producer: ProducerInfo
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _to_utc(cls, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+    @field_validator("schema_version")
+    @classmethod
+    def _current_only(cls, value: int) -> int:
+        # Older versions are upcast before validation (schemas.upcasting); newer ones are refused there.
+        if value != CURRENT_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {value} is not {CURRENT_SCHEMA_VERSION}; upcast first")
+        return value
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class RunStarted(_Envelope):
+    event_type: Literal["ml.run.start"] = RUN_START
+    payload: StartPayload
+
+    @model_validator(mode="after")
+    def _start_is_seq_zero(self) -> RunStarted:
+        if self.seq != 0:
+            raise ValueError("ml.run.start must have seq 0")
+        return self
+
+
+class RunMetric(_Envelope):
+    event_type: Literal["ml.run.metric"] = RUN_METRIC
+    payload: MetricPayload
+
+
+class RunStopped(_Envelope):
+    event_type: Literal["ml.run.stop"] = RUN_STOP
+    payload: StopPayload
+
+
+Event = Annotated[RunStarted | RunMetric | RunStopped, Field(discriminator="event_type")]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+EVENT_MODELS: dict[str, type[_Envelope]] = {RUN_START: RunStarted, RUN_METRIC: RunMetric, RUN_STOP: RunStopped}
+
+
+def new_event_id() -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48-bit millisecond timestamp, then random bits; sorts by creation time."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)

@@ -1,0 +1,30 @@
+"""Generate the JSON Schema files in schemas/json/ from the models (python -m schemas.jsonschema)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from schemas.events import EVENT_ADAPTER, EVENT_MODELS
+
+JSON_DIR = Path(__file__).parent / "json"
+
+
+def render() -> dict[str, str]:
+    """File name → JSON text, for every event type and for the union of all of them."""
+    documents = {f"{name}.schema.json": model.model_json_schema() for name, model in EVENT_MODELS.items()}
+    documents["event.schema.json"] = EVENT_ADAPTER.json_schema()
+    return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in documents.items()}
+
+
+def main() -> int:
+    JSON_DIR.mkdir(exist_ok=True)
+    for name, text in render().items():
+        (JSON_DIR / name).write_text(text)
+        print(f"wrote {JSON_DIR / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from sntrack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The broker topology as data (definitions.json) and its idempotent application over the management API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from consumers.registry import QUEUES
+from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE
+from sntrack.settings import ConfigurationError, redact
+
+DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq" / "definitions.json"
+DEFAULT_VHOST = "sntrack"
+WORKER_USER = "sntrack-worker"
+CONSUMER_USER = "sntrack-consumer"
+
+# Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues,
+# and may publish only to the dead-letter exchange (gate rejections carry their reason there).
+PERMISSIONS = {
+    WORKER_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+    CONSUMER_USER: {
+        "configure": r"^sntrack\..*",
+        "write": r"^(sntrack\..*|ml\.events\.dlx)$",
+        "read": r"^(sntrack\..*|ml\.events)$",
+    },
+}
+
+
+def build_definitions(vhost: str = DEFAULT_VHOST) -> dict:
+    """The whole topology in `rabbitmqctl import_definitions` form. Users carry no password (set it with
+    `sntrack topology apply` and SNTRACK_WORKER_PASSWORD / SNTRACK_CONSUMER_PASSWORD, or rabbitmqctl)."""
+    queues, bindings = [], []
+    for spec in QUEUES:
+        queues.append({"name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False,
+                       "arguments": spec.arguments})
+        queues.append({"name": spec.dead_letter_queue, "vhost": vhost, "durable": True, "auto_delete": False,
+                       "arguments": spec.dead_letter_arguments})
+        for pattern in spec.bindings:
+            bindings.append({"source": EXCHANGE, "vhost": vhost, "destination": spec.name,
+                             "destination_type": "queue", "routing_key": pattern, "arguments": {}})
+        bindings.append({"source": DEAD_LETTER_EXCHANGE, "vhost": vhost, "destination": spec.dead_letter_queue,
+                         "destination_type": "queue", "routing_key": spec.name, "arguments": {}})
+    return {
+        "vhosts": [{"name": vhost}],
+        "users": [
+            {"name": user, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}
+            for user in PERMISSIONS
+        ],
+        "permissions": [{"user": user, "vhost": vhost, **perms} for user, perms in PERMISSIONS.items()],
+        "exchanges": [
+            {"name": EXCHANGE, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False,
+             "internal": False, "arguments": {}},
+            {"name": DEAD_LETTER_EXCHANGE, "vhost": vhost, "type": "direct", "durable": True,
+             "auto_delete": False, "internal": False, "arguments": {}},
+        ],
+        "queues": queues,
+        "bindings": bindings,
+    }
+
+
+def render_definitions(vhost: str = DEFAULT_VHOST) -> str:
+    return json.dumps(build_definitions(vhost), indent=2, sort_keys=True) + "\n"
+
+
+@dataclass
+class ManagementApi:
+    """A small client of RabbitMQ's management HTTP API (the plugin rabbitmq_management)."""
+
+    base_url: str
+    timeout_s: float = 10.0
+
+    def request(self, method: str, path: str, body: object | None = None) -> object:
+        parts = urlsplit(self.base_url)
+        url = f"{parts.scheme}://{parts.hostname}:{parts.port or 15672}/api/{path}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        token = base64.b64encode(f"{parts.username or 'guest'}:{parts.password or 'guest'}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 and method == "GET":
+                return None
+            if exc.code == 401:
+                raise ConfigurationError(
+                    f"RabbitMQ management API at {redact(self.base_url)} refused the credentials; "
+                    "set SNTRACK_RABBITMQ_ADMIN_URL to an administrator's http://user:password@host:15672"
+                ) from None
+            raise ConfigurationError(f"RabbitMQ management API {method} {path}: {exc.code} {exc.read()[:300]!r}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise ConfigurationError(
+                f"cannot reach the RabbitMQ management API at {redact(self.base_url)} ({exc}); is RabbitMQ running "
+                "with the rabbitmq_management plugin (rabbitmq-plugins enable rabbitmq_management)?"
+            ) from None
+        return json.loads(payload) if payload else None
+
+    @property
+    def admin_user(self) -> str:
+        return urlsplit(self.base_url).username or "guest"
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+def apply_topology(api: ManagementApi, vhost: str, passwords: dict[str, str] | None = None) -> list[str]:
+    """Declare vhost, users, permissions, exchanges, queues and bindings; safe to run any number of times.
+
+    A user that already exists keeps its password unless a new one is given. Returns what was done."""
+    passwords = passwords or {}
+    definitions = build_definitions(vhost)
+    done = []
+    api.request("PUT", f"vhosts/{_q(vhost)}", {})
+    full = {"configure": ".*", "write": ".*", "read": ".*"}
+    api.request("PUT", f"permissions/{_q(vhost)}/{_q(api.admin_user)}", full)
+    done.append(f"vhost {vhost}")
+    for user in definitions["users"]:
+        name = user["name"]
+        if name in passwords:
+            api.request("PUT", f"users/{_q(name)}", {"password": passwords[name], "tags": ""})
+            done.append(f"user {name} (password set)")
+        elif api.request("GET", f"users/{_q(name)}") is None:
+            api.request("PUT", f"users/{_q(name)}", {"password_hash": "", "tags": ""})
+            done.append(f"user {name} (no password: it cannot log in until one is set)")
+    for perm in definitions["permissions"]:
+        api.request("PUT", f"permissions/{_q(vhost)}/{_q(perm['user'])}",
+                    {k: perm[k] for k in ("configure", "write", "read")})
+    for exchange in definitions["exchanges"]:
+        api.request("PUT", f"exchanges/{_q(vhost)}/{_q(exchange['name'])}",
+                    {k: exchange[k] for k in ("type", "durable", "auto_delete", "internal", "arguments")})
+        done.append(f"exchange {exchange['name']}")
+    for queue in definitions["queues"]:
+        api.request("PUT", f"queues/{_q(vhost)}/{_q(queue['name'])}",
+                    {k: queue[k] for k in ("durable", "auto_delete", "arguments")})
+        done.append(f"queue {queue['name']}")
+    for binding in definitions["bindings"]:
+        path = f"bindings/{_q(vhost)}/e/{_q(binding['source'])}/q/{_q(binding['destination'])}"
+        existing = api.request("GET", path) or []
+        if not any(b["routing_key"] == binding["routing_key"] for b in existing):
+            api.request("POST", path, {"routing_key": binding["routing_key"], "arguments": {}})
+        done.append(f"binding {binding['source']} -[{binding['routing_key']}]-> {binding['destination']}")
+    return done
+
+
+def delete_vhost(api: ManagementApi, vhost: str) -> None:
+    api.request("DELETE", f"vhosts/{_q(vhost)}")

@@ -1,0 +1,42 @@
+"""sntrack status — what the journal and read model hold, and how far behind each queue is."""
+
+from __future__ import annotations
+
+import argparse
+from urllib.parse import quote
+
+from consumers.persistence import create_pool
+from consumers.registry import QUEUES
+from sntrack.broker import ManagementApi
+from sntrack.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("status", help="journal, read model and queue depths at a glance",
+                            description="Counts of journal events, trials by status, and each consumer queue's "
+                            "ready/unacked messages and dead letters.")
+    parser.set_defaults(run=_status)
+
+
+async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            events = await conn.fetchval("SELECT count(*) FROM events")
+            trials = await conn.fetch(
+                "SELECT spectral_norm, status, count(*) AS n FROM trials GROUP BY 1, 2 ORDER BY 1, 2")
+    finally:
+        await pool.close()
+    print(f"journal: {events} events")
+    print("trials:" if trials else "trials: none")
+    for row in trials:
+        print(f"  spectral_norm={str(row['spectral_norm']).lower():5}  {row['status']:9} {row['n']}")
+    api = ManagementApi(settings.rabbitmq_admin_url)
+    vhost = quote(settings.amqp_vhost, safe="")
+    print(f"queues (vhost {settings.amqp_vhost}):")
+    for spec in QUEUES:
+        for name in (spec.name, spec.dead_letter_queue):
+            info = api.request("GET", f"queues/{vhost}/{quote(name, safe='')}") or {}
+            print(f"  {name:28} ready={info.get('messages_ready', '?'):<7} "
+                  f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
+    return 0

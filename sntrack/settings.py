@@ -1,0 +1,75 @@
+"""One settings object, read from SNTRACK_* environment variables; defaults work on local services."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "sntrack"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/sntrack"
+    rabbitmq_admin_url: str = "http://guest:guest@127.0.0.1:15672"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/sntrack"
+
+    mlflow_enabled: bool = True
+    mlflow_tracking_uri: str = "http://127.0.0.1:5000"
+    mlflow_experiment: str = "sntrack"
+    mlflow_timeout_s: float = Field(default=10.0, gt=0)
+    mlflow_max_attempts: int = Field(default=8, ge=1)
+
+    spool_dir: Path = Field(default_factory=lambda: _default_state_dir() / "spool")
+    publish_buffer: int = Field(default=10_000, ge=1)
+    publish_confirm_timeout_s: float = Field(default=10.0, gt=0)
+
+    batch_size: int = Field(default=500, ge=1)
+    prefetch: int = Field(default=1000, ge=1)
+    max_message_bytes: int = Field(default=1_048_576, ge=1024)
+
+    worker_id: str | None = None
+    log_json: bool | None = None  # None: JSON when stderr is not a terminal
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            key = f"SNTRACK_{name.upper()}"
+            if key in environ:
+                values[name] = environ[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(values, strict=False)
+        except ValidationError as exc:
+            problems = "; ".join(f"SNTRACK_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+            raise ConfigurationError(f"invalid configuration: {problems}") from None
+
+    @property
+    def amqp_vhost(self) -> str:
+        return urlsplit(self.amqp_url).path.lstrip("/") or "/"
+
+    @property
+    def database_name(self) -> str:
+        return urlsplit(self.database_url).path.lstrip("/")
+
+
+class ConfigurationError(Exception):
+    """Bad configuration or an unreachable service: one line telling the user what to fix."""
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, safe for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
