@@ -80,7 +80,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY, checksum text NOT NULL, "
             "applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT version, checksum FROM schema_migrations")}
+        rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
+        done = {r["version"]: r["checksum"] for r in rows}
         for name, sql in migration_files():
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if name in done:

@@ -1,4 +1,9 @@
-"""Every consumer that `sntrack consume all` runs, by name, with the queue it reads."""
+"""Every consumer that `sntrack consume` can run, by name, with the queue it reads.
+
+PROJECTIONS are SQL projections (journal, read models) applied by the runtime's exactly-once Store.
+SIDE_EFFECTS are handler classes that act outside PostgreSQL (e.g. MLflow); each has class attributes
+`name` and `queue` and is built as `cls(store, settings)`.
+"""
 
 from __future__ import annotations
 
@@ -6,4 +11,6 @@ from consumers.projections.journal import JournalProjection
 from consumers.projections.trials import TrialsProjection
 
 PROJECTIONS = {p.name: p for p in (JournalProjection(), TrialsProjection())}
-QUEUES = tuple(p.queue for p in PROJECTIONS.values())
+SIDE_EFFECTS: dict[str, type] = {}
+CONSUMER_NAMES = (*PROJECTIONS, *SIDE_EFFECTS)
+QUEUES = tuple(p.queue for p in PROJECTIONS.values()) + tuple(cls.queue for cls in SIDE_EFFECTS.values())

@@ -10,7 +10,7 @@ import structlog
 
 from consumers.handler import Handler, ProjectionHandler
 from consumers.persistence import Store, create_pool
-from consumers.registry import PROJECTIONS
+from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
 from sntrack.settings import ConfigurationError, Settings
 
@@ -19,11 +19,15 @@ log = structlog.get_logger("sntrack.consumer")
 
 def build_handlers(names: Sequence[str], store: Store, settings: Settings) -> list[Handler]:
     if "all" in names:
-        names = list(PROJECTIONS)
-    unknown = [n for n in names if n not in PROJECTIONS]
+        names = list(CONSUMER_NAMES)
+    unknown = [n for n in names if n not in CONSUMER_NAMES]
     if unknown:
-        raise ConfigurationError(f"unknown consumer(s) {', '.join(unknown)}; choose from {', '.join(PROJECTIONS)}, all")
-    return [ProjectionHandler(PROJECTIONS[name], store) for name in dict.fromkeys(names)]
+        choices = ", ".join(CONSUMER_NAMES)
+        raise ConfigurationError(f"unknown consumer(s) {', '.join(unknown)}; choose from {choices}, all")
+    return [
+        ProjectionHandler(PROJECTIONS[name], store) if name in PROJECTIONS else SIDE_EFFECTS[name](store, settings)
+        for name in dict.fromkeys(names)
+    ]
 
 
 @contextlib.asynccontextmanager

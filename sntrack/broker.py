@@ -93,7 +93,8 @@ class ManagementApi:
                     f"RabbitMQ management API at {redact(self.base_url)} refused the credentials; "
                     "set SNTRACK_RABBITMQ_ADMIN_URL to an administrator's http://user:password@host:15672"
                 ) from None
-            raise ConfigurationError(f"RabbitMQ management API {method} {path}: {exc.code} {exc.read()[:300]!r}") from None
+            detail = exc.read()[:300].decode(errors="replace")
+            raise ConfigurationError(f"RabbitMQ management API {method} {path}: {exc.code} {detail}") from None
         except (urllib.error.URLError, OSError) as exc:
             raise ConfigurationError(
                 f"cannot reach the RabbitMQ management API at {redact(self.base_url)} ({exc}); is RabbitMQ running "

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import signal
 
-from consumers.registry import PROJECTIONS
+from consumers.registry import CONSUMER_NAMES
 from consumers.service import serve
 from sntrack.settings import Settings
 
@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consume", help="run consumers (daemon)",
         description="Consume ml.run.* events from each consumer's own quorum queue and apply them. "
         "SIGTERM finishes the batch in hand, acks it and exits.")
-    parser.add_argument("names", nargs="+", metavar="NAME", help=f"consumers to run: {', '.join(PROJECTIONS)} or all")
+    names = ", ".join(CONSUMER_NAMES)
+    parser.add_argument("names", nargs="+", metavar="NAME", help=f"consumers to run: {names} or all")
     parser.set_defaults(run=_consume)
 
 

@@ -1,0 +1,130 @@
+"""Shared fixtures: every test gets its own RabbitMQ vhost and PostgreSQL database, removed afterwards.
+
+Services are the real local ones (start them with `make services`); URLs come from the same SNTRACK_*
+variables the tool reads, so the suite can be pointed at other servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import pytest
+
+from consumers.persistence import create_database, migrate
+from schemas import EXCHANGE
+from sntrack.broker import ManagementApi, apply_topology, delete_vhost
+from sntrack.settings import Settings
+
+
+@dataclass
+class TestEnv:
+    settings: Settings
+    vhost: str
+    database: str
+    api: ManagementApi
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.settings.database_url)
+
+    async def fetch(self, sql: str, *args):
+        conn = await self.db()
+        try:
+            return await conn.fetch(sql, *args)
+        finally:
+            await conn.close()
+
+    async def fetchval(self, sql: str, *args):
+        conn = await self.db()
+        try:
+            return await conn.fetchval(sql, *args)
+        finally:
+            await conn.close()
+
+    async def publish_raw(self, bodies: list[bytes], routing_key: str = "ml.run.metric") -> None:
+        """Publish bytes as-is (confirmed), bypassing the producer: for poison messages and baselines."""
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            await asyncio.gather(*(
+                exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                 routing_key=routing_key)
+                for body in bodies
+            ))
+        finally:
+            await connection.close()
+
+    def queue_depth(self, queue: str) -> int:
+        info = self.api.request("GET", f"queues/{self.vhost}/{queue}") or {}
+        return int(info.get("messages", 0))
+
+    async def dead_letters(self, queue: str, limit: int = 1000) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Drain up to `limit` messages from `<queue>.dlq` (acking them)."""
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        out = []
+        try:
+            channel = await connection.channel()
+            dlq = await channel.get_queue(f"{queue}.dlq", ensure=False)
+            while len(out) < limit:
+                message = await dlq.get(fail=False, timeout=5)
+                if message is None:
+                    break
+                await message.ack()
+                out.append(message)
+        finally:
+            await connection.close()
+        return out
+
+
+def _with_path(url: str, path: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{path}"))
+
+
+@pytest.fixture
+async def env(tmp_path) -> TestEnv:
+    base = Settings.from_env()
+    suffix = uuid.uuid4().hex[:12]
+    vhost, database = f"sntrack-test-{suffix}", f"sntrack_test_{suffix}"
+    api = ManagementApi(base.rabbitmq_admin_url)
+    settings = base.model_copy(update={
+        "amqp_url": _with_path(base.amqp_url, vhost),
+        "database_url": _with_path(base.database_url, database),
+        "spool_dir": tmp_path / "spool",
+        "mlflow_enabled": False,
+        "worker_id": f"test-{suffix}",
+    })
+    await asyncio.to_thread(apply_topology, api, vhost)
+    await create_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
+    yield TestEnv(settings, vhost, database, api)
+    await asyncio.to_thread(delete_vhost, api, vhost)
+    admin = await asyncpg.connect(_with_path(base.database_url, "postgres"))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    """Poll `predicate` (sync or async) until truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
