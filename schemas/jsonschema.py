@@ -18,7 +18,18 @@ def render() -> dict[str, str]:
     return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in documents.items()}
 
 
+def stale() -> list[str]:
+    """Names of the checked-in files that differ from what the models generate."""
+    return [name for name, text in render().items()
+            if not (JSON_DIR / name).exists() or (JSON_DIR / name).read_text() != text]
+
+
 def main() -> int:
+    if "--check" in sys.argv[1:]:
+        outdated = stale()
+        for name in outdated:
+            print(f"schemas/json/{name} is stale; run `make schemas`", file=sys.stderr)
+        return 1 if outdated else 0
     JSON_DIR.mkdir(exist_ok=True)
     for name, text in render().items():
         (JSON_DIR / name).write_text(text)

@@ -1,0 +1,43 @@
+# sntrack — every target does its own set-up (venv, services, topology, migrations); safe to run twice.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_WORKERS ?= 3
+
+.PHONY: help venv services setup test test-fast demo bench lint schemas topology clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+venv:  ## create .venv and install the pinned dependencies
+	@bash infra/venv.sh
+
+services:  ## start (or install) PostgreSQL and RabbitMQ when they are down
+	@bash infra/services.sh
+
+setup: venv services  ## venv + services + broker topology + database schema
+	@$(BIN)/sntrack topology apply >/dev/null
+	@$(BIN)/sntrack db migrate --create
+
+test: venv services  ## run the whole test suite against the real servers
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q
+
+demo: setup  ## a real spectral-norm vs baseline study through the whole pipeline
+	@bash infra/demo.sh
+
+bench: setup  ## benchmarks; results in bench/results/
+	$(BIN)/python -m bench
+
+lint:  ## ruff, schema and topology staleness
+	$(BIN)/ruff check .
+	$(BIN)/python -m schemas.jsonschema --check
+	$(BIN)/sntrack topology check
+
+schemas:  ## regenerate schemas/json from the models
+	$(BIN)/python -m schemas.jsonschema
+
+topology:  ## regenerate infra/rabbitmq/definitions.json from the code
+	$(BIN)/sntrack topology export
+
+clean:  ## remove the venv and caches (not the databases)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,165 @@
+"""The event contract at the gate: valid and invalid examples for every field rule."""
+
+import copy
+import json
+
+import pytest
+
+from schemas import GateRejection, RejectReason, parse_event
+from schemas.events import EVENT_MODELS, RunMetric, RunStarted, RunStopped, new_event_id
+from schemas.jsonschema import stale
+from schemas.upcasting import UPCASTERS, UnsupportedVersion, upcast
+
+LIMIT = 1_048_576
+
+PRODUCER = {"worker_id": "w1", "host": "h", "pid": 42, "version": "0.1.0"}
+START = {
+    "event_id": "01939a3c-1d2e-7f00-8000-000000000001", "event_type": "ml.run.start", "schema_version": 1,
+    "occurred_at": "2026-11-25T10:00:00Z", "trial_id": "t1", "model_run_id": "study-1", "seq": 0,
+    "producer": PRODUCER,
+    "payload": {"spectral_norm": True, "hyperparams": {"lr": 0.01, "hidden": 128, "opt": "adam", "bn": False},
+                "dataset": "digits", "model": "mlp", "seed": 7, "mlflow_run_id": None,
+                "optuna_trial_number": 3, "paired_with": None},
+}
+METRIC = {**START, "event_id": "01939a3c-1d2e-7f00-8000-000000000002", "event_type": "ml.run.metric", "seq": 1,
+          "payload": {"epoch": 0, "measurements": {"train_loss": 0.5, "val_accuracy": 0.9},
+                      "spectral_norms": {"layers.0": 1.0}}}
+STOP = {**START, "event_id": "01939a3c-1d2e-7f00-8000-000000000003", "event_type": "ml.run.stop", "seq": 2,
+        "payload": {"status": "completed", "spectral_norm": True,
+                    "measurements": {"duration_ms": 1200.0, "final_val_accuracy": 0.95}}}
+
+
+def body(doc) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def changed(doc, path, value):
+    doc = copy.deepcopy(doc)
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    if value is DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return doc
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("doc, model", [(START, RunStarted), (METRIC, RunMetric), (STOP, RunStopped)])
+def test_valid_examples_parse(doc, model):
+    event = parse_event(body(doc), max_bytes=LIMIT)
+    assert isinstance(event, model)
+    assert str(event.event_id) == doc["event_id"]
+    assert event.occurred_at.utcoffset().total_seconds() == 0
+
+
+def test_round_trip_is_identity():
+    event = parse_event(body(STOP), max_bytes=LIMIT)
+    assert parse_event(event.to_json(), max_bytes=LIMIT) == event
+
+
+def test_offset_times_are_normalised_to_utc():
+    event = parse_event(body(changed(START, ["occurred_at"], "2026-11-25T12:00:00+02:00")), max_bytes=LIMIT)
+    assert event.occurred_at.isoformat() == "2026-11-25T10:00:00+00:00"
+
+
+def test_failed_stop_with_error_is_valid():
+    doc = changed(STOP, ["payload", "status"], "failed")
+    doc["payload"]["error"] = {"type": "nan_loss", "message": "loss is nan at epoch 3"}
+    assert parse_event(body(doc), max_bytes=LIMIT).payload.error.type == "nan_loss"
+
+
+INVALID = [
+    ("string boolean", START, ["payload", "spectral_norm"], "true"),
+    ("missing flag", START, ["payload", "spectral_norm"], DELETE),
+    ("not a uuid", START, ["event_id"], "not-a-uuid"),
+    ("naive time", START, ["occurred_at"], "2026-11-25T10:00:00"),
+    ("not a time", START, ["occurred_at"], "yesterday"),
+    ("empty trial id", START, ["trial_id"], ""),
+    ("missing model run", START, ["model_run_id"], DELETE),
+    ("negative seq", METRIC, ["seq"], -1),
+    ("start with seq 1", START, ["seq"], 1),
+    ("string seq", METRIC, ["seq"], "1"),
+    ("schema_version 0", START, ["schema_version"], 0),
+    ("unknown envelope field", START, ["extra"], 1),
+    ("unknown payload field", START, ["payload", "learning_rate"], 0.1),
+    ("nested hyperparam", START, ["payload", "hyperparams", "opt"], {"name": "adam"}),
+    ("missing producer", START, ["producer"], DELETE),
+    ("producer pid as string", START, ["producer", "pid"], "42"),
+    ("negative epoch", METRIC, ["payload", "epoch"], -1),
+    ("measurement as string", METRIC, ["payload", "measurements", "train_loss"], "0.5"),
+    ("unknown status", STOP, ["payload", "status"], "crashed"),
+    ("failed without error", STOP, ["payload", "status"], "failed"),
+    ("completed with error", STOP, ["payload", "error"], {"type": "oom", "message": "x"}),
+    ("unknown error type", STOP, ["payload", "error"], {"type": "segfault", "message": "x"}),
+    ("stop without flag", STOP, ["payload", "spectral_norm"], DELETE),
+    ("payload of another type", METRIC, ["payload"], START["payload"]),
+]
+
+
+@pytest.mark.parametrize("name, doc, path, value", INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_examples_are_refused_with_the_field_named(name, doc, path, value):
+    with pytest.raises(GateRejection) as caught:
+        parse_event(body(changed(doc, path, value)), max_bytes=LIMIT)
+    assert caught.value.reason == RejectReason.INVALID_EVENT
+    assert caught.value.detail
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"\x00\xff garbage", RejectReason.INVALID_JSON),
+    (b"[1, 2, 3]", RejectReason.INVALID_JSON),
+    (b'{"event_type": "ml.run.start", "x": NaN}', RejectReason.INVALID_JSON),
+    (body(changed(METRIC, ["payload", "measurements", "train_loss"], float("nan"))), RejectReason.INVALID_JSON),
+    (body(changed(START, ["event_type"], "ml.run.pause")), RejectReason.UNKNOWN_TYPE),
+    (body(changed(START, ["event_type"], DELETE)), RejectReason.UNKNOWN_TYPE),
+    (body(changed(START, ["schema_version"], 99)), RejectReason.UNSUPPORTED_VERSION),
+])
+def test_gate_reasons(raw, reason):
+    with pytest.raises(GateRejection) as caught:
+        parse_event(raw, max_bytes=LIMIT)
+    assert caught.value.reason == reason
+
+
+def test_overflowing_number_literal_is_refused():
+    raw = body(METRIC).replace(b'"train_loss": 0.5', b'"train_loss": 1e400')
+    assert b"1e400" in raw
+    with pytest.raises(GateRejection) as caught:
+        parse_event(raw, max_bytes=LIMIT)
+    assert caught.value.reason == RejectReason.INVALID_EVENT
+    assert "finite" in caught.value.detail
+
+
+def test_too_large_is_refused_before_parsing():
+    raw = body(changed(START, ["payload", "hyperparams", "blob"], "x" * 2_000_000))
+    with pytest.raises(GateRejection) as caught:
+        parse_event(raw, max_bytes=LIMIT)
+    assert caught.value.reason == RejectReason.TOO_LARGE
+
+
+def test_upcasting_chain_runs_registered_steps(monkeypatch):
+    # As if version 2 were current: a registered 1 → 2 step is applied, a version with no step is refused.
+    monkeypatch.setattr("schemas.upcasting.CURRENT_SCHEMA_VERSION", 2)
+    monkeypatch.setitem(UPCASTERS, 1, lambda doc: {**doc, "schema_version": 2, "renamed": True})
+    assert upcast({"schema_version": 1}) == {"schema_version": 2, "renamed": True}
+    assert upcast({"schema_version": 2}) == {"schema_version": 2}
+    with pytest.raises(UnsupportedVersion):
+        upcast({"schema_version": 3})
+
+
+def test_uuid7_ids_are_unique_and_time_ordered():
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.version == 7 for i in ids)
+    millis = [i.int >> 80 for i in ids]
+    assert millis == sorted(millis)
+
+
+def test_json_schema_files_are_current():
+    assert stale() == [], "run `make schemas`"
+
+
+def test_json_schema_covers_every_event_type():
+    assert set(EVENT_MODELS) == {"ml.run.start", "ml.run.metric", "ml.run.stop"}
