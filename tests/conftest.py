@@ -7,6 +7,7 @@ variables the tool reads, so the suite can be pointed at other servers.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -46,6 +47,38 @@ class TestEnv:
             return await conn.fetchval(sql, *args)
         finally:
             await conn.close()
+
+    async def snapshot(self, *tables: str) -> dict[str, list[dict]]:
+        """Every row of each table, in primary-key order, for row-by-row comparisons."""
+        conn = await self.db()
+        try:
+            out = {}
+            for table in tables:
+                key = await conn.fetchval(
+                    "SELECT string_agg(a.attname, ', ' ORDER BY array_position(i.indkey, a.attnum)) "
+                    "FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+                    "WHERE i.indrelid = $1::regclass AND i.indisprimary", table)
+                out[table] = [dict(r) for r in await conn.fetch(f"SELECT * FROM {table} ORDER BY {key}")]
+            return out
+        finally:
+            await conn.close()
+
+    async def publish_events(self, events, duplicates: int = 0) -> None:
+        """Publish validated events (confirmed), plus `duplicates` re-sends of random ones."""
+        bodies = [(e.to_json(), e.event_type) for e in events]
+        bodies += random.sample(bodies, min(duplicates, len(bodies)))
+        connection = await aio_pika.connect(self.settings.amqp_url)
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            for start in range(0, len(bodies), 500):
+                await asyncio.gather(*(
+                    exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                      content_type="application/json"), routing_key=key)
+                    for body, key in bodies[start:start + 500]
+                ))
+        finally:
+            await connection.close()
 
     async def publish_raw(self, bodies: list[bytes], routing_key: str = "ml.run.metric") -> None:
         """Publish bytes as-is (confirmed), bypassing the producer: for poison messages and baselines."""
