@@ -7,10 +7,11 @@ SIDE_EFFECTS are handler classes that act outside PostgreSQL (e.g. MLflow); each
 
 from __future__ import annotations
 
+from consumers.projections.comparison import ComparisonProjection
 from consumers.projections.journal import JournalProjection
 from consumers.projections.trials import TrialsProjection
 
-PROJECTIONS = {p.name: p for p in (JournalProjection(), TrialsProjection())}
+PROJECTIONS = {p.name: p for p in (JournalProjection(), TrialsProjection(), ComparisonProjection())}
 SIDE_EFFECTS: dict[str, type] = {}
 CONSUMER_NAMES = (*PROJECTIONS, *SIDE_EFFECTS)
 QUEUES = tuple(p.queue for p in PROJECTIONS.values()) + tuple(cls.queue for cls in SIDE_EFFECTS.values())

@@ -10,24 +10,31 @@ import random
 import uuid
 
 from producer.emitter import TrialEvents
-from schemas import Event, ProducerInfo, RunError, StartPayload
+from schemas import Event, ProducerInfo, RunError, RunStarted, StartPayload
 
 
 def synthetic_trial(
-    rng: random.Random, model_run_id: str, producer: ProducerInfo, epochs: int, number: int = 0
+    rng: random.Random, model_run_id: str, producer: ProducerInfo, epochs: int, number: int = 0,
+    *, twin_of: RunStarted | None = None,
 ) -> list[Event]:
-    """One trial's events in order: start, `epochs` metrics (fewer when pruned/failed), stop."""
-    spectral_norm = rng.random() < 0.5
+    """One trial's events in order: start, `epochs` metrics (fewer when pruned/failed), stop. With `twin_of`, the
+    paired twin of that trial: same hyper-parameters and seed, the other flag, linked by `paired_with`."""
     trial = TrialEvents(f"{model_run_id}-t{number:05d}-{uuid.uuid4().hex[:6]}", model_run_id, producer)
-    hyperparams = {
-        "lr": round(10 ** rng.uniform(-4, -1.5), 6), "hidden": rng.choice([64, 128, 256]),
-        "depth": rng.randint(1, 3), "dropout": round(rng.uniform(0, 0.5), 3),
-        "weight_decay": round(10 ** rng.uniform(-6, -3), 8), "batch_size": rng.choice([32, 64, 128]),
-        "epochs": epochs,
-    }
+    if twin_of is None:
+        spectral_norm = rng.random() < 0.5
+        hyperparams = {
+            "lr": round(10 ** rng.uniform(-4, -1.5), 6), "hidden": rng.choice([64, 128, 256]),
+            "depth": rng.randint(1, 3), "dropout": round(rng.uniform(0, 0.5), 3),
+            "weight_decay": round(10 ** rng.uniform(-6, -3), 8), "batch_size": rng.choice([32, 64, 128]),
+            "epochs": epochs,
+        }
+        seed, paired_with = rng.randrange(2**31), None
+    else:
+        spectral_norm, hyperparams = not twin_of.payload.spectral_norm, dict(twin_of.payload.hyperparams)
+        seed, paired_with = twin_of.payload.seed, twin_of.trial_id
     events: list[Event] = [trial.start(StartPayload(
         spectral_norm=spectral_norm, hyperparams=hyperparams, dataset="digits", model="mlp",
-        seed=rng.randrange(2**31), optuna_trial_number=number,
+        seed=seed, optuna_trial_number=number, paired_with=paired_with,
     ))]
     outcome = rng.choices(["completed", "pruned", "failed"], weights=[85, 10, 5])[0]
     last_epoch = epochs if outcome == "completed" else rng.randint(1, max(1, epochs - 1))
@@ -51,7 +58,12 @@ def synthetic_trial(
 
 
 def synthetic_study(trials: int, epochs: int, *, seed: int = 0, producer: ProducerInfo,
-                    model_run_id: str | None = None) -> list[list[Event]]:
+                    model_run_id: str | None = None, paired: bool = False) -> list[list[Event]]:
+    """`trials` trials; `paired` makes every odd-numbered trial the twin of the one before (a paired design)."""
     rng = random.Random(seed)
     model_run_id = model_run_id or f"sample-{uuid.uuid4().hex[:8]}"
-    return [synthetic_trial(rng, model_run_id, producer, epochs, n) for n in range(trials)]
+    study: list[list[Event]] = []
+    for n in range(trials):
+        twin_of = study[-1][0] if paired and n % 2 else None
+        study.append(synthetic_trial(rng, model_run_id, producer, epochs, n, twin_of=twin_of))
+    return study

@@ -1,0 +1,97 @@
+"""The SQL of the comparison: the report's reads, the dashboard's queries (docs/queries.md), and the
+`sn_comparison` rows recomputed from `trials` in one statement (the projection's cross-check and the benchmark's
+loader)."""
+
+from __future__ import annotations
+
+from consumers.projections.comparison import OVERALL, STATS
+
+# The dashboard's "average validation accuracy by spectral_norm over completed trials": at most two rows of
+# sn_comparison by primary key, whatever the number of trials. $1 = a model_run_id, or '*' for all searches.
+AVG_VAL_ACCURACY_BY_FLAG = """
+SELECT spectral_norm, val_n AS trials, (val_sum / NULLIF(val_n, 0))::float8 AS mean_val_accuracy
+FROM sn_comparison
+WHERE model_run_id = $1 AND status = 'completed'
+ORDER BY spectral_norm
+"""
+
+# The same figures by GROUP BY over every trial: what sn_comparison saves (the benchmark's baseline).
+AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS = """
+SELECT spectral_norm, count((metrics->>'final_val_accuracy')::float8) AS trials,
+       avg((metrics->>'final_val_accuracy')::float8) AS mean_val_accuracy
+FROM trials
+WHERE status = 'completed'
+GROUP BY spectral_norm
+ORDER BY spectral_norm
+"""
+
+# Trials started in the last day, newest first (index trials_recent).
+RECENT_TRIALS = """
+SELECT id, model_run_id, spectral_norm, status, dataset, (metrics->>'final_val_accuracy')::float8 AS final_val_accuracy,
+       duration_ms, inserted_at
+FROM trials
+WHERE inserted_at >= now() - interval '1 day'
+ORDER BY inserted_at DESC
+LIMIT 20
+"""
+
+# Trials with a given flag ($1) and status ($2), newest first, $3 at most (index trials_flag_status_recent).
+TRIALS_BY_FLAG_AND_STATUS = """
+SELECT id, model_run_id, spectral_norm, status, dataset, (metrics->>'final_val_accuracy')::float8 AS final_val_accuracy,
+       duration_ms, inserted_at
+FROM trials
+WHERE spectral_norm = $1 AND status = $2
+ORDER BY inserted_at DESC
+LIMIT $3
+"""
+
+def _aggregates(prefix: str) -> str:
+    return (f"count({prefix}) AS {prefix}_n, COALESCE(sum({prefix}), 0) AS {prefix}_sum, "
+            f"COALESCE(sum({prefix} * {prefix}), 0) AS {prefix}_sum_sq, "
+            f"min({prefix}) AS {prefix}_min, max({prefix}) AS {prefix}_max")
+
+
+# Every sn_comparison row recomputed from the finished trials (the stop's measurements are what `trials.metrics`
+# holds once the stop, the trial's last event, is applied), with the same exact numeric arithmetic.
+COMPARISON_FROM_TRIALS = f"""
+SELECT CASE WHEN GROUPING(model_run_id) = 1 THEN '{OVERALL}' ELSE model_run_id END AS model_run_id,
+       spectral_norm, status, count(*) AS trials, {", ".join(map(_aggregates, STATS))}
+FROM (SELECT model_run_id, spectral_norm, status,
+             (metrics->>'final_val_accuracy')::numeric AS val,
+             (metrics->>'final_train_accuracy')::numeric - (metrics->>'final_val_accuracy')::numeric AS gap,
+             (metrics->>'duration_ms')::numeric AS duration
+      FROM trials WHERE status <> 'running') AS finished
+GROUP BY GROUPING SETS ((model_run_id, spectral_norm, status), (spectral_norm, status))
+"""
+
+COMPARISON_COLUMNS = ("model_run_id", "spectral_norm", "status", "trials",
+                      *(f"{s}_{part}" for s in STATS for part in ("n", "sum", "sum_sq", "min", "max")))
+
+# The per-arm rows the report reads for its counts and summaries ($1 = model_run_id or '*').
+REPORT_AGGREGATES = f"""
+SELECT spectral_norm, status, trials,
+       {", ".join(f"{s}_n, {s}_sum::float8, {s}_sum_sq::float8, {s}_min::float8, {s}_max::float8" for s in STATS)}
+FROM sn_comparison
+WHERE model_run_id = $1
+"""
+
+# The trials the report compares, with the final measurements of their stop ($1 model_run_id, $2 dataset; NULL =
+# any).
+REPORT_TRIALS = """
+SELECT id, spectral_norm, status, paired_with, hyperparams::text AS hyperparams,
+       (metrics->>'final_val_accuracy')::float8 AS val, (metrics->>'final_train_accuracy')::float8 AS train,
+       (metrics->>'duration_ms')::float8 AS duration_ms
+FROM trials
+WHERE ($1::text IS NULL OR model_run_id = $1) AND ($2::text IS NULL OR dataset = $2)
+ORDER BY id
+"""
+
+# Mean validation accuracy per epoch and arm over completed trials, with what its 95% band needs.
+REPORT_CURVES = """
+SELECT t.spectral_norm, m.epoch, count(m.val_accuracy) AS n, avg(m.val_accuracy) AS mean,
+       stddev_samp(m.val_accuracy) AS std
+FROM trial_metrics m JOIN trials t ON t.id = m.trial_id
+WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
+GROUP BY t.spectral_norm, m.epoch
+ORDER BY t.spectral_norm, m.epoch
+"""

@@ -1,0 +1,198 @@
+"""sn_comparison against the trials it summarizes (live, with duplicates, replayed), and the report's contract."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+
+import aio_pika
+import pytest
+
+from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
+from consumers.comparison.render import RENDERERS
+from consumers.comparison.report import REPORT_VERSION, ComparisonData, TrialRecord, build_report, load
+from consumers.persistence import apply_events
+from consumers.projections.comparison import OVERALL
+from consumers.registry import PROJECTIONS
+from consumers.replay import replay
+from consumers.service import running_consumers
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
+from schemas import EXCHANGE, RunStopped
+from tests.conftest import wait_until
+
+SN_ROWS = f"SELECT {', '.join(COMPARISON_COLUMNS)} FROM sn_comparison ORDER BY model_run_id, spectral_norm, status"
+FROM_TRIALS = f"SELECT * FROM ({COMPARISON_FROM_TRIALS}) AS x ORDER BY model_run_id, spectral_norm, status"
+
+# Every field of the JSON report (docs/report.md); list items as `[]`. Changing it means a new REPORT_VERSION.
+_SUMMARY = ("n", "mean", "median", "std", "ci_low", "ci_high", "min", "max")
+_DIFF = ("estimate", "se", "df", "ci_low", "ci_high")
+_TEST = ("statistic", "p_value", "df")
+_POWER = ("effect", "standardized_effect", "power", "required_n", "additional")
+_RATE = ("spectral_norm", "baseline", "p_value", "test", "differs")
+GOLDEN = {
+    "report_version", "generated_at", "filters.model_run_id", "filters.dataset", "metric", "alpha", "source",
+    *(f"arms.{arm}.{leaf}" for arm in ("spectral_norm", "baseline") for leaf in (
+        *(f"trials.{s}" for s in ("completed", "pruned", "failed", "running", "total")),
+        *(f"{m}.{f}" for m in ("final_val_accuracy", "train_val_gap", "duration_ms") for f in _SUMMARY),
+        "best.trial_id", "best.final_val_accuracy")),
+    *(f"difference.{f}" for f in _DIFF),
+    *(f"tests.welch_t.{f}" for f in _TEST), *(f"tests.mann_whitney_u.{f}" for f in _TEST),
+    "tests.paired.n_pairs", "tests.paired.n_linked_pairs", *(f"tests.paired.mean_difference.{f}" for f in _DIFF),
+    *(f"tests.paired.{t}.{f}" for t in ("t_test", "wilcoxon_signed_rank") for f in _TEST),
+    "effect_sizes.hedges_g", "effect_sizes.cliffs_delta",
+    "training_time.overhead", *(f"training_time.difference_ms.{f}" for f in _DIFF),
+    *(f"rates.{s}.{f}" for s in ("pruned", "failed") for f in _RATE),
+    "confounding[]", *(f"confounding[].{f}" for f in ("hyperparam", "test", "statistic", "p_value", "differs")),
+    "power.design", "power.alpha", "power.target_power", "power.unit",
+    *(f"power.{b}.{f}" for b in ("observed", "min_effect") for f in _POWER),
+    "verdict.text", "verdict.significant", "verdict.test", "verdict.p_value", "warnings[]",
+    *(f"curves.{arm}{leaf}" for arm in ("spectral_norm", "baseline")
+      for leaf in ("[]", *(f"[].{f}" for f in ("epoch", "n", "mean", "ci_low", "ci_high")))),
+}
+
+
+def shape(obj, prefix: str = "") -> set[str]:
+    if isinstance(obj, dict):
+        return {p for k, v in obj.items() for p in shape(v, f"{prefix}{k}.")}
+    if isinstance(obj, list):
+        return {f"{prefix[:-1]}[]", *(p for item in obj for p in shape(item, f"{prefix[:-1]}[]."))}
+    return {prefix[:-1]}
+
+
+async def publish_in_order(env, events) -> None:
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        for e in events:
+            await exchange.publish(aio_pika.Message(e.to_json(), message_id=str(e.event_id),
+                                                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                                   routing_key=e.event_type)
+    finally:
+        await connection.close()
+
+
+async def test_sn_comparison_equals_trials_live_with_duplicates_and_after_replay(env):
+    rng = random.Random(7)
+    studies = [synthetic_study(16, 3, seed=21, producer=producer_info(), paired=True),
+               synthetic_study(12, 3, seed=22, producer=producer_info())]
+    events = [e for study in studies for trial in study for e in trial]
+    stops = [e for e in events if isinstance(e, RunStopped)]
+    mixed = events + rng.sample(stops, len(stops) // 3) + rng.sample(events, 20)  # redelivered duplicates
+    rng.shuffle(mixed)
+    async with running_consumers(env.settings, ["trials", "comparison"]):
+        await publish_in_order(env, mixed)
+        await wait_until(lambda: env.fetchval(
+            "SELECT count(*) = $1 FROM applied_events WHERE projection = 'comparison'", len(stops)),
+            what="comparison caught up")
+        await wait_until(lambda: env.fetchval(
+            "SELECT count(*) = $1 FROM applied_events WHERE projection = 'trials'", len(events)),
+            what="trials caught up")
+
+    live = [tuple(r) for r in await env.fetch(SN_ROWS)]
+    expected = [tuple(r) for r in await env.fetch(FROM_TRIALS)]
+    assert live == expected  # exact: numeric sums, whatever the order and the duplicates
+    overall = {(r[1], r[2]): r[3] for r in live if r[0] == OVERALL}
+    assert sum(overall.values()) == len(stops)
+
+    conn = await env.db()
+    try:
+        # The journal was not running: fill it from the same events so that replay has a source.
+        await apply_events(conn, PROJECTIONS["journal"], events)
+        await replay(conn, PROJECTIONS["comparison"])
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live
+
+
+def _apply(env, *studies):
+    async def run():
+        conn = await env.db()
+        try:
+            events = [e for study in studies for trial in study for e in trial]
+            for name in ("trials", "comparison"):
+                await apply_events(conn, PROJECTIONS[name], events)
+        finally:
+            await conn.close()
+    return run()
+
+
+async def test_report_contract_in_process_and_from_the_command_line(env, tmp_path):
+    study = synthetic_study(40, 4, seed=5, producer=producer_info(), model_run_id="independent")
+    paired_study = synthetic_study(24, 4, seed=6, producer=producer_info(), model_run_id="paired", paired=True)
+    await _apply(env, study, paired_study)
+    conn = await env.db()
+    try:
+        data = await load(conn, "independent")
+        report = build_report(data, min_effect=0.005)
+        paired = build_report(await load(conn, "paired"))
+        by_dataset = build_report(await load(conn, None, "digits"))
+    finally:
+        await conn.close()
+
+    assert shape(report) == GOLDEN
+    assert report["report_version"] == REPORT_VERSION and report["source"] == "sn_comparison"
+    assert by_dataset["source"] == "trials"
+    for name, flag in (("spectral_norm", True), ("baseline", False)):
+        finished = [t for t in data.trials if t.spectral_norm is flag]
+        assert report["arms"][name]["trials"]["total"] == len(finished)
+        assert report["arms"][name]["final_val_accuracy"]["n"] == len(data.completed_values(flag))
+    # The per-arm figures read from sn_comparison equal those computed from the trials.
+    from_trials = build_report(ComparisonData(data.trials, None, data.curves, "independent"))
+    for arm in ("spectral_norm", "baseline"):
+        for field, value in from_trials["arms"][arm]["final_val_accuracy"].items():
+            assert report["arms"][arm]["final_val_accuracy"][field] == (
+                value if value is None or isinstance(value, int) else pytest.approx(value, abs=1e-9))
+    assert paired["power"]["design"] == "paired" and paired["tests"]["paired"]["n_pairs"] >= 2
+    assert paired["confounding"] == []
+    for fmt in ("table", "markdown", "csv"):
+        assert RENDERERS[fmt](report)
+
+    env_vars = {**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url}
+    command = [sys.executable, "-m", "sntrack", "report", "--run", "independent", "--min-effect", "0.005"]
+    plot = tmp_path / "comparison.png"
+    out = await asyncio.to_thread(subprocess.run, [*command, "--format", "json", "--plot", str(plot)],
+                                  env=env_vars, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cli = json.loads(out.stdout)
+    assert shape(cli) == GOLDEN
+    assert {k: v for k, v in cli.items() if k != "generated_at"} == {
+        k: v for k, v in report.items() if k != "generated_at"}
+    assert plot.stat().st_size > 1000
+
+
+def _trial(i: int, flag: bool, val: float | None, status: str = "completed") -> TrialRecord:
+    return TrialRecord(f"t{i}", flag, status, val, None if val is None else val + 0.01, 1000.0, {"lr": 0.01})
+
+
+def test_report_is_honest_with_too_few_or_identical_values():
+    empty = build_report(ComparisonData([], None, []))
+    assert shape(empty) == {p for p in GOLDEN if "[]." not in p}
+    assert empty["verdict"]["text"].startswith("not enough trials") and empty["verdict"]["significant"] is None
+    one_each = build_report(ComparisonData([_trial(1, True, 0.9), _trial(2, False, 0.8)], None, []))
+    assert one_each["verdict"]["text"].startswith("not enough trials")
+    assert one_each["difference"]["estimate"] == pytest.approx(0.1)
+    same = build_report(ComparisonData([_trial(i, i % 2 == 0, 0.9) for i in range(6)], None, []))
+    assert same["tests"]["welch_t"]["p_value"] is None
+    assert same["verdict"]["test"] == "mann_whitney_u" and same["verdict"]["text"].startswith(
+        "no significant difference at α = 0.05 (p = 1.000")
+    for report in (empty, one_each, same):
+        json.dumps(report, allow_nan=False)
+
+
+def test_report_warns_about_pruning_and_confounding():
+    trials = [TrialRecord(f"s{i}", True, "pruned" if i < 12 else "completed", 0.9 + i / 1000, 0.95, 900.0,
+                          {"lr": 0.1, "hidden": 64}) for i in range(20)]
+    trials += [TrialRecord(f"b{i}", False, "pruned" if i < 1 else "completed", 0.9 + i / 1000, 0.95, 800.0,
+                           {"lr": 0.001 * (i + 1), "hidden": 256}) for i in range(20)]
+    report = build_report(ComparisonData(trials, None, []))
+    assert report["rates"]["pruned"]["differs"]
+    differing = {c["hyperparam"] for c in report["confounding"] if c["differs"]}
+    assert differing == {"lr", "hidden"}
+    assert len(report["warnings"]) == 2
+    assert report["training_time"]["overhead"] == pytest.approx(900 / 800 - 1)
