@@ -4,8 +4,8 @@ The runtime acks a batch only after `handle` returns. A handler signals trouble 
 - `RetryLater` (or a transient database/network error): nothing is acked, the same batch is tried again
   after a backoff;
 - `DeadLetter`: this one event cannot be applied; it goes to the dead-letter queue with the reason;
-- anything else: the runtime retries the events one by one to isolate the culprit, which is returned to the
-  queue (the broker's delivery limit then dead-letters it).
+- anything else: the runtime retries the events one by one to isolate the culprit, which is dead-lettered
+  with reason handler_error after a few attempts.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@
 - the gate: invalid messages are published to the dead-letter exchange with the reason in a header, then
   acked; the consumer never crashes or loops on them;
 - ack only after the handler committed; transient failures keep the batch unacked and retry with backoff;
+  a batch that fails otherwise is split to find the culprit, which is dead-lettered as handler_error after
+  HANDLER_ATTEMPTS tries, so one bad event never holds up the others;
 - graceful stop: stop consuming, finish the batch in hand, ack, close. Unprocessed prefetched messages go back
   to the queue when the channel closes. A kill -9 loses nothing either: unacked messages are redelivered and
   the handler's bookkeeping turns the duplicates into no-ops.
@@ -29,6 +31,7 @@ from sntrack.settings import ConfigurationError, Settings, redact
 log = structlog.get_logger("sntrack.consumer")
 
 MAX_BACKOFF_S = 5.0
+HANDLER_ATTEMPTS = 3  # an event whose handler fails this often in a row is dead-lettered as handler_error
 
 
 @dataclass
@@ -36,7 +39,6 @@ class ConsumerStats:
     batches: int = 0
     handled: int = 0
     dead_lettered: int = 0
-    requeued: int = 0
     retries: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -123,7 +125,7 @@ class ConsumerRuntime:
 
     async def _handle(self, accepted: list[tuple[AbstractIncomingMessage, Event]], dlx) -> bool:
         """True when the whole batch is durable; False when it was settled otherwise (or must be left)."""
-        backoff = 0.1
+        backoff, failures = 0.1, 0
         while True:
             try:
                 await self.handler.handle([event for _, event in accepted])
@@ -149,13 +151,14 @@ class ConsumerRuntime:
                 if len(accepted) > 1:
                     await self._one_by_one(accepted, dlx)
                     return False
+                failures += 1
                 message, event = accepted[0]
-                self.stats.requeued += 1
-                self.log.error("handler failed; returning the event to the queue", error=repr(exc),
-                               delivery_count=message.headers.get("x-delivery-count"), **_event_fields(event))
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
-                return False
+                self.log.error("handler failed", error=repr(exc), attempt=failures, **_event_fields(event))
+                if failures >= HANDLER_ATTEMPTS:
+                    await self._dead_letter(message, dlx, "handler_error", repr(exc), event)
+                    return False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _one_by_one(self, accepted, dlx) -> None:
         for item in accepted:

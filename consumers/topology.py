@@ -6,7 +6,11 @@ from dataclasses import dataclass
 
 from schemas.topology import DEAD_LETTER_EXCHANGE, ROUTING_PATTERN_ALL
 
-DEFAULT_DELIVERY_LIMIT = 5
+# A backstop for messages that crash the consumer process itself. Handler errors are dead-lettered by the
+# runtime after its own retries. The limit is not low because RabbitMQ 3.10 counts every message of the
+# prefetch window as delivered again when a consumer dies: a low limit would dead-letter innocent messages
+# after a few kill -9s.
+DEFAULT_DELIVERY_LIMIT = 20
 
 
 @dataclass(frozen=True)

@@ -54,9 +54,9 @@ async def test_poison_messages_go_to_dead_letters_and_good_ones_are_applied(env)
         assert all(m.headers["x-sntrack-detail"] for m in letters)
 
 
-async def test_event_the_database_cannot_store_is_dead_lettered_after_the_delivery_limit(env):
+async def test_event_the_database_cannot_store_is_dead_lettered_as_handler_error(env):
     # Valid by the contract, but PostgreSQL text cannot hold NUL: the handler fails every time. The runtime
-    # isolates it, returns it to the queue, and the quorum queue's delivery limit dead-letters it.
+    # isolates it from its batch, retries it a few times, then dead-letters it with the reason.
     study = synthetic_study(4, 3, producer=producer_info(), seed=5)
     good = [e for trial in study for e in trial]
     bad = json.loads(good[0].to_json())
@@ -70,5 +70,7 @@ async def test_event_the_database_cannot_store_is_dead_lettered_after_the_delive
         await wait_until(lambda: env.queue_depth("sntrack.trials.dlq") == 1, timeout=60, what="dead letter")
     letters = await env.dead_letters("sntrack.trials")
     assert len(letters) == 1 and json.loads(letters[0].body)["trial_id"] == "nul\u0000trial"
-    assert letters[0].headers["x-death"][0]["reason"] == "delivery_limit"
+    assert letters[0].headers[REASON_HEADER] == "handler_error"
+    assert "UntranslatableCharacter" in letters[0].headers["x-sntrack-detail"] or "0x00" in \
+        letters[0].headers["x-sntrack-detail"]
     assert await env.fetchval("SELECT count(*) FROM applied_events") == len(good)
