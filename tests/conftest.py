@@ -9,18 +9,16 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import pytest
 
-from consumers.persistence import create_database, migrate
 from schemas import EXCHANGE
-from sntrack.broker import ManagementApi, apply_topology, delete_vhost
+from sntrack.broker import ManagementApi
+from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
 
 
@@ -116,37 +114,12 @@ class TestEnv:
         return out
 
 
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{path}"))
-
-
 @pytest.fixture
 async def env(tmp_path) -> TestEnv:
     base = Settings.from_env()
-    suffix = uuid.uuid4().hex[:12]
-    vhost, database = f"sntrack-test-{suffix}", f"sntrack_test_{suffix}"
-    api = ManagementApi(base.rabbitmq_admin_url)
-    settings = base.model_copy(update={
-        "amqp_url": _with_path(base.amqp_url, vhost),
-        "database_url": _with_path(base.database_url, database),
-        "spool_dir": tmp_path / "spool",
-        "mlflow_enabled": False,
-        "worker_id": f"test-{suffix}",
-    })
-    await asyncio.to_thread(apply_topology, api, vhost)
-    await create_database(settings.database_url)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-    yield TestEnv(settings, vhost, database, api)
-    await asyncio.to_thread(delete_vhost, api, vhost)
-    admin = await asyncpg.connect(_with_path(base.database_url, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False, "worker_id": f"test-{tmp_path.name}"}
+    async with sandbox(base, prefix="sntrack-test", **overrides) as settings:
+        yield TestEnv(settings, settings.amqp_vhost, settings.database_name, ManagementApi(base.rabbitmq_admin_url))
 
 
 async def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
