@@ -1,5 +1,5 @@
 """Sub-commands of `sntrack`. Each module has `register(subparsers)` setting `run(args, settings)`."""
 
-from sntrack.commands import consume, db, replay, report, status, topology
+from sntrack.commands import consume, db, publish_sample, replay, report, spool, status, topology
 
-COMMAND_MODULES = (topology, db, consume, replay, status, report)
+COMMAND_MODULES = (topology, db, consume, replay, status, report, publish_sample, spool)
