@@ -7,11 +7,12 @@ SIDE_EFFECTS are handler classes that act outside PostgreSQL (e.g. MLflow); each
 
 from __future__ import annotations
 
+from consumers.mlflow.sync import MlflowSync
 from consumers.projections.comparison import ComparisonProjection
 from consumers.projections.journal import JournalProjection
 from consumers.projections.trials import TrialsProjection
 
 PROJECTIONS = {p.name: p for p in (JournalProjection(), TrialsProjection(), ComparisonProjection())}
-SIDE_EFFECTS: dict[str, type] = {}
+SIDE_EFFECTS: dict[str, type] = {MlflowSync.name: MlflowSync}
 CONSUMER_NAMES = (*PROJECTIONS, *SIDE_EFFECTS)
 QUEUES = tuple(p.queue for p in PROJECTIONS.values()) + tuple(cls.queue for cls in SIDE_EFFECTS.values())

@@ -51,6 +51,9 @@ async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIt
                 for runtime in runtimes:
                     runtime.stop()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
+                await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),
+                                     return_exceptions=True)
         finally:
             await connection.close()
     finally:

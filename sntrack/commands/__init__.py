@@ -1,5 +1,5 @@
 """Sub-commands of `sntrack`. Each module has `register(subparsers)` setting `run(args, settings)`."""
 
-from sntrack.commands import consume, db, publish_sample, replay, report, spool, status, topology
+from sntrack.commands import consume, db, publish_sample, reconcile, replay, report, spool, status, topology
 
-COMMAND_MODULES = (topology, db, consume, replay, status, report, publish_sample, spool)
+COMMAND_MODULES = (topology, db, consume, replay, status, report, publish_sample, spool, reconcile)

@@ -1,0 +1,1 @@
+"""MLflow side of sntrack: the sync consumer, its REST client, and reconciliation."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Start a local MLflow tracking server for sntrack (one uvicorn worker, no job runner, PostgreSQL backend
+# `sntrack_mlflow` created when missing, artifacts served from a local folder) and wait until /health answers.
+# Idempotent: does nothing when a healthy server already answers on the port.
+#   infra/mlflow/serve.sh [--port 5000] [--backend postgres|sqlite] [--dir DIR]
+#   infra/mlflow/serve.sh stop [--port 5000]
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+python="${SNTRACK_PYTHON:-$root/.venv/bin/python}"
+action=start
+case "${1:-}" in start|stop|status) action="$1"; shift ;; esac
+exec "$python" -m sntrack.mlflow_server "$action" "$@"

@@ -1,0 +1,154 @@
+"""A local MLflow tracking server for the demo and the tests: one process, started once, healthy before use.
+
+`mlflow server` (3.x) starts 4 uvicorn workers, a job runner and several huey consumers by default (~250 MB
+each, and a minute to start on 2 cores). Here: `--workers 1` and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false, one
+uvicorn process. One worker also avoids a 40 ms stall per request: uvicorn binds the socket itself when it has
+several workers, and that socket (created without IPPROTO_TCP) never gets TCP_NODELAY, so every keep-alive
+response waits for the client's delayed ACK (docs/mlflow.md).
+
+    python -m sntrack.mlflow_server start [--port 5000] [--backend postgres|sqlite] [--dir DIR]
+    python -m sntrack.mlflow_server stop|status [--port 5000] [--dir DIR]
+
+`start` does nothing when a healthy server already answers on the port. The PostgreSQL backend uses the
+database `sntrack_mlflow` on the server of SNTRACK_DATABASE_URL, created when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from sntrack.settings import ConfigurationError, Settings, _default_state_dir
+
+DEFAULT_PORT = 5000
+BACKEND_DATABASE = "sntrack_mlflow"
+START_TIMEOUT_S = 180.0
+
+
+def healthy(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def postgres_backend(database_url: str) -> str:
+    """SQLAlchemy's URI of the `sntrack_mlflow` database beside sntrack's own, created when missing."""
+    from consumers.persistence import create_database
+
+    parts = urlsplit(database_url)
+    admin_url = urlunsplit(parts._replace(path=f"/{BACKEND_DATABASE}"))
+    asyncio.run(create_database(admin_url))
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2", path=f"/{BACKEND_DATABASE}"))
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    pid: int | None  # None: it was already running, not started by us
+    startup_s: float = 0.0
+
+    def stop(self, *, kill: bool = False, timeout_s: float = 30.0) -> None:
+        """End the server's process group (the `mlflow` CLI and its uvicorn child); kill=True is a crash."""
+        if self.pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and _alive(self.pid):
+                time.sleep(0.1)
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether any process of the group led by `pid` lives (reaping the leader when it is our child)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
+          timeout_s: float = START_TIMEOUT_S) -> MlflowServer:
+    """Start `mlflow server` on `port` with artifacts and its log in `folder`; wait for /health."""
+    url = f"http://{host}:{port}"
+    if healthy(url):
+        return MlflowServer(url, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow), "server", "--workers", "1", "--host", host, "--port", str(port),
+               "--backend-store-uri", backend_uri, "--serve-artifacts",
+               "--artifacts-destination", str(folder / "artifacts")]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    started = time.perf_counter()
+    with open(folder / f"server-{port}.log", "ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env=env, start_new_session=True)
+    (folder / f"server-{port}.pid").write_text(str(process.pid))
+    server = MlflowServer(url, process.pid)
+    while not healthy(url):
+        if process.poll() is not None or time.perf_counter() - started > timeout_s:
+            server.stop(kill=True)
+            tail = (folder / f"server-{port}.log").read_text(errors="replace")[-2000:]
+            raise ConfigurationError(f"MLflow server on port {port} did not become healthy:\n{tail}")
+        time.sleep(0.2)
+    server.startup_s = time.perf_counter() - started
+    return server
+
+
+def _pid(folder: Path, port: int) -> int | None:
+    path = folder / f"server-{port}.pid"
+    return int(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sntrack.mlflow_server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("start", "stop", "status"))
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres",
+                        help=f"backend store: PostgreSQL database {BACKEND_DATABASE} (default) or a SQLite file")
+    parser.add_argument("--dir", type=Path, default=_default_state_dir() / "mlflow",
+                        help="artifacts, log, pid file and SQLite database (default: %(default)s)")
+    args = parser.parse_args(argv)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        if args.action == "status":
+            print(f"MLflow at {url}: {'healthy' if healthy(url) else 'not answering'}")
+            return 0 if healthy(url) else 1
+        if args.action == "stop":
+            MlflowServer(url, _pid(args.dir, args.port)).stop()
+            (args.dir / f"server-{args.port}.pid").unlink(missing_ok=True)
+            print(f"MLflow at {url} stopped")
+            return 0
+        backend = (postgres_backend(Settings.from_env().database_url) if args.backend == "postgres"
+                   else f"sqlite:///{(args.dir / 'mlflow.db').resolve()}")
+        args.dir.mkdir(parents=True, exist_ok=True)
+        server = start(args.port, backend, args.dir)
+    except ConfigurationError as exc:
+        print(f"mlflow_server: {exc}", file=sys.stderr)
+        return 2
+    if server.pid is None:
+        print(f"MLflow at {url} is already healthy")
+    else:
+        print(f"MLflow at {url} healthy after {server.startup_s:.1f}s (pid {server.pid}, log {args.dir})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
