@@ -1,5 +1,6 @@
 """200 trials × 20 epochs through the real broker and consumers; then replay equals live, row for row."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,7 +42,8 @@ async def test_every_event_lands_exactly_once_and_replay_equals_live(env):
         assert row["status"] == stop.payload.status
         assert row["seed"] == start.payload.seed
         assert row["duration_ms"] == stop.payload.measurements["duration_ms"]
-        assert row["last_seq"] == stop.seq and row["started_at"] == start.occurred_at
+        assert json.loads(row["metrics"]) == stop.payload.measurements and row["last_seq"] == stop.seq
+        assert row["started_at"] == start.occurred_at and row["finished_at"] == stop.occurred_at
     curve = await env.fetch("SELECT trial_id, epoch, val_accuracy FROM trial_metrics")
     sent = {(e.trial_id, e.payload.epoch): e.payload.measurements["val_accuracy"]
             for e in events if e.event_type == "ml.run.metric"}

@@ -7,20 +7,19 @@ CREATE TABLE trials (
                         CHECK (status IN ('running', 'completed', 'failed', 'pruned')),
     mlflow_run_id       text,
     hyperparams         jsonb       NOT NULL DEFAULT '{}',
-    metrics             jsonb       NOT NULL DEFAULT '{}',
+    metrics             jsonb       NOT NULL DEFAULT '{}',  -- the stop event's final measurements
     dataset             text,
     model               text,
     seed                bigint,
     optuna_trial_number integer,
     paired_with         text,
     epochs              integer,
-    last_epoch          integer,
     duration_ms         double precision,
     error_type          text,
     error_message       text,
+    last_seq            integer     NOT NULL DEFAULT 0,  -- the stop's seq once stopped
     started_at          timestamptz,
     finished_at         timestamptz,
-    last_seq            integer     NOT NULL DEFAULT 0,
     inserted_at         timestamptz NOT NULL,
     updated_at          timestamptz NOT NULL
 );
