@@ -26,6 +26,9 @@ class Settings(BaseModel):
     mlflow_experiment: str = "sntrack"
     mlflow_timeout_s: float = Field(default=10.0, gt=0)
     mlflow_max_attempts: int = Field(default=8, ge=1)
+    mlflow_start_wait_s: float = Field(default=2.0, gt=0)  # a trial's start event waits this long for its run id
+
+    optuna_storage: str = "postgresql://postgres@127.0.0.1:5432/sntrack_optuna"
 
     spool_dir: Path = Field(default_factory=lambda: _default_state_dir() / "spool")
     publish_buffer: int = Field(default=10_000, ge=1)

@@ -1,0 +1,194 @@
+"""An Optuna study on PostgreSQL shared by any number of workers, and the loop one worker runs on it.
+
+Creation is race-free: workers serialise on a PostgreSQL advisory lock while they create the storage database,
+Optuna's tables and the study (`load_if_exists=True`); trial numbers come from the storage, so they never
+collide. The paired design enqueues, for every configuration the sampler proposes, its twin (same parameters and
+seed, the other flag); `Study.ask()` hands out waiting trials first, so twins are run next, by whichever worker asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import optuna
+import psycopg2
+import structlog
+from optuna.trial import TrialState
+from psycopg2 import errors, sql
+
+from producer.search_space import SearchSpace
+from producer.training import TrialConfig, TrialOutcome, TrialRecorder, run_trial
+
+log = structlog.get_logger("sntrack.worker")
+
+Design = Literal["paired", "independent"]
+OPTUNA_STATE = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class StudyError(ValueError):
+    """The study cannot be opened as asked (a message for the user)."""
+
+
+def _maintenance_url(storage_url: str) -> tuple[str, str]:
+    parts = urlsplit(storage_url)
+    database = parts.path.lstrip("/")
+    return urlunsplit(parts._replace(scheme="postgresql", path="/postgres")), database
+
+
+def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's storage at `url`. SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; we ship psycopg2."""
+    scheme, sep, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres"):
+        url = f"postgresql+psycopg2{sep}{rest}"
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def open_study(storage_url: str, name: str, *, dataset: str, split_seed: int,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Load or create study `name` (maximising final validation accuracy), creating the database if needed.
+
+    A study is bound to one dataset and one train/validation split (recorded as study attributes at creation);
+    a worker that asks for another one is refused rather than mixing incomparable trials."""
+    if not storage_url.startswith("postgres"):
+        return _load(rdb_storage(storage_url), name, dataset, split_seed, pruner)
+    admin_url, database = _maintenance_url(storage_url)
+    try:
+        admin = psycopg2.connect(admin_url, connect_timeout=10)
+    except psycopg2.OperationalError as exc:
+        raise StudyError(f"cannot reach the Optuna storage server: {str(exc).strip()}") from None
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (zlib.crc32(f"sntrack-optuna:{database}".encode()),))
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+            if cur.fetchone() is None:
+                try:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+                except errors.DuplicateDatabase:
+                    pass
+            return _load(rdb_storage(storage_url), name, dataset, split_seed, pruner)
+    finally:
+        admin.close()  # ends the session, which releases the advisory lock
+
+
+def _load(storage: optuna.storages.BaseStorage, name: str, dataset: str, split_seed: int,
+          pruner: optuna.pruners.BasePruner | None) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(), pruner=pruner or optuna.pruners.NopPruner())
+    for key, value in (("dataset", dataset), ("split_seed", split_seed)):
+        recorded = study.user_attrs.get(key)
+        if recorded is None:
+            study.set_user_attr(key, value)
+        elif recorded != value:
+            raise StudyError(f"study {name!r} runs on {key} {recorded!r}, not {value!r}")
+    return study
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    n_trials: int
+    design: Design = "independent"
+    seed: int = 0
+    budget: int | None = None  # the study's total number of trials, all workers together
+
+
+@dataclass
+class WorkerResult:
+    statuses: Counter = dataclasses.field(default_factory=Counter)
+    interrupted: bool = False
+
+    @property
+    def trials(self) -> int:
+        return sum(self.statuses.values())
+
+
+class Worker:
+    """Runs trials of `study` until the plan is done or `stop` is set; reports each to `recorder_for(trial_id)`."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, plan: WorkerPlan,
+                 recorder_for: Callable[[str], TrialRecorder], *, stop: threading.Event | None = None,
+                 on_trial: Callable[[WorkerResult], None] | None = None, pruning: bool = False):
+        if plan.design == "paired" and not space.searches_the_flag:
+            raise StudyError("the paired design needs spectral_norm choices [true, false]")
+        self.study = study
+        self.space = space
+        self.plan = plan
+        self.recorder_for = recorder_for
+        self.stop = stop or threading.Event()
+        self.on_trial = on_trial
+        self.pruning = pruning
+
+    def run(self) -> WorkerResult:
+        result = WorkerResult()
+        owes_twin = False  # a twin was enqueued: ask once more, so no twin is left waiting when workers stop
+        while not self.stop.is_set() and (owes_twin or (result.trials < self.plan.n_trials and self._in_budget())):
+            trial = self.study.ask()
+            config, trial_id, paired_with = self._configure(trial)
+            owes_twin = self.plan.design == "paired" and "paired_with" not in trial.user_attrs
+            if owes_twin:
+                paired_with = self._enqueue_twin(trial, config, trial_id)
+            outcome = self._run(trial, config, trial_id, paired_with)
+            result.statuses[outcome.status] += 1
+            if self.on_trial is not None:
+                self.on_trial(result)
+            if outcome.interrupted:
+                result.interrupted = True
+                break
+        return result
+
+    def _in_budget(self) -> bool:
+        if self.plan.budget is None:
+            return True
+        started = self.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+        return len(started) < self.plan.budget
+
+    def _configure(self, trial: optuna.Trial) -> tuple[TrialConfig, str, str | None]:
+        sampled = self.space.sample(trial)  # for a twin these are its enqueued parameters
+        attrs = trial.user_attrs
+        if "config" in attrs:  # a twin: its whole configuration was fixed by the trial it pairs with
+            return TrialConfig(**attrs["config"]), attrs["trial_id"], attrs["paired_with"]
+        study_attrs = self.study.user_attrs
+        config = TrialConfig(**sampled, seed=self.plan.seed + trial.number, dataset=study_attrs["dataset"],
+                             split_seed=study_attrs["split_seed"])
+        trial_id = f"{self.study.study_name}-{uuid.uuid4().hex[:12]}"
+        trial.set_user_attr("trial_id", trial_id)
+        trial.set_user_attr("config", dataclasses.asdict(config))
+        return config, trial_id, None
+
+    def _enqueue_twin(self, trial: optuna.Trial, config: TrialConfig, trial_id: str) -> str:
+        twin_id = f"{self.study.study_name}-{uuid.uuid4().hex[:12]}"
+        twin = dataclasses.replace(config, spectral_norm=not config.spectral_norm)
+        self.study.enqueue_trial({**trial.params, "spectral_norm": twin.spectral_norm}, user_attrs={
+            "trial_id": twin_id, "paired_with": trial_id, "config": dataclasses.asdict(twin)})
+        trial.set_user_attr("paired_with", twin_id)
+        return twin_id
+
+    def _run(self, trial: optuna.Trial, config: TrialConfig, trial_id: str, paired_with: str | None) -> TrialOutcome:
+        def should_prune(epoch: int, val_accuracy: float) -> bool:
+            trial.report(val_accuracy, epoch)
+            return trial.should_prune()
+
+        log.info("trial started", trial_id=trial_id, optuna_trial_number=trial.number,
+                 spectral_norm=config.spectral_norm, paired_with=paired_with)
+        outcome = run_trial(config, self.recorder_for(trial_id), optuna_trial_number=trial.number,
+                            paired_with=paired_with, should_prune=should_prune if self.pruning else None,
+                            stop=self.stop)
+        if outcome.error is not None:
+            trial.set_user_attr("error", f"{outcome.error.type}: {outcome.error.message}")
+        if outcome.status == "completed":
+            self.study.tell(trial, outcome.measurements["final_val_accuracy"])
+        else:
+            self.study.tell(trial, state=OPTUNA_STATE[outcome.status])
+        log.info("trial finished", trial_id=trial_id, optuna_trial_number=trial.number, status=outcome.status,
+                 error=outcome.error.type if outcome.error else None,
+                 val_accuracy=outcome.measurements.get("final_val_accuracy"))
+        return outcome

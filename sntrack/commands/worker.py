@@ -1,0 +1,111 @@
+"""sntrack worker --study NAME --n-trials N — train trials of a shared Optuna study and publish what happens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import optuna
+import structlog
+import torch
+
+from producer.data import DATASETS
+from producer.emitter import producer_info
+from producer.publisher import EventPublisher
+from producer.search_space import SEARCHABLE, SearchSpace, SearchSpaceError
+from producer.study import StudyError, Worker, WorkerPlan, open_study
+from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
+from sntrack.progress import Progress
+from sntrack.settings import ConfigurationError, Settings, redact
+
+log = structlog.get_logger("sntrack.worker")
+
+CLOSE_TIMEOUT_S = 30.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "worker", help="train trials of an Optuna study (spectral norm on/off) and publish their events",
+        description="Run trials of an Optuna study stored in PostgreSQL until this worker has run --n-trials (or "
+        "the study has --budget trials). Any number of workers may share a study. Each trial trains an MLP on a "
+        "scikit-learn dataset, publishes start/metric/stop events and logs to MLflow off the training thread. "
+        "SIGTERM/SIGINT stop the running trial as failed/interrupted and exit once its events are confirmed or "
+        "spooled. Search-space defaults: producer/search_space.toml; each dimension's flag takes V (fixed), "
+        "A,B,C (choices) or LOW:HIGH[:log|:linear] (range).",
+)
+    parser.add_argument("--study", required=True, help="study name (also the events' model_run_id)")
+    parser.add_argument("--n-trials", type=int, default=10, help="trials this worker runs (default 10)")
+    parser.add_argument("--budget", type=int, help="stop when the study as a whole has this many trials")
+    parser.add_argument("--design", choices=("independent", "paired"), default="independent",
+                        help="paired: every sampled configuration also runs with the other flag, same seed")
+    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed (default 0): the study's train/val split; trial n's seed is SEED + n")
+    parser.add_argument("--pruner", choices=("none", "median"), default="none")
+    parser.add_argument("--storage", help="Optuna RDB storage URL (default: $SNTRACK_OPTUNA_STORAGE)")
+    parser.add_argument("--no-mlflow", action="store_true", help="no MLflow logging (start events: null run id)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: a small MLP gains little from more, and several "
+                        "workers on one machine oversubscribe the cores)")
+    parser.add_argument("--search-space", type=Path, metavar="FILE", help="TOML search space replacing the default")
+    space = parser.add_argument_group("search-space overrides", "SPEC: V | A,B,C | LOW:HIGH[:log|:linear]")
+    for name, dimension in SearchSpace.load().dimensions.items():
+        space.add_argument(f"--{name.replace('_', '-')}", metavar="SPEC", dest=f"space_{name}",
+                           help=f"default {dimension.spec}")
+    parser.set_defaults(run=_worker)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    optuna.logging.set_verbosity(logging.WARNING)
+    torch.set_num_threads(max(1, args.threads))
+    overrides = {name: getattr(args, f"space_{name}") for name in SEARCHABLE}
+    storage = args.storage or settings.optuna_storage
+    try:
+        space = SearchSpace.load(args.search_space, overrides)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if args.pruner == "median" else None
+        study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner)
+    except (SearchSpaceError, StudyError) as exc:
+        raise ConfigurationError(str(exc)) from None
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop now
+        log.info("stopping: the running trial ends as interrupted", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    use_mlflow = settings.mlflow_enabled and not args.no_mlflow
+    log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
+             dataset=args.dataset, n_trials=args.n_trials, mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
+    with EventPublisher(settings) as publisher:
+        mlflow = None
+        if use_mlflow:
+            bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
+            mlflow = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
+        tracker = Tracker(publisher, producer_info(settings.worker_id), mlflow, settings.mlflow_start_wait_s)
+        plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
+        try:
+            with Progress(f"study {args.study}", unit="trials") as progress:
+                worker = Worker(study, space, plan, lambda trial_id: tracker.trial(trial_id, args.study),
+                                stop=stop, pruning=pruner is not None,
+                                on_trial=lambda result: progress.update(result.trials, args.n_trials))
+                result = worker.run()
+        except StudyError as exc:
+            raise ConfigurationError(str(exc)) from None
+        finally:
+            tracker.close(CLOSE_TIMEOUT_S)
+        delivered = publisher.close(CLOSE_TIMEOUT_S)
+        stats = publisher.stats
+    log.info("worker finished", trials=result.trials, **dict(result.statuses), interrupted=result.interrupted,
+             events_confirmed=stats.confirmed + stats.flushed_from_spool, events_spooled=stats.spooled,
+             all_events_confirmed_or_spooled=delivered)
+    print(f"{args.study}: {result.trials} trials ({', '.join(f'{n} {s}' for s, n in result.statuses.items())})"
+          + (" — interrupted" if result.interrupted else ""), file=sys.stderr)
+    return 0

@@ -1,0 +1,168 @@
+"""The worker's pure parts: model, training outcomes, search space, and the recorder's event ordering."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from producer.emitter import producer_info
+from producer.model import build_model, largest_singular_values
+from producer.search_space import SearchSpace, SearchSpaceError
+from producer.tracking import Tracker
+from producer.training import TrialConfig, TrialOutcome, run_trial
+from schemas import RunMetric, RunStarted, RunStopped
+
+torch.set_num_threads(1)
+
+BASE = TrialConfig(spectral_norm=True, lr=3e-3, hidden=32, depth=2, dropout=0.1, weight_decay=1e-4,
+                   batch_size=64, epochs=4, seed=3, dataset="wine")
+
+
+class ListRecorder:
+    def __init__(self):
+        self.start = None
+        self.epochs: list[tuple[int, dict, dict | None]] = []
+        self.outcome: TrialOutcome | None = None
+
+    def started(self, payload):
+        self.start = payload
+
+    def epoch(self, epoch, measurements, spectral_norms):
+        self.epochs.append((epoch, measurements, spectral_norms))
+
+    def stopped(self, outcome, model):
+        self.outcome = outcome
+
+
+def train(config: TrialConfig, **kwargs) -> ListRecorder:
+    recorder = ListRecorder()
+    run_trial(config, recorder, **kwargs)
+    return recorder
+
+
+def test_sn_arm_has_unit_singular_values_and_baseline_does_not():
+    sn = train(dataclasses.replace(BASE, dataset="digits", epochs=6))
+    baseline = train(dataclasses.replace(BASE, dataset="digits", epochs=6, spectral_norm=False))
+    assert sn.outcome.status == baseline.outcome.status == "completed"
+    # SN's power iteration runs once per optimizer step, so sigma is estimated for slightly stale weights and the
+    # effective weight's exact norm sits a little above 1 while the weights move fast. The baseline's grows freely.
+    values = [value for _, _, norms in sn.epochs for value in norms.values()]
+    assert all(set(norms) == {"layers.0", "layers.1", "layers.2"} for _, _, norms in sn.epochs)
+    assert all(0.95 < value < 1.5 for value in values), values
+    assert sum(values) / len(values) < 1.25
+    assert max(baseline.epochs[-1][2].values()) > 2.0
+
+
+def test_output_layer_can_stay_unwrapped():
+    model = build_model(8, 3, hidden=16, depth=1, dropout=0.0, spectral_norm=True, sn_output_layer=False)
+    assert [hasattr(layer, "parametrizations") for layer in model.layers] == [True, False]
+    with pytest.raises(RuntimeError, match="eval mode"):
+        largest_singular_values(model)
+
+
+def test_pair_starts_from_the_same_weights():
+    torch.manual_seed(0)
+    first = build_model(8, 3, hidden=16, depth=1, dropout=0.0, spectral_norm=False).state_dict()
+    torch.manual_seed(0)
+    wrapped = build_model(8, 3, hidden=16, depth=1, dropout=0.0, spectral_norm=True).state_dict()
+    assert torch.equal(first["layers.0.weight"], wrapped["layers.0.parametrizations.weight.original"])
+
+
+def test_training_reports_every_epoch_and_final_measurements():
+    recorder = train(dataclasses.replace(BASE, epochs=3))
+    assert [e for e, _, _ in recorder.epochs] == [0, 1, 2]
+    assert set(recorder.epochs[0][1]) == {"train_loss", "val_loss", "train_accuracy", "val_accuracy"}
+    final = recorder.outcome.measurements
+    assert final["epochs_completed"] == 3 and final["final_val_accuracy"] == recorder.epochs[-1][1]["val_accuracy"]
+    assert recorder.start.hyperparams["epochs"] == 3 and recorder.start.seed == 3 and recorder.start.dataset == "wine"
+
+
+def test_nan_loss_ends_as_failed_nan_loss():
+    recorder = train(dataclasses.replace(BASE, spectral_norm=False, lr=1e6))
+    assert recorder.outcome.status == "failed" and recorder.outcome.error.type == "nan_loss"
+
+
+def test_exception_ends_as_failed_with_type_and_message():
+    recorder = train(dataclasses.replace(BASE, dataset="mnist"))
+    assert recorder.outcome.status == "failed"
+    assert recorder.outcome.error.type == "exception" and "ValueError" in recorder.outcome.error.message
+
+
+def test_stop_interrupts_the_running_trial():
+    stop = threading.Event()
+    stop.set()
+    recorder = train(BASE, stop=stop)
+    assert recorder.outcome.error.type == "interrupted" and recorder.outcome.interrupted
+
+
+def test_pruning_ends_as_pruned():
+    recorder = train(BASE, should_prune=lambda epoch, accuracy: epoch == 1)
+    assert recorder.outcome.status == "pruned" and len(recorder.epochs) == 2
+
+
+def test_search_space_overrides_and_validation():
+    space = SearchSpace.load(overrides={"lr": "1e-3:1e-1", "hidden": "16,32", "epochs": "5", "dropout": "0:1"})
+    assert space.dimensions["lr"].log and space.dimensions["lr"].low == 1e-3
+    assert space.dimensions["hidden"].choices == (16, 32)
+    assert space.dimensions["epochs"].value == 5
+    assert isinstance(space.dimensions["dropout"].low, float)
+    assert space.searches_the_flag and not SearchSpace.load(overrides={"spectral_norm": "true"}).searches_the_flag
+    with pytest.raises(SearchSpaceError, match="epochs"):
+        SearchSpace.load(overrides={"epochs": "0"})
+    with pytest.raises(SearchSpaceError, match="bounds"):
+        SearchSpace.load(overrides={"lr": "a:b"})
+
+
+class FakeMlflow:
+    available = True
+
+    def __init__(self):
+        self.calls = []
+
+    def begin(self, trial_id, model_run_id, payload, on_run_id):
+        self.on_run_id = on_run_id
+        return object()
+
+    def metrics(self, run, epoch, values, timestamp_ms):
+        self.calls.append(("metrics", epoch))
+
+    def end(self, run, status, state_dict):
+        self.calls.append(("end", status, sorted(state_dict)[:1]))
+
+    def close(self, timeout):
+        return True
+
+
+class ListPublisher:
+    def __init__(self):
+        self.events = []
+
+    def publish(self, event):
+        self.events.append(event)
+
+
+def test_events_wait_for_the_mlflow_run_id_in_order():
+    publisher, mlflow = ListPublisher(), FakeMlflow()
+    tracker = Tracker(publisher, producer_info("test"), mlflow, start_wait_s=30)
+    run_trial(dataclasses.replace(BASE, epochs=2), tracker.trial("t-1", "study"))
+    assert publisher.events == [] and mlflow.calls[-1][:2] == ("end", "completed")
+    mlflow.on_run_id("run-123")
+    mlflow.on_run_id("late")  # a second release changes nothing
+    kinds = [type(e) for e in publisher.events]
+    assert kinds == [RunStarted, RunMetric, RunMetric, RunStopped]
+    assert [e.seq for e in publisher.events] == [0, 1, 2, 3]
+    assert publisher.events[0].payload.mlflow_run_id == "run-123"
+
+
+def test_events_go_out_with_a_null_run_id_when_mlflow_is_late():
+    publisher = ListPublisher()
+    tracker = Tracker(publisher, producer_info("test"), FakeMlflow(), start_wait_s=0.05)
+    recorder = tracker.trial("t-2", "study")
+    run_trial(dataclasses.replace(BASE, epochs=1), recorder)
+    threading.Event().wait(0.3)
+    assert [e.seq for e in publisher.events] == [0, 1, 2]
+    assert publisher.events[0].payload.mlflow_run_id is None
+    tracker.close(1)
