@@ -13,8 +13,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from pydantic_core import to_json
+
 from consumers.topology import QueueSpec
 from schemas import Event
+
+
+def jsonb(value: object) -> str:
+    """Text for a `$n::jsonb` parameter (pydantic-core's encoder: ~5x faster than json.dumps here)."""
+    return to_json(value).decode()
 
 
 class Statement(NamedTuple):

@@ -16,6 +16,8 @@ import aio_pika
 import asyncpg
 import pytest
 
+from consumers.registry import PROJECTIONS
+from consumers.replay import replay
 from schemas import EXCHANGE
 from sntrack.broker import ManagementApi
 from sntrack.sandbox import sandbox
@@ -45,6 +47,14 @@ class TestEnv:
             return await conn.fetchval(sql, *args)
         finally:
             await conn.close()
+
+    async def replay(self, name: str):
+        """Rebuild projection `name` from the journal, as `sntrack replay` does."""
+        pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=2)
+        try:
+            return await replay(pool, PROJECTIONS[name])
+        finally:
+            await pool.close()
 
     async def snapshot(self, *tables: str) -> dict[str, list[dict]]:
         """Every row of each table, in primary-key order, for row-by-row comparisons."""

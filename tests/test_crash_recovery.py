@@ -8,8 +8,6 @@ import sys
 
 import pytest
 
-from consumers.registry import PROJECTIONS
-from consumers.replay import replay
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from tests.conftest import wait_until
@@ -66,11 +64,7 @@ async def test_kill_9_at_random_moments_loses_and_doubles_nothing(env):
     assert env.queue_depth("sntrack.journal.dlq") == 0 and env.queue_depth("sntrack.trials.dlq") == 0
 
     live = await env.snapshot("trials", "trial_metrics")
-    conn = await env.db()
-    try:
-        await replay(conn, PROJECTIONS["trials"])
-    finally:
-        await conn.close()
+    await env.replay("trials")
     assert await env.snapshot("trials", "trial_metrics") == live
 
 

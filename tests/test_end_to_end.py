@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 
-from consumers.registry import PROJECTIONS
-from consumers.replay import replay
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -50,11 +48,7 @@ async def test_every_event_lands_exactly_once_and_replay_equals_live(env):
     assert {(r["trial_id"], r["epoch"]): r["val_accuracy"] for r in curve} == sent
 
     live = await env.snapshot(*TABLES)
-    conn = await env.db()
-    try:
-        result = await replay(conn, PROJECTIONS["trials"])
-    finally:
-        await conn.close()
+    result = await env.replay("trials")
     assert result.events == len(events)
     assert await env.snapshot(*TABLES) == live
 

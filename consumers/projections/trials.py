@@ -8,9 +8,7 @@ the same hot row, which halved replay speed (progress of a running trial is max(
 
 from __future__ import annotations
 
-import json
-
-from consumers.projection import Projection, Statement
+from consumers.projection import Projection, Statement, jsonb
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 
@@ -82,19 +80,19 @@ class TrialsProjection(Projection):
             case RunStarted(payload=p):
                 yield Statement(UPSERT_START, (
                     event.trial_id, event.model_run_id, p.spectral_norm, p.mlflow_run_id,
-                    json.dumps(p.hyperparams), p.dataset, p.model, p.seed, p.optuna_trial_number,
+                    jsonb(p.hyperparams), p.dataset, p.model, p.seed, p.optuna_trial_number,
                     p.paired_with, _epochs(p.hyperparams), event.occurred_at,
                 ))
             case RunMetric(payload=p):
                 m = p.measurements
                 yield Statement(UPSERT_CURVE, (
                     event.trial_id, p.epoch, event.seq, m.get("train_loss"), m.get("val_loss"),
-                    m.get("train_accuracy"), m.get("val_accuracy"), json.dumps(m),
-                    None if p.spectral_norms is None else json.dumps(p.spectral_norms), event.occurred_at,
+                    m.get("train_accuracy"), m.get("val_accuracy"), jsonb(m),
+                    None if p.spectral_norms is None else jsonb(p.spectral_norms), event.occurred_at,
                 ))
             case RunStopped(payload=p):
                 yield Statement(UPSERT_STOP, (
-                    event.trial_id, event.model_run_id, p.spectral_norm, p.status, json.dumps(p.measurements),
+                    event.trial_id, event.model_run_id, p.spectral_norm, p.status, jsonb(p.measurements),
                     p.measurements.get("duration_ms"), p.error.type if p.error else None,
                     p.error.message if p.error else None, event.occurred_at, event.seq,
                 ))

@@ -35,11 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     projection = PROJECTIONS[args.name]
-    pool = await create_pool(settings.database_url, max_size=1)
+    pool = await create_pool(settings.database_url, min_size=2, max_size=2)
     try:
-        async with pool.acquire() as conn:
-            with Progress(f"replay {args.name}", unit="events") as progress:
-                result = await replay(conn, projection, until=args.until, progress=progress.update)
+        with Progress(f"replay {args.name}", unit="events") as progress:
+            result = await replay(pool, projection, until=args.until, progress=progress.update)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
     finally:
