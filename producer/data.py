@@ -11,8 +11,10 @@ from sklearn.datasets import load_breast_cancer, load_digits, load_wine
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from producer.config import DATASETS
+
 LOADERS = {"digits": load_digits, "wine": load_wine, "breast_cancer": load_breast_cancer}
-DATASETS = tuple(LOADERS)
+assert tuple(LOADERS) == DATASETS
 
 
 @dataclass(frozen=True)

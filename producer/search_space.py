@@ -6,11 +6,12 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
+from producer.config import TrialConfig
 
-from producer.training import TrialConfig
+if TYPE_CHECKING:
+    import optuna
 
 DEFAULT_FILE = Path(__file__).with_name("search_space.toml")
 # Per-trial (seed) and per-study (dataset, split_seed) settings are not searched.

@@ -6,7 +6,6 @@ optional `should_prune(epoch, val_accuracy)` callback; a set `stop` event interr
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 import time
@@ -17,36 +16,12 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from producer.config import TrialConfig
 from producer.data import Split, load_split
 from producer.model import MODEL_NAME, build_model, device, largest_singular_values
 from schemas import RunError, StartPayload
 
 Status = Literal["completed", "failed", "pruned"]
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    """Everything that determines a trial. Two trials with equal configs (the flag aside) are a pair."""
-
-    spectral_norm: bool
-    lr: float
-    hidden: int
-    depth: int
-    dropout: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    seed: int
-    dataset: str = "digits"
-    split_seed: int = 0
-    sn_output_layer: bool = True
-
-    def hyperparams(self) -> dict[str, float | int | bool]:
-        """The flat hyper-parameters recorded with the trial (flag, seed and dataset have their own fields)."""
-        values = dataclasses.asdict(self)
-        for own_field in ("spectral_norm", "seed", "dataset"):
-            del values[own_field]
-        return values
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from consumers.comparison.report import REPORT_VERSION, ComparisonData, TrialRec
 from consumers.persistence import apply_events
 from consumers.projections.comparison import OVERALL
 from consumers.registry import PROJECTIONS
-from consumers.replay import replay
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -104,9 +103,9 @@ async def test_sn_comparison_equals_trials_live_with_duplicates_and_after_replay
     try:
         # The journal was not running: fill it from the same events so that replay has a source.
         await apply_events(conn, PROJECTIONS["journal"], events)
-        await replay(conn, PROJECTIONS["comparison"])
     finally:
         await conn.close()
+    await env.replay("comparison")
     assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live
 
 

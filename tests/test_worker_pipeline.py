@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import sys
 from asyncio.subprocess import PIPE
 from collections import Counter
@@ -115,7 +116,10 @@ async def test_two_paired_workers_share_one_study(env, storage):
     flags = {r["id"]: r["spectral_norm"] for r in rows}
     sn_values = [v for c in curves if flags[c["trial_id"]] for n in c["norms"] for v in json.loads(n).values()]
     free_values = [v for c in curves if not flags[c["trial_id"]] for n in c["norms"] for v in json.loads(n).values()]
-    assert sn_values and all(0.9 < v < 1.6 for v in sn_values)
+    # SN's one power iteration per step lags the weights, most at a high learning rate early in training: the
+    # bulk sits at 1, a few values above it.
+    assert sn_values and all(0.9 < v < 2.0 for v in sn_values), sorted(sn_values)[:3] + sorted(sn_values)[-3:]
+    assert statistics.median(sn_values) < 1.2, statistics.median(sn_values)
     assert any(abs(v - 1) > 0.2 for v in free_values)
 
     # Paired: every trial has its twin, same seed and configuration, the other flag.

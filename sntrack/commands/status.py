@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sys
+import time
 from urllib.parse import quote
 
 from consumers.persistence import create_pool
@@ -15,10 +18,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("status", help="journal, read model and queue depths at a glance",
                             description="Counts of journal events, trials by status, and each consumer queue's "
                             "ready/unacked messages and dead letters.")
+    parser.add_argument("--wait-idle", type=float, metavar="SECONDS",
+                        help="first wait (up to SECONDS) until every consumer queue is empty: consumers caught up")
     parser.set_defaults(run=_status)
 
 
+async def _wait_idle(api: ManagementApi, vhost: str, timeout_s: float) -> bool:
+    """True once every consumer queue has shown no ready or unacked message for six polls in a row."""
+    deadline, quiet = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        depths = [(await asyncio.to_thread(api.request, "GET", f"queues/{vhost}/{quote(s.name, safe='')}") or {})
+                  .get("messages", 1) for s in QUEUES]
+        quiet = quiet + 1 if not any(depths) else 0
+        if quiet >= 6:  # the management API refreshes queue figures every 5 s
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
+    api = ManagementApi(settings.rabbitmq_admin_url)
+    vhost = quote(settings.amqp_vhost, safe="")
+    if args.wait_idle is not None and not await _wait_idle(api, vhost, args.wait_idle):
+        print(f"consumers did not catch up within {args.wait_idle:.0f} s", file=sys.stderr)
+        return 1
     pool = await create_pool(settings.database_url, max_size=1)
     try:
         async with pool.acquire() as conn:
@@ -31,8 +54,6 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     print("trials:" if trials else "trials: none")
     for row in trials:
         print(f"  spectral_norm={str(row['spectral_norm']).lower():5}  {row['status']:9} {row['n']}")
-    api = ManagementApi(settings.rabbitmq_admin_url)
-    vhost = quote(settings.amqp_vhost, safe="")
     print(f"queues (vhost {settings.amqp_vhost}):")
     for spec in QUEUES:
         for name in (spec.name, spec.dead_letter_queue):

@@ -9,16 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
-import optuna
 import structlog
-import torch
 
-from producer.data import DATASETS
-from producer.emitter import producer_info
-from producer.publisher import EventPublisher
+from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, SearchSpace, SearchSpaceError
-from producer.study import StudyError, Worker, WorkerPlan, open_study
-from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
 from sntrack.progress import Progress
 from sntrack.settings import ConfigurationError, Settings, redact
 
@@ -60,6 +54,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    # Imported here: torch, optuna and mlflow take seconds to load, and no other command needs them.
+    import optuna
+    import torch
+
+    from producer.emitter import producer_info
+    from producer.publisher import EventPublisher
+    from producer.study import StudyError, Worker, WorkerPlan, open_study
+    from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
+
     optuna.logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(max(1, args.threads))
     overrides = {name: getattr(args, f"space_{name}") for name in SEARCHABLE}

@@ -1,0 +1,105 @@
+"""`make bench` / `python -m bench`: run every benchmark, each figure beside its same-run baseline.
+
+Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
+  --quick          shorter runs (smoke-checks the harness; figures are noisier)
+  --only NAME ...  pipeline, comparison, mlflow, training
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import comparison_query, mlflow_sync, pipeline, training_overhead
+from bench.report import render_markdown
+from sntrack.logging import configure_logging
+from sntrack.mlflow_server import healthy, start
+from sntrack.sandbox import sandbox
+from sntrack.settings import Settings
+
+RESULTS = Path(__file__).parent / "results"
+NAMES = ("pipeline", "comparison", "mlflow", "training")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _with_mlflow(base: Settings, work):
+    """Run `work(url)` against the configured MLflow server, or a temporary one when none answers."""
+    if healthy(base.mlflow_tracking_uri):
+        return await work(base.mlflow_tracking_uri, None)
+    with tempfile.TemporaryDirectory(prefix="sntrack-bench-mlflow-") as folder:
+        server = await asyncio.to_thread(start, _free_port(), f"sqlite:///{folder}/mlflow.db", Path(folder))
+        try:
+            return await work(server.url, round(server.startup_s, 1))
+        finally:
+            server.stop()
+
+
+async def _mlflow(base: Settings, quick: bool) -> dict:
+    async def work(url: str, startup_s: float | None) -> dict:
+        async with sandbox(base, prefix="sntrack-bench-mlflow", mlflow_tracking_uri=url) as settings:
+            result = await mlflow_sync.run(settings, trials=30 if quick else 100)
+        return {**result, "server": url, "server_startup_s": startup_s}
+
+    return await _with_mlflow(base, work)
+
+
+async def _training(base: Settings, quick: bool) -> dict:
+    async def work(url: str, startup_s: float | None) -> dict:
+        return await training_overhead.run(base, repetitions=2 if quick else 5, tracking_uri=url,
+                                           budget_s=40 if quick else 75)
+
+    return await _with_mlflow(base, work)
+
+
+async def main(names: list[str], quick: bool) -> int:
+    base = Settings.from_env()
+    results: dict = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": platform.node(),
+                     "python": platform.python_version(), "quick": quick, "benchmarks": {}}
+    runners = {
+        "pipeline": lambda: pipeline.run(base, duration_s=4 if quick else 8,
+                                         throughput_events=5000 if quick else 20_000),
+        "comparison": lambda: comparison_query.run(base.database_url, trials=20_000 if quick else 100_000),
+        "mlflow": lambda: _mlflow(base, quick),
+        "training": lambda: _training(base, quick),
+    }
+    failed = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            results["benchmarks"][name] = await runners[name]()
+        except Exception as exc:  # noqa: BLE001 - record it, run the others, fail at the end
+            traceback.print_exc()
+            results["benchmarks"][name] = {"error": repr(exc)}
+            failed.append(name)
+        results["benchmarks"][name]["wall_s"] = round(time.perf_counter() - started, 1)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (RESULTS / "latest.md").write_text(render_markdown(results))
+    print((RESULTS / "latest.md").read_text())
+    print(f"results: {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    parser.add_argument("--only", nargs="+", choices=NAMES, default=list(NAMES), metavar="NAME")
+    args = parser.parse_args()
+    configure_logging(json_lines=True)
+    sys.exit(asyncio.run(main(args.only, args.quick)))

@@ -1,0 +1,71 @@
+"""Render bench results (the JSON of bench/__main__.py) as the markdown table the README links."""
+
+from __future__ import annotations
+
+
+def _ms(d: dict) -> str:
+    return f"{d['p50']:.1f} / {d['p95']:.1f} / {d.get('p99', float('nan')):.1f}" if d.get("p50") is not None else "–"
+
+
+def _pipeline(r: dict) -> list[str]:
+    lines = ["## Pipeline (journal + trials consumers, one `sntrack consume` process)", "",
+             "| figure | sntrack | baseline: raw aio-pika publish→consume | ratio | target |", "|---|---|---|---|---|"]
+    for rate, row in r["latency"].items():
+        target = "p95 ≤ 1.5× raw and < 50 ms" if rate == "500" else ""
+        lines.append(f"| e2e latency at {rate} events/s, p50 / p95 / p99 ms | {_ms(row['pipeline_ms'])} | "
+                     f"{_ms(row['raw_ms'])} | p95 × {row['p95_ratio']} | {target} |")
+    tp = r["throughput"]
+    lines.append(f"| sustained events/s ({tp['events']} events) | {tp['pipeline_events_per_s']:,} | "
+                 f"{tp['raw_events_per_s']:,} | {tp['ratio']:.0%} | ≥ 60% |")
+    rp = r["replay"]
+    lines.append(f"| replay of `trials`, events/s ({rp['events']} events) | {rp['events_per_s']:,} "
+                 "| – | – | ≥ 20,000 |")
+    return lines
+
+
+def _comparison(r: dict) -> list[str]:
+    return ["## Comparison query", "",
+            "| figure | sn_comparison | baseline: GROUP BY over trials | target |", "|---|---|---|---|",
+            f"| {r['trials']:,} trials, p50 / p95 ms | {r['sn_comparison_ms']['p50']:.2f} / "
+            f"{r['sn_comparison_ms']['p95']:.2f} | {r['group_by_trials_ms']['p50']:.2f} / "
+            f"{r['group_by_trials_ms']['p95']:.2f} | p95 ≤ {r['target_p95_ms']} ms |"]
+
+
+def _mlflow(r: dict) -> list[str]:
+    startup = f" (temporary server, healthy after {r['server_startup_s']} s)" if r.get("server_startup_s") else ""
+    return [f"## MLflow sync{startup}", "",
+            "| figure | stop published → tags, metrics, status in MLflow | baseline: bare set_tag | ratio | target |",
+            "|---|---|---|---|---|",
+            f"| p50 / p95 / p99 ms | {_ms(r['sync_ms'])} | {_ms(r['set_tag_ms'])} | p95 × {r['p95_ratio']:.2f} | "
+            "p95 ≤ 2× and < 500 ms |"]
+
+
+def _training(r: dict) -> list[str]:
+    trial = r["trial"]
+    lines = [f"## Training overhead ({trial['epochs']}-epoch {trial['dataset']} MLP, same seed, interleaved)", "",
+             "| arm | median ms | overhead vs no tracking |", "|---|---|---|"]
+    for name, arm in r["arms"].items():
+        lines.append(f"| {name} | {arm['median_ms']} | {arm['overhead_pct']:+.1f}% |")
+    sn = r["spectral_norm_vs_baseline"]
+    lines.append(f"| spectral-norm arm, no tracking (finding, not a target) | {sn['median_ms']} | "
+                 f"{sn['overhead_pct']:+.1f}% |")
+    lines += ["", f"Target: events + MLflow as shipped ≤ {r['target_overhead_pct']}% over no tracking."]
+    if "mlflow" in r:
+        lines.append(f"MLflow arms: {r['mlflow']}.")
+    return lines
+
+
+SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training}
+
+
+def render_markdown(results: dict) -> str:
+    lines = [f"# Benchmark results — {results['started_at']} on {results['host']}"
+             + (" (quick)" if results.get("quick") else ""), "",
+             "Every figure is printed beside a baseline measured in the same run on the same machine.", ""]
+    for name, result in results["benchmarks"].items():
+        if "error" in result:
+            lines += [f"## {name}", "", f"failed: `{result['error']}`"]
+        else:
+            lines += SECTIONS[name](result)
+        lines += ["", f"({name}: {result['wall_s']} s)", ""]
+    return "\n".join(lines)
