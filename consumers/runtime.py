@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
-from schemas import DEAD_LETTER_EXCHANGE, Event, GateRejection, parse_event
+from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, Event, GateRejection, parse_event
 from schemas.topology import DETAIL_HEADER, REASON_HEADER
 from sntrack.settings import ConfigurationError, Settings, redact
 
@@ -77,7 +77,12 @@ class ConsumerRuntime:
         spec = self.handler.queue
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=self.settings.prefetch)
+        # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
         queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        dead = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
+        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
+        for pattern in spec.bindings:
+            await queue.bind(EXCHANGE, routing_key=pattern)
         dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
         consumer_tag = await queue.consume(self._inbox.put)
         self.ready.set()

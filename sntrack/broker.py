@@ -19,14 +19,15 @@ DEFAULT_VHOST = "sntrack"
 WORKER_USER = "sntrack-worker"
 CONSUMER_USER = "sntrack-consumer"
 
-# Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues,
-# and may publish only to the dead-letter exchange (gate rejections carry their reason there).
+# Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues
+# (binding needs read on the exchange) and may publish only to the dead-letter exchange (gate rejections carry
+# their reason there).
 PERMISSIONS = {
     WORKER_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
     CONSUMER_USER: {
         "configure": r"^sntrack\..*",
         "write": r"^(sntrack\..*|ml\.events\.dlx)$",
-        "read": r"^(sntrack\..*|ml\.events)$",
+        "read": r"^(sntrack\..*|ml\.events|ml\.events\.dlx)$",
     },
 }
 

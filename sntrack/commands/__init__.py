@@ -9,8 +9,11 @@ from sntrack.commands import (
     report,
     spool,
     status,
+    subscribe,
     topology,
     worker,
 )
 
-COMMAND_MODULES = (topology, db, consume, replay, status, report, publish_sample, spool, worker, reconcile)
+COMMAND_MODULES = (
+    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
+)
