@@ -45,7 +45,7 @@ class ConsumerStats:
 
 async def connect(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
     try:
-        return await aio_pika.connect_robust(settings.amqp_url, timeout=10, client_properties={
+        return await aio_pika.connect_robust(settings.amqp_url, timeout=10, reconnect_interval=1, client_properties={
             "connection_name": f"sntrack-{settings.worker_id or 'consumer'}"})
     except aio_pika.exceptions.ProbableAuthenticationError:
         raise ConfigurationError(f"RabbitMQ refused the credentials in {redact(settings.amqp_url)}") from None
@@ -69,6 +69,7 @@ class ConsumerRuntime:
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
+        self.finished = asyncio.Event()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -97,6 +98,7 @@ class ConsumerRuntime:
                 await queue.cancel(consumer_tag)
             with contextlib.suppress(Exception):
                 await channel.close()
+            self.finished.set()
             self.log.info("consumer stopped", **vars(self.stats))
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:

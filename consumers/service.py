@@ -50,7 +50,10 @@ async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIt
             finally:
                 for runtime in runtimes:
                     runtime.stop()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                for runtime, outcome in zip(runtimes, await asyncio.gather(*tasks, return_exceptions=True),
+                                            strict=True):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                        log.error("consumer failed", consumer=runtime.handler.name, error=repr(outcome))
                 # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
                 await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),
                                      return_exceptions=True)
@@ -60,7 +63,16 @@ async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIt
         await pool.close()
 
 
-async def serve(settings: Settings, names: Sequence[str], stop: asyncio.Event) -> None:
+async def serve(settings: Settings, names: Sequence[str], stop: asyncio.Event) -> int:
+    """Run until `stop` is set (0), or until a consumer dies unexpectedly (1: let a supervisor restart us)."""
     async with running_consumers(settings, names) as runtimes:
         log.info("consumers running", consumers=[r.handler.name for r in runtimes])
-        await stop.wait()
+        waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.finished.wait()) for r in runtimes)]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        crashed = [r.handler.name for r in runtimes if r.finished.is_set()]
+        if crashed and not stop.is_set():
+            log.error("consumer stopped unexpectedly; exiting so that the supervisor restarts us", consumers=crashed)
+            return 1
+    return 0

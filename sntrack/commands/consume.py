@@ -26,5 +26,4 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(settings, args.names, stop)
-    return 0
+    return await serve(settings, args.names, stop)
