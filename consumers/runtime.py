@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
@@ -126,9 +127,16 @@ class ConsumerRuntime:
         if await self._handle(accepted, dlx):
             self.stats.batches += 1
             self.stats.handled += len(accepted)
-            for message, event in accepted:
-                await self._ack(message)
-                self.log.debug("event handled", **_event_fields(event))
+            # One ack per open channel (a reconnect can mix two in a batch): multiple=True also settles the
+            # channel's earlier deliveries, all of which this batch or an earlier one has already settled.
+            # Deliveries of a closed channel are not acked: the broker redelivers them, bookkeeping dedupes.
+            last_per_channel = {}
+            for message, _ in accepted:
+                with contextlib.suppress(ChannelInvalidStateError):
+                    last_per_channel[id(message.channel)] = message
+            for message in last_per_channel.values():
+                await self._ack(message, multiple=True)
+            self.log.debug("batch applied", events=len(accepted))
 
     async def _handle(self, accepted: list[tuple[AbstractIncomingMessage, Event]], dlx) -> bool:
         """True when the whole batch is durable; False when it was settled otherwise (or must be left)."""
@@ -173,9 +181,9 @@ class ConsumerRuntime:
                 self.stats.handled += 1
                 await self._ack(item[0])
 
-    async def _ack(self, message: AbstractIncomingMessage) -> None:
+    async def _ack(self, message: AbstractIncomingMessage, multiple: bool = False) -> None:
         try:
-            await message.ack()
+            await message.ack(multiple=multiple)
         except Exception as exc:  # noqa: BLE001 - channel gone: the broker redelivers, bookkeeping dedupes
             self.log.warning("ack failed; the message will be redelivered", error=repr(exc))
 

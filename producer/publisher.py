@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 import structlog
 
 from producer.emitter import producer_info
@@ -53,6 +54,7 @@ class PublisherStats:
     flushed_from_spool: int  # drained from the spool (adopted orphans included) and confirmed
     pending: int  # published but neither confirmed nor spooled yet
     connected: bool
+    refused: str | None  # the broker answered but refused us (credentials, vhost): configuration, not an outage
 
 
 class EventPublisher:
@@ -68,6 +70,8 @@ class EventPublisher:
         self._inflight_spooled = False  # an overflow already spooled it
         self._spooling = False
         self._connected = False
+        self._refused: str | None = None
+        self._attempts = 0  # failed connection attempts
         self._published = self._confirmed = self._spooled = self._from_spool = 0
         self._state = "new"
         self._thread: threading.Thread | None = None
@@ -144,7 +148,14 @@ class EventPublisher:
     def stats(self) -> PublisherStats:
         with self._lock:
             return PublisherStats(self._published, self._confirmed, self._spooled, self._from_spool,
-                                  self._pending(), self._connected)
+                                  self._pending(), self._connected, self._refused)
+
+    def first_contact(self, timeout: float) -> str | None:
+        """Wait up to `timeout` for the first connection attempt to be decided. Returns why the broker refused
+        us (wrong credentials, unknown vhost), or None: connected, or merely unreachable (events spool)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._connected or self._refused or self._attempts > 0, timeout)
+            return self._refused
 
     def __enter__(self) -> EventPublisher:
         return self.start()
@@ -340,6 +351,12 @@ class EventPublisher:
                 connection = await aio_pika.connect(url, timeout=self.settings.publish_confirm_timeout_s,
                                                     client_properties={"connection_name": name})
             except Exception as exc:
+                refused = isinstance(exc, (aio_pika.exceptions.ProbableAuthenticationError,
+                                           aiormq.exceptions.ConnectionNotAllowed))
+                with self._changed:
+                    self._attempts += 1
+                    self._refused = f"RabbitMQ at {redact(url)} refused the connection: {exc}" if refused else None
+                    self._changed.notify_all()
                 self._set_spooling()
                 self._wakeup.set()
                 if not unreachable_logged:
@@ -356,7 +373,7 @@ class EventPublisher:
                 self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
                 await asyncio.to_thread(self._adopt_orphans)
                 with self._changed:
-                    self._connected = True
+                    self._connected, self._refused = True, None
                     self._changed.notify_all()
                 log.info("publisher connected", url=redact(url))
                 unreachable_logged = False

@@ -18,7 +18,7 @@ from torch import nn
 
 from producer.config import TrialConfig
 from producer.data import Split, load_split
-from producer.model import MODEL_NAME, build_model, device, largest_singular_values
+from producer.model import MODEL_NAME, SingularValueMeter, build_model, device
 from schemas import RunError, StartPayload
 
 Status = Literal["completed", "failed", "pruned"]
@@ -103,6 +103,7 @@ def run_trial(
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         loss_fn = nn.CrossEntropyLoss()
         n = split.x_train.shape[0]
+        meter = SingularValueMeter(config.seed)
         for epoch in range(config.epochs):
             model.train()
             total, batches = torch.zeros((), device=where), 0
@@ -125,7 +126,7 @@ def run_trial(
             last = {"train_loss": train_loss, "val_loss": val_loss,
                     "train_accuracy": train_accuracy, "val_accuracy": val_accuracy}
             epochs_done = epoch + 1
-            recorder.epoch(epoch, last, largest_singular_values(model) if measure_norms else None)
+            recorder.epoch(epoch, last, meter.measure(model) if measure_norms else None)
             if should_prune is not None and epochs_done < config.epochs and should_prune(epoch, val_accuracy):
                 status = "pruned"
                 break

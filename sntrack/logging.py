@@ -25,3 +25,5 @@ def configure_logging(json_lines: bool | None = None, level: int = logging.INFO)
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # aiormq logs every failed connect; sntrack reports unreachable brokers itself, once, with what to do.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from producer.emitter import producer_info
-from producer.model import build_model, largest_singular_values
+from producer.model import SingularValueMeter, build_model
 from producer.search_space import SearchSpace, SearchSpaceError
 from producer.tracking import Tracker
 from producer.training import TrialConfig, TrialOutcome, run_trial
@@ -60,7 +60,22 @@ def test_output_layer_can_stay_unwrapped():
     model = build_model(8, 3, hidden=16, depth=1, dropout=0.0, spectral_norm=True, sn_output_layer=False)
     assert [hasattr(layer, "parametrizations") for layer in model.layers] == [True, False]
     with pytest.raises(RuntimeError, match="eval mode"):
-        largest_singular_values(model)
+        SingularValueMeter().measure(model)
+
+
+def test_singular_value_meter_tracks_the_exact_value_as_weights_change():
+    torch.manual_seed(1)
+    model = build_model(64, 10, hidden=128, depth=2, dropout=0.0, spectral_norm=False).eval()
+    meter = SingularValueMeter(seed=0)
+    for _ in range(5):  # weights drift between "epochs" as training would move them
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.weight.add_(0.01 * torch.randn_like(layer.weight))
+        measured = meter.measure(model)
+        exact = {f"layers.{i}": float(torch.linalg.matrix_norm(layer.weight, ord=2))
+                 for i, layer in enumerate(model.layers)}
+        assert measured.keys() == exact.keys()
+        assert all(-1e-5 < (exact[k] - measured[k]) / exact[k] < 1e-2 for k in exact), (measured, exact)
 
 
 def test_pair_starts_from_the_same_weights():

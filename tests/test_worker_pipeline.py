@@ -160,7 +160,8 @@ async def test_broker_outage_mid_study_loses_nothing(env, storage):
 async def test_nan_configuration_ends_failed_not_crashed(env, storage):
     async with running_consumers(env.settings, ["journal", "trials"]):
         study, result = await asyncio.to_thread(
-            run_study_in_process, env, storage, "nan", WorkerPlan(2), overrides={"lr": "1e6", "spectral_norm": "false"})
+            run_study_in_process, env, storage, "nan", WorkerPlan(2),
+            overrides={"lr": "1e12", "spectral_norm": "false"})
         rows = await projected(env, "nan", 2)
     assert result.statuses == {"failed": 2}
     assert {(r["status"], r["error_type"]) for r in rows} == {("failed", "nan_loss")}

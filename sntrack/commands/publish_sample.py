@@ -10,7 +10,9 @@ from producer.emitter import producer_info
 from producer.publisher import EventPublisher
 from producer.sample import synthetic_study
 from sntrack.progress import Progress
-from sntrack.settings import Settings
+from sntrack.settings import ConfigurationError, Settings
+
+FIRST_CONTACT_S = 5.0  # how long to wait to tell a refusing broker (configuration) from an absent one
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +53,9 @@ def _publish_sample(args: argparse.Namespace, settings: Settings) -> int:
     events = [event for trial in study for event in trial]
     started = time.perf_counter()
     publisher = EventPublisher(settings).start()
+    if refusal := publisher.first_contact(FIRST_CONTACT_S):
+        publisher.close(0)
+        raise ConfigurationError(refusal)
     with Progress("publish", unit="events") as progress:
         for done, event in enumerate(events):
             if args.rate:
