@@ -20,8 +20,8 @@ setup: venv services  ## venv + services + broker topology + database schema
 	@$(BIN)/sntrack db migrate --create
 
 test: venv services  ## run the whole test suite against the real servers
+	$(BIN)/pytest -q -m restarts  # restarts the real RabbitMQ and PostgreSQL, so not beside other tests
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not restarts"
-	$(BIN)/pytest -q -m restarts  # restarts the real RabbitMQ and PostgreSQL: alone, after the rest
 
 demo: setup  ## a real spectral-norm vs baseline study through the whole pipeline
 	@bash infra/demo.sh
