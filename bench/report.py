@@ -8,7 +8,7 @@ def _ms(d: dict) -> str:
 
 
 def _pipeline(r: dict) -> list[str]:
-    lines = ["## Pipeline (journal + trials consumers, one `sntrack consume` process)", "",
+    lines = ["## Pipeline (journal and trials consumers as two `sntrack consume` daemons)", "",
              "| figure | sntrack | baseline: raw aio-pika publish→consume | ratio | target |", "|---|---|---|---|---|"]
     for rate, row in r["latency"].items():
         target = "p95 ≤ 1.5× raw and < 50 ms" if rate == "500" else ""
