@@ -48,8 +48,8 @@ class SingularValueMeter:
     Block power (subspace) iteration with 4 vectors, warm-started: each layer's subspace carries over from the
     previous epoch, so 3 iterations per epoch track sigma_max to within 1% relative even for freshly initialised
     weights, whose top singular values are clustered (the worst case; trained weights converge faster). It
-    slightly underestimates, never overestimates. An exact SVD each epoch cost as much as 40% of a small trial's
-    training time on 2 CPU cores; this costs a few percent.
+    slightly underestimates, never overestimates. An exact SVD takes ~5 ms per 256x256 layer on this 2-core CPU
+    (a deep, wide trial with ~25 ms epochs would spend ~40% of its time measuring); this takes ~0.3 ms.
     Call it in eval mode: reading `.weight` of a spectrally normalized layer in training mode runs SN's power
     iteration and would change the training it measures."""
 
