@@ -24,6 +24,7 @@ from pydantic import (
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 
 CURRENT_SCHEMA_VERSION = 1
+ALL_SEARCHES = "*"  # reserved model_run_id: aggregates over every search are stored under it
 
 EventType = Literal["ml.run.start", "ml.run.metric", "ml.run.stop"]
 Identifier = Annotated[str, Field(min_length=1, max_length=200)]
@@ -92,6 +93,13 @@ class _Envelope(_Strict):
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
         return value.astimezone(UTC)
+
+    @field_validator("model_run_id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value == ALL_SEARCHES:
+            raise ValueError(f"model_run_id {ALL_SEARCHES!r} is reserved for aggregates over all searches")
+        return value
 
     @field_validator("schema_version")
     @classmethod

@@ -80,6 +80,7 @@ INVALID = [
     ("not a time", START, ["occurred_at"], "yesterday"),
     ("empty trial id", START, ["trial_id"], ""),
     ("missing model run", START, ["model_run_id"], DELETE),
+    ("reserved model run", STOP, ["model_run_id"], "*"),
     ("negative seq", METRIC, ["seq"], -1),
     ("start with seq 1", START, ["seq"], 1),
     ("string seq", METRIC, ["seq"], "1"),

@@ -180,3 +180,10 @@ def test_required_sizes_edge_cases():
     assert st.required_per_arm(1e-9) is None  # beyond MAX_N
     assert st.power_independent(0.5, 1, 10) is None
     assert st.power_paired(0.5, 1) is None
+
+
+def test_integer_and_float_spellings_of_a_value_are_one_category():
+    from consumers.comparison.stats import compare_distributions
+
+    same = compare_distributions([1, 2, 1, 2], [1.0, 2.0, 1.0, 2.0])
+    assert same is not None and same.test == "fisher" and same.p_value == 1.0

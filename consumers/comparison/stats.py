@@ -221,19 +221,24 @@ def _numeric(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _category(value: object) -> str:
+    """A hyper-parameter value as a category: 1 and 1.0 are one value (JSON does not keep the difference)."""
+    return repr(float(value)) if _numeric(value) else repr(value)
+
+
 def compare_distributions(a: Sequence[object], b: Sequence[object]) -> DistributionTest | None:
     """Whether a hyper-parameter is distributed alike in both arms: two-sample Kolmogorov–Smirnov for numbers with
     many distinct values, Fisher's exact (two values) or chi-square (more) on the value counts otherwise.
     None when either arm has fewer than 2 values or the parameter never varies."""
     if len(a) < 2 or len(b) < 2:
         return None
-    categories = sorted({repr(v) for v in (*a, *b)})
+    categories = sorted({_category(v) for v in (*a, *b)})
     if len(categories) < 2:
         return None
     if len(categories) > MAX_CATEGORIES and all(_numeric(v) for v in (*a, *b)):
         result = stats.ks_2samp(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
         return DistributionTest("ks", float(result.statistic), float(result.pvalue))
-    count_a, count_b = Counter(map(repr, a)), Counter(map(repr, b))
+    count_a, count_b = Counter(map(_category, a)), Counter(map(_category, b))
     table = [[count_a[c] for c in categories], [count_b[c] for c in categories]]
     if len(categories) == 2:
         return DistributionTest("fisher", None, float(stats.fisher_exact(table).pvalue))

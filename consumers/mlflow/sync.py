@@ -31,13 +31,20 @@ from dataclasses import dataclass, replace
 import structlog
 
 from consumers.handler import DeadLetter, RetryLater
-from consumers.mlflow.client import MlflowNotFound, MlflowRejected, MlflowRest, MlflowUnavailable, filter_string
+from consumers.mlflow.client import (
+    MlflowError,
+    MlflowNotFound,
+    MlflowRejected,
+    MlflowRest,
+    MlflowUnavailable,
+    filter_string,
+)
 from consumers.mlflow.expected import RUN_STATUS, TERMINAL, advisory_key, trial_tags
 from consumers.persistence import Store
 from consumers.topology import QueueSpec
 from schemas import Event, RunStarted, RunStopped
 from schemas.topology import RUN_START, RUN_STOP
-from sntrack.settings import Settings
+from sntrack.settings import ConfigurationError, Settings
 
 log = structlog.get_logger("sntrack.mlflow")
 
@@ -51,6 +58,15 @@ ON CONFLICT (trial_id) DO UPDATE SET
     run_id = EXCLUDED.run_id, experiment_id = EXCLUDED.experiment_id, origin = EXCLUDED.origin,
     status = CASE WHEN EXCLUDED.status <> 'running' THEN EXCLUDED.status ELSE m.status END,
     updated_at = now()
+"""
+# After syncing: record the status, but only on the run that was synced. A `reconcile --repair` may have moved
+# the trial to another run meanwhile; only linking (under the trial's lock) and repair change run_id.
+RECORD_STATUS = """
+INSERT INTO mlflow_runs AS m (trial_id, run_id, experiment_id, origin, status) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (trial_id) DO UPDATE SET
+    status = CASE WHEN EXCLUDED.status <> 'running' THEN EXCLUDED.status ELSE m.status END,
+    updated_at = now()
+WHERE m.run_id = EXCLUDED.run_id
 """
 SELECT_APPLIED = "SELECT event_id FROM applied_events WHERE projection = $1 AND event_id = ANY($2::uuid[])"
 INSERT_APPLIED = ("INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
@@ -109,6 +125,10 @@ class MlflowSync:
                 self._experiment_id = await client.experiment_id(self.settings.mlflow_experiment)
         except MlflowUnavailable as exc:
             raise RetryLater(f"MLflow unavailable: {exc}") from None
+        except (MlflowError, ConfigurationError) as exc:
+            # Refused credentials or a deleted experiment: an operator must act; keep the events meanwhile
+            # instead of dead-lettering every one of them.
+            raise RetryLater(f"MLflow experiment {self.settings.mlflow_experiment!r} unusable: {exc}") from None
         by_trial, links = await self._pending(events)
         outcomes = await asyncio.gather(*(self._sync_trial(trial_events, links.get(trial_id))
                                           for trial_id, trial_events in by_trial.items()), return_exceptions=True)
@@ -203,7 +223,7 @@ class MlflowSync:
     async def _record(self, events: list[Event], link: Link) -> None:
         async with self.store.pool.acquire() as conn, conn.transaction():
             await conn.execute(INSERT_APPLIED, self.name, [e.event_id for e in events])
-            await conn.execute(UPSERT_LINK, events[0].trial_id, link.run_id, self._experiment_id, link.origin,
+            await conn.execute(RECORD_STATUS, events[0].trial_id, link.run_id, self._experiment_id, link.origin,
                                link.status)
 
     async def _settle(self, failures: list[BaseException], *, single: bool) -> None:

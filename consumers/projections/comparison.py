@@ -16,9 +16,10 @@ from decimal import Decimal
 from consumers.projection import Projection, Statement
 from consumers.topology import QueueSpec
 from schemas import Event, RunStopped
+from schemas.events import ALL_SEARCHES
 from schemas.topology import RUN_STOP
 
-OVERALL = "*"
+OVERALL = ALL_SEARCHES  # the contract refuses it as a real model_run_id
 
 STATS = ("val", "gap", "duration")  # column prefixes: final val accuracy, train-val gap, duration_ms
 

@@ -13,6 +13,7 @@ import structlog
 
 from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, SearchSpace, SearchSpaceError
+from schemas.events import ALL_SEARCHES
 from sntrack.progress import Progress
 from sntrack.settings import ConfigurationError, Settings, redact
 
@@ -67,6 +68,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     optuna.logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(max(1, args.threads))
     overrides = {name: getattr(args, f"space_{name}") for name in SEARCHABLE}
+    if args.study == ALL_SEARCHES:
+        raise ConfigurationError(f"--study {ALL_SEARCHES!r} is reserved (it names the aggregate over all studies)")
     storage = args.storage or settings.optuna_storage
     try:
         space = SearchSpace.load(args.search_space, overrides)
