@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -52,22 +53,33 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
         ) from None
 
 
-async def create_database(database_url: str) -> bool:
-    """Create the database named in the URL if missing (connecting to `postgres` on the same server)."""
-    from urllib.parse import urlsplit, urlunsplit
-
+async def _connect_admin(database_url: str) -> tuple[asyncpg.Connection, str]:
+    """A connection to `postgres` on the server of `database_url`, and the database name the URL names."""
     parts = urlsplit(database_url)
-    name = parts.path.lstrip("/")
     admin_url = urlunsplit(parts._replace(path="/postgres"))
     try:
-        conn = await asyncpg.connect(admin_url, timeout=10)
+        return await asyncpg.connect(admin_url, timeout=10), parts.path.lstrip("/")
     except (TimeoutError, OSError) as exc:
         raise ConfigurationError(f"cannot reach PostgreSQL at {redact(admin_url)} ({exc})") from None
+
+
+async def create_database(database_url: str) -> bool:
+    """Create the database named in the URL if missing; False when it existed."""
+    conn, name = await _connect_admin(database_url)
     try:
         if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
             return False
         await conn.execute(f'CREATE DATABASE "{name}"')
         return True
+    finally:
+        await conn.close()
+
+
+async def drop_database(database_url: str) -> None:
+    """Drop the database named in the URL, if any, closing its sessions (scratch databases of tests and benches)."""
+    conn, name = await _connect_admin(database_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
 

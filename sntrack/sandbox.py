@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.persistence import create_database, migrate
+from consumers.persistence import create_database, drop_database, migrate
 from sntrack.broker import ManagementApi, apply_topology, delete_vhost
 from sntrack.settings import Settings
 
@@ -41,8 +41,4 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) 
         yield settings
     finally:
         await asyncio.to_thread(delete_vhost, api, vhost)
-        admin = await asyncpg.connect(with_path(base.database_url, "postgres"))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await drop_database(settings.database_url)

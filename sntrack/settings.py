@@ -56,6 +56,14 @@ class Settings(BaseModel):
             problems = "; ".join(f"SNTRACK_{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
             raise ConfigurationError(f"invalid configuration: {problems}") from None
 
+    def to_env(self) -> dict[str, str]:
+        """The SNTRACK_* variables from which `from_env` rebuilds these settings (for child processes)."""
+        return {
+            f"SNTRACK_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+            for name in type(self).model_fields
+            if (value := getattr(self, name)) is not None
+        }
+
     @property
     def amqp_vhost(self) -> str:
         return urlsplit(self.amqp_url).path.lstrip("/") or "/"

@@ -73,32 +73,25 @@ class TestEnv:
 
     async def publish_events(self, events, duplicates: int = 0) -> None:
         """Publish validated events (confirmed), plus `duplicates` re-sends of random ones."""
-        bodies = [(e.to_json(), e.event_type) for e in events]
-        bodies += random.sample(bodies, min(duplicates, len(bodies)))
-        connection = await aio_pika.connect(self.settings.amqp_url)
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-            for start in range(0, len(bodies), 500):
-                await asyncio.gather(*(
-                    exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                                      content_type="application/json"), routing_key=key)
-                    for body, key in bodies[start:start + 500]
-                ))
-        finally:
-            await connection.close()
+        messages = [(e.to_json(), e.event_type) for e in events]
+        await self._publish(messages + random.sample(messages, min(duplicates, len(messages))))
 
     async def publish_raw(self, bodies: list[bytes], routing_key: str = "ml.run.metric") -> None:
         """Publish bytes as-is (confirmed), bypassing the producer: for poison messages and baselines."""
+        await self._publish([(body, routing_key) for body in bodies])
+
+    async def _publish(self, messages: list[tuple[bytes, str]]) -> None:
+        """(body, routing key) pairs to ml.events, persistent, confirmed, 500 in flight at a time."""
         connection = await aio_pika.connect(self.settings.amqp_url)
         try:
             channel = await connection.channel(publisher_confirms=True)
             exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-            await asyncio.gather(*(
-                exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                 routing_key=routing_key)
-                for body in bodies
-            ))
+            for start in range(0, len(messages), 500):
+                await asyncio.gather(*(
+                    exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                                      content_type="application/json"), routing_key=key)
+                    for body, key in messages[start:start + 500]
+                ))
         finally:
             await connection.close()
 
@@ -127,7 +120,7 @@ class TestEnv:
 @pytest.fixture
 async def env(tmp_path) -> TestEnv:
     base = Settings.from_env()
-    overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False, "worker_id": f"test-{tmp_path.name}"}
+    overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False}
     async with sandbox(base, prefix="sntrack-test", **overrides) as settings:
         yield TestEnv(settings, settings.amqp_vhost, settings.database_name, ManagementApi(base.rabbitmq_admin_url))
 

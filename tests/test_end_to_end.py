@@ -14,8 +14,7 @@ TABLES = ("trials", "trial_metrics")
 
 
 def cli_env(env) -> dict[str, str]:
-    return {**os.environ, "SNTRACK_AMQP_URL": env.settings.amqp_url, "SNTRACK_DATABASE_URL": env.settings.database_url,
-            "SNTRACK_SPOOL_DIR": str(env.settings.spool_dir), "SNTRACK_MLFLOW_ENABLED": "false"}
+    return {**os.environ, **env.settings.to_env()}
 
 
 async def test_every_event_lands_exactly_once_and_replay_equals_live(env):

@@ -206,9 +206,7 @@ async def test_cli_publish_sample_and_spool(env, capsys):
     assert "--trials" in _help(capsys, "publish-sample") and "--rate" in _help(capsys, "publish-sample")
     assert "orphaned" in _help(capsys, "spool", "status") and "--timeout" in _help(capsys, "spool", "flush")
 
-    environ = {**os.environ, "SNTRACK_AMQP_URL": env.settings.amqp_url,
-               "SNTRACK_DATABASE_URL": env.settings.database_url, "SNTRACK_SPOOL_DIR": str(env.settings.spool_dir),
-               "SNTRACK_MLFLOW_ENABLED": "false"}
+    environ = {**os.environ, **env.settings.to_env()}
     async with running_consumers(env.settings, ["journal"]):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sntrack", "publish-sample", "--trials", "4", "--epochs", "5", "--rate", "200",

@@ -13,15 +13,15 @@ import statistics
 import sys
 from asyncio.subprocess import PIPE
 from collections import Counter
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from consumers.persistence import drop_database
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher
@@ -44,19 +44,12 @@ async def storage(env):
     """A per-test Optuna database beside the test's read-model database (Optuna has a `trials` table too)."""
     url = env.settings.database_url + "_optuna"
     yield url
-    parts = urlsplit(url)
-    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{parts.path.lstrip("/")}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await drop_database(url)
 
 
 def worker_command(env, storage: str, study: str, *args: str) -> tuple[list[str], dict[str, str]]:
     s = env.settings
-    environ = {**os.environ, "SNTRACK_AMQP_URL": s.amqp_url, "SNTRACK_DATABASE_URL": s.database_url,
-               "SNTRACK_SPOOL_DIR": str(s.spool_dir), "SNTRACK_MLFLOW_ENABLED": "false",
-               "SNTRACK_OPTUNA_STORAGE": storage, "SNTRACK_LOG_JSON": "true"}
+    environ = {**os.environ, **s.to_env(), "SNTRACK_OPTUNA_STORAGE": storage, "SNTRACK_LOG_JSON": "true"}
     command = [sys.executable, "-m", "sntrack", "worker", "--study", study, "--dataset", "wine", *SPACE_FLAGS, *args]
     return command, environ
 
