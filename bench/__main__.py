@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from bench import comparison_query, mlflow_sync, pipeline, training_overhead
 from bench.report import render_markdown
 from sntrack.logging import configure_logging
-from sntrack.mlflow_server import healthy, start
+from sntrack.mlflow_server import free_port, healthy, start
 from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
 
@@ -30,18 +29,12 @@ RESULTS = Path(__file__).parent / "results"
 NAMES = ("pipeline", "comparison", "mlflow", "training")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def _with_mlflow(base: Settings, work):
     """Run `work(url)` against the configured MLflow server, or a temporary one when none answers."""
     if healthy(base.mlflow_tracking_uri):
         return await work(base.mlflow_tracking_uri, None)
     with tempfile.TemporaryDirectory(prefix="sntrack-bench-mlflow-") as folder:
-        server = await asyncio.to_thread(start, _free_port(), f"sqlite:///{folder}/mlflow.db", Path(folder))
+        server = await asyncio.to_thread(start, free_port(), f"sqlite:///{folder}/mlflow.db", Path(folder))
         try:
             return await work(server.url, round(server.startup_s, 1))
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -18,13 +17,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from bench.timing import percentiles
 from consumers.comparison.queries import (
     AVG_VAL_ACCURACY_BY_FLAG,
     AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS,
     COMPARISON_COLUMNS,
     COMPARISON_FROM_TRIALS,
 )
-from consumers.persistence import create_database, migrate
+from consumers.persistence import create_database, drop_database, migrate
 from consumers.projections.comparison import OVERALL
 
 TARGET_P95_MS = 5.0
@@ -47,12 +47,6 @@ def _rows(trials: int, seed: int = 0):
                json.dumps(metrics), "digits", metrics["duration_ms"], 10, at, at)
 
 
-def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
-            "runs": len(ordered)}
-
-
 async def _time(statement, args: tuple) -> float:
     started = time.perf_counter()
     await statement.fetch(*args)
@@ -63,7 +57,6 @@ async def run(database_url: str, trials: int = 100_000, budget_s: float = 20.0) 
     parts = urlsplit(database_url)
     scratch = f"sntrack_bench_comparison_{uuid.uuid4().hex[:8]}"
     scratch_url = urlunsplit(parts._replace(path=f"/{scratch}"))
-    admin_url = urlunsplit(parts._replace(path="/postgres"))
     await create_database(scratch_url)
     try:
         conn = await asyncpg.connect(scratch_url)
@@ -93,12 +86,8 @@ async def run(database_url: str, trials: int = 100_000, budget_s: float = 20.0) 
         finally:
             await conn.close()
     finally:
-        admin = await asyncpg.connect(admin_url)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
-        finally:
-            await admin.close()
-    fast_ms, slow_ms = _percentiles(fast), _percentiles(slow)
+        await drop_database(scratch_url)
+    fast_ms, slow_ms = percentiles(fast), percentiles(slow)
     return {
         "trials": trials, "sn_comparison_rows": rows, "fill_s": round(fill_s, 2),
         "sn_comparison_ms": fast_ms, "group_by_trials_ms": slow_ms, "same_counts": same,

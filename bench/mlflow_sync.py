@@ -13,7 +13,6 @@ Stops are published one at a time, each after the previous one synced, so the fi
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
 import uuid
 from datetime import UTC, datetime
@@ -21,6 +20,7 @@ from datetime import UTC, datetime
 import aio_pika
 import asyncpg
 
+from bench.timing import percentiles
 from consumers.mlflow.client import MlflowRest
 from consumers.mlflow.expected import RUN_STATUS
 from consumers.service import running_consumers
@@ -28,12 +28,6 @@ from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import EXCHANGE
 from sntrack.settings import Settings
-
-
-def _percentiles(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
-    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"p50": statistics.median(ordered), "p95": at(0.95), "p99": at(0.99), "n": len(ordered)}
 
 
 async def _applied_at(conn: asyncpg.Connection, event_id: uuid.UUID, timeout_s: float) -> datetime:
@@ -94,6 +88,6 @@ async def run(settings: Settings, trials: int = 100, warmup: int = 5) -> dict:
         await conn.close()
         await connection.close()
         await client.close()
-    sync, bare = _percentiles(sync_ms), _percentiles(set_tag_ms)
+    sync, bare = percentiles(sync_ms), percentiles(set_tag_ms)
     return {"experiment_id": experiment_id, "sync_ms": sync, "set_tag_ms": bare,
             "p95_ratio": sync["p95"] / bare["p95"], "target_met": sync["p95"] <= 2 * bare["p95"] and sync["p95"] < 500}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from collections.abc import Callable
 import aio_pika
 import asyncpg
 
+from bench.timing import percentiles
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from producer.emitter import producer_info
@@ -41,11 +41,6 @@ CREATE TRIGGER bench_notify AFTER INSERT ON applied_events FOR EACH ROW
 """
 
 Message = tuple[str, bytes, str]  # (event id, body, routing key)
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    cuts = statistics.quantiles(samples_ms, n=100, method="inclusive")
-    return {"n": len(samples_ms), "p50": round(cuts[49], 2), "p95": round(cuts[94], 2), "p99": round(cuts[98], 2)}
 
 
 def _messages(events: int, seed: int) -> list[Message]:
@@ -144,8 +139,7 @@ async def _declare_raw(settings: Settings) -> None:
 
 
 def _start_consumers(settings: Settings) -> list[subprocess.Popen]:
-    env = {**os.environ, "SNTRACK_AMQP_URL": settings.amqp_url, "SNTRACK_DATABASE_URL": settings.database_url,
-           "SNTRACK_LOG_JSON": "true"}
+    env = {**os.environ, **settings.to_env(), "SNTRACK_LOG_JSON": "true"}
     return [subprocess.Popen([sys.executable, "-m", "sntrack", "consume", name], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("journal", "trials")]
 

@@ -43,6 +43,7 @@ log = structlog.get_logger("sntrack.publisher")
 BATCH = 500  # events published concurrently before awaiting their confirms
 RECONNECT_MIN_S = 0.25
 RECONNECT_MAX_S = 5.0
+FIRST_CONTACT_S = 5.0  # how long to wait to tell a refusing broker (configuration) from an absent one
 HEALTHY_CONNECTION_S = 10.0  # a connection that lived this long resets the reconnect backoff
 
 
@@ -150,7 +151,7 @@ class EventPublisher:
             return PublisherStats(self._published, self._confirmed, self._spooled, self._from_spool,
                                   self._pending(), self._connected, self._refused)
 
-    def first_contact(self, timeout: float) -> str | None:
+    def first_contact(self, timeout: float = FIRST_CONTACT_S) -> str | None:
         """Wait up to `timeout` for the first connection attempt to be decided. Returns why the broker refused
         us (wrong credentials, unknown vhost), or None: connected, or merely unreachable (events spool)."""
         with self._changed:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,13 @@ from sntrack.settings import ConfigurationError, Settings, _default_state_dir
 DEFAULT_PORT = 5000
 BACKEND_DATABASE = "sntrack_mlflow"
 START_TIMEOUT_S = 180.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now, for a server of our own."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def healthy(url: str, timeout_s: float = 1.0) -> bool:

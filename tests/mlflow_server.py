@@ -11,7 +11,6 @@ Use: `from tests.mlflow_server import mlflow_server  # noqa: F401` in the test m
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,14 +19,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from sntrack.mlflow_server import MlflowServer, healthy, start
+from sntrack.mlflow_server import MlflowServer, free_port, healthy, start
 from sntrack.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

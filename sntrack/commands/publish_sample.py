@@ -12,8 +12,6 @@ from producer.sample import synthetic_study
 from sntrack.progress import Progress
 from sntrack.settings import ConfigurationError, Settings
 
-FIRST_CONTACT_S = 5.0  # how long to wait to tell a refusing broker (configuration) from an absent one
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -53,7 +51,7 @@ def _publish_sample(args: argparse.Namespace, settings: Settings) -> int:
     events = [event for trial in study for event in trial]
     started = time.perf_counter()
     publisher = EventPublisher(settings).start()
-    if refusal := publisher.first_contact(FIRST_CONTACT_S):
+    if refusal := publisher.first_contact():
         publisher.close(0)
         raise ConfigurationError(refusal)
     with Progress("publish", unit="events") as progress:

@@ -20,7 +20,6 @@ from sntrack.settings import ConfigurationError, Settings, redact
 log = structlog.get_logger("sntrack.worker")
 
 CLOSE_TIMEOUT_S = 30.0
-FIRST_CONTACT_S = 5.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +91,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
              dataset=args.dataset, n_trials=args.n_trials, mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
     with EventPublisher(settings) as publisher:
-        if refusal := publisher.first_contact(FIRST_CONTACT_S):
+        if refusal := publisher.first_contact():
             raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
         mlflow = None
         if use_mlflow:
