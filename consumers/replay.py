@@ -1,18 +1,34 @@
-"""Rebuild a projection from the journal with the same `project` code the live consumer runs.
+"""Rebuild a projection from the journal with the same `project` code the live consumer runs, beside it.
 
-The rebuild is one (writing) transaction: readers keep seeing the old rows until it commits, and a live consumer of the
-same projection simply waits on the locks; whatever it then applies that the replay already applied is
-recognised by the bookkeeping and skipped, so the two can run side by side.
+The rebuild never writes the live tables while it works (docs/replay.md):
+
+1. Shadow: a schema `sntrack_rebuild_<name>` gets empty copies of the projection's tables (columns, defaults,
+   constraints, then indexes, triggers and grants) and its own `applied_events`. The journal is applied to it with
+   `search_path` pointing there first, so `project` and `apply_events` run unchanged. Live tables take no lock
+   but ACCESS SHARE on their catalog entries.
+2. Catch-up: every journal event the shadow has not applied (an anti-join, not a position watermark, so events
+   that commit out of position order are not missed) is applied, until little is left.
+3. No lost effect: the swap waits, bounded by `journal_wait_s`, until the journal holds every event the live
+   projection applied (they can be ahead of the journal consumer); otherwise `ReplayAborted`, live tables untouched.
+4. Swap, one short transaction under `lock_timeout`, locks in the order the live consumer takes them
+   (`applied_events` EXCLUSIVE, then the tables ACCESS EXCLUSIVE), retried when a lock is not granted in time so
+   it never deadlocks a live transaction: check 3 again, apply the last journal events, move the live tables out
+   and the shadow ones in (ALTER TABLE SET SCHEMA), re-point dependent views, add the shadow's applied events to
+   the projection's bookkeeping. Readers wait at most for this swap (ReplayResult.swap_seconds).
+
+Proven by tests/test_replay_live.py. With `until`, steps 1-2 write a schema of the caller's choosing, kept, and
+nothing is swapped: the live tables are never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -21,16 +37,32 @@ from consumers.projection import Projection
 from schemas.events import EVENT_ADAPTER
 
 PAGE = 2000
+LOCK_TIMEOUT = "100ms"  # a swap waits this long for its locks, then lets the live consumer go on and retries
+SWAP_ATTEMPTS = 100
+CATCH_UP_ROUNDS = 5
+BOOKKEEPING = "applied_events"
+
+Progress = Callable[[int, int], None]
+
+
+class ReplayAborted(RuntimeError):
+    """The rebuild gave up; the live tables are as they were."""
 
 
 @dataclass
 class ReplayResult:
     events: int
     seconds: float
+    schema: str  # where the rebuilt tables are: the live schema after a swap, else the `until` schema
+    swap_seconds: float = 0.0  # how long the swap held the locks readers wait on
 
     @property
     def events_per_s(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 async def replay(
@@ -38,47 +70,251 @@ async def replay(
     projection: Projection,
     *,
     until: datetime | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    into: str | None = None,
+    journal_wait_s: float = 30.0,
+    progress: Progress | None = None,
 ) -> ReplayResult:
-    """Rebuild `projection` from the journal. Uses two connections from `pool`: one reads and validates the
-    next page while the other writes the current one, so Python and PostgreSQL work at the same time."""
+    """Rebuild `projection` from the journal and swap it in; with `until`, build the state as of that time into
+    schema `into` instead and leave the live tables alone. Uses two connections from `pool`: one reads and
+    validates the next page while the other writes the current one."""
     if not projection.replayable:
         raise ValueError(f"projection {projection.name!r} is the journal itself and cannot be replayed")
+    if (until is None) != (into is None):
+        raise ValueError("a rebuild up to a time needs a schema to write into, and only such a rebuild has one")
     started = time.perf_counter()
     async with pool.acquire() as reader, pool.acquire() as writer:
-        total = await reader.fetchval(
-            "SELECT count(*) FROM events WHERE $1::timestamptz IS NULL OR occurred_at <= $1", until
-        )
-        pages: asyncio.Queue[list | None] = asyncio.Queue(maxsize=2)
-
-        async def read() -> None:
-            last = 0
-            while rows := await reader.fetch(
-                "SELECT position, envelope::text AS envelope FROM events "
-                "WHERE position > $1 AND ($2::timestamptz IS NULL OR occurred_at <= $2) ORDER BY position LIMIT $3",
-                last, until, PAGE,
-            ):
-                last = rows[-1]["position"]
-                await pages.put([EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
-            await pages.put(None)
-
-        reading = asyncio.create_task(read())
-        done = 0
+        live = await writer.fetchval("SELECT current_schema()")
+        shadow = into or f"sntrack_rebuild_{projection.name}"
+        retired = f"sntrack_retired_{projection.name}"
+        if not await writer.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", f"sntrack.replay.{shadow}"):
+            raise ReplayAborted(f"another rebuild into {shadow} is running")
         try:
-            async with writer.transaction():
-                if projection.tables:
-                    await writer.execute(f"TRUNCATE {', '.join(projection.tables)}")
-                await writer.execute("DELETE FROM applied_events WHERE projection = $1", projection.name)
-                while (events := await _next_page(pages, reading)) is not None:
-                    await apply_events(writer, projection, events)
-                    done += len(events)
-                    if progress:
-                        progress(done, total)
+            if into is None:
+                await writer.execute(f"DROP SCHEMA IF EXISTS {_ident(shadow)}, {_ident(retired)} CASCADE")
+            elif await writer.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", into):
+                raise ValueError(f"schema {into} already exists; drop it or choose another with --into")
+            try:
+                done = await _build(reader, writer, projection, live, shadow, until, progress)
+                if into is not None:
+                    return ReplayResult(done, time.perf_counter() - started, into)
+                done += await _catch_up(writer, projection, shadow, live, done, progress)
+                await _wait_for_journal(writer, projection, journal_wait_s)
+                done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await writer.execute(f"DROP SCHEMA IF EXISTS {_ident(shadow)} CASCADE")
+                raise
+            # No CASCADE on the retired tables: an object still depending on them must fail loudly, not vanish.
+            await writer.execute(f"DROP TABLE {', '.join(f'{_ident(retired)}.{_ident(t)}' for t in projection.tables)}")
+            await writer.execute(f"DROP SCHEMA {_ident(retired)}; DROP SCHEMA {_ident(shadow)} CASCADE")
         finally:
-            reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reading
-    return ReplayResult(done, time.perf_counter() - started)
+            await writer.execute("SELECT pg_advisory_unlock(hashtext($1))", f"sntrack.replay.{shadow}")
+    return ReplayResult(done, time.perf_counter() - started, live, held)
+
+
+async def _build(reader: asyncpg.Connection, writer: asyncpg.Connection, projection: Projection, live: str,
+                 shadow: str, until: datetime | None, progress: Progress | None) -> int:
+    """Create the shadow tables and apply the journal (up to `until`) to them, in one transaction."""
+    total = await reader.fetchval(
+        "SELECT count(*) FROM events WHERE $1::timestamptz IS NULL OR occurred_at <= $1", until)
+    pages: asyncio.Queue[list | None] = asyncio.Queue(maxsize=2)
+
+    async def read() -> None:
+        last = 0
+        while rows := await reader.fetch(
+            "SELECT position, envelope::text AS envelope FROM events "
+            "WHERE position > $1 AND ($2::timestamptz IS NULL OR occurred_at <= $2) ORDER BY position LIMIT $3",
+            last, until, PAGE,
+        ):
+            last = rows[-1]["position"]
+            await pages.put([EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
+        await pages.put(None)
+
+    reading = asyncio.create_task(read())
+    done = 0
+    try:
+        async with writer.transaction():
+            await _create_tables(writer, projection, live, shadow)
+            await _use(writer, shadow, live)
+            while (events := await _next_page(pages, reading)) is not None:
+                await apply_events(writer, projection, events)
+                done += len(events)
+                if progress:
+                    progress(done, total)
+            await _use(writer, live)
+            await _finish_tables(writer, projection, live, shadow, triggers=until is None)
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    return done
+
+
+async def _use(conn: asyncpg.Connection, *schemas: str) -> None:
+    """Point unqualified names at `schemas` for the rest of the transaction."""
+    await conn.execute("SELECT set_config('search_path', $1, true)", ", ".join(map(_ident, schemas)))
+
+
+async def _catalog(conn: asyncpg.Connection, sql: str, live: str, table: str) -> list[asyncpg.Record]:
+    return await conn.fetch(sql, f"{_ident(live)}.{_ident(table)}")
+
+
+INDEXES = """
+SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS def, con.conname, con.contype::text AS contype
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+WHERE i.indrelid = $1::regclass ORDER BY c.relname
+"""
+TRIGGERS = "SELECT pg_get_triggerdef(oid) AS def FROM pg_trigger WHERE tgrelid = $1::regclass AND NOT tgisinternal"
+GRANTS = """
+SELECT a.privilege_type AS privilege, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee
+FROM pg_class c CROSS JOIN aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+WHERE c.oid = $1::regclass AND a.grantee <> c.relowner
+"""
+
+
+def _retarget(definition: str, live: str, shadow: str, table: str) -> str:
+    """A CREATE INDEX/TRIGGER statement of a live table, made to create the same on the shadow table."""
+    on_live = f" ON {_ident(live)}.{_ident(table)} "
+    if on_live not in definition:  # pg_get_*def omits quotes a name does not need
+        on_live = f" ON {live}.{table} "
+    return definition.replace(on_live, f" ON {_ident(shadow)}.{_ident(table)} ", 1)
+
+
+async def _create_tables(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str) -> None:
+    """The shadow schema: the projection's tables with the unique indexes ON CONFLICT needs (the other indexes
+    come after the load, which is faster), and an empty bookkeeping table."""
+    await conn.execute(f"CREATE SCHEMA {_ident(shadow)}")
+    await conn.execute(f"CREATE TABLE {_ident(shadow)}.{BOOKKEEPING} "
+                       f"(LIKE {_ident(live)}.{BOOKKEEPING} INCLUDING ALL)")
+    for table in projection.tables:
+        await conn.execute(f"CREATE TABLE {_ident(shadow)}.{_ident(table)} "
+                           f"(LIKE {_ident(live)}.{_ident(table)} INCLUDING ALL EXCLUDING INDEXES)")
+        for index in await _catalog(conn, INDEXES, live, table):
+            if index["contype"] in ("p", "u"):
+                await conn.execute(_retarget(index["def"], live, shadow, table))
+                kind = "PRIMARY KEY" if index["contype"] == "p" else "UNIQUE"
+                await conn.execute(f"ALTER TABLE {_ident(shadow)}.{_ident(table)} ADD CONSTRAINT "
+                                   f"{_ident(index['conname'])} {kind} USING INDEX {_ident(index['name'])}")
+
+
+async def _finish_tables(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, *,
+                         triggers: bool) -> None:
+    """The other indexes (same names as live), the grants, and (for a table that will be swapped in) triggers."""
+    for table in projection.tables:
+        for index in await _catalog(conn, INDEXES, live, table):
+            if index["contype"] is None:
+                await conn.execute(_retarget(index["def"], live, shadow, table))
+        for grant in await _catalog(conn, GRANTS, live, table):
+            await conn.execute(f"GRANT {grant['privilege']} ON {_ident(shadow)}.{_ident(table)} TO {grant['grantee']}")
+        if triggers:
+            for trigger in await _catalog(conn, TRIGGERS, live, table):
+                await conn.execute(_retarget(trigger["def"], live, shadow, table))
+
+
+UNAPPLIED = """
+SELECT e.envelope::text AS envelope FROM events e
+WHERE NOT EXISTS (SELECT 1 FROM {shadow}.applied_events s WHERE s.projection = $1 AND s.event_id = e.event_id)
+ORDER BY e.position LIMIT $2
+"""
+
+
+async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str,
+                           done: int, progress: Progress | None) -> int:
+    """Inside the caller's transaction: apply to the shadow every journal event it lacks; how many."""
+    applied = 0
+    while rows := await conn.fetch(UNAPPLIED.format(shadow=_ident(shadow)), projection.name, PAGE):
+        await _use(conn, shadow, live)
+        await apply_events(conn, projection, [EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
+        await _use(conn, live)
+        applied += len(rows)
+        if progress:
+            progress(done + applied, done + applied)
+    return applied
+
+
+async def _catch_up(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str, done: int,
+                    progress: Progress | None) -> int:
+    """Outside any lock: apply what the journal received during the build, until a round finds little."""
+    applied = 0
+    for _ in range(CATCH_UP_ROUNDS):
+        async with conn.transaction():
+            fresh = await _apply_unapplied(conn, projection, shadow, live, done + applied, progress)
+        applied += fresh
+        if fresh < PAGE:
+            break
+    return applied
+
+
+NOT_JOURNALED = """
+SELECT count(*) AS missing, (array_agg(a.event_id))[1:3] AS sample FROM applied_events a
+WHERE a.projection = $1 AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = a.event_id)
+"""
+
+
+class _JournalBehind(Exception):
+    pass
+
+
+async def _not_journaled(conn: asyncpg.Connection, projection: Projection) -> asyncpg.Record:
+    return await conn.fetchrow(NOT_JOURNALED, projection.name)
+
+
+async def _wait_for_journal(conn: asyncpg.Connection, projection: Projection, timeout_s: float) -> None:
+    """Wait until the journal holds every event the live projection applied, or abort."""
+    deadline = time.monotonic() + timeout_s
+    while (behind := await _not_journaled(conn, projection))["missing"]:
+        if time.monotonic() > deadline:
+            raise ReplayAborted(
+                f"{behind['missing']} events the live {projection.name} projection applied are not in the journal "
+                f"after {timeout_s:g}s (e.g. {', '.join(map(str, behind['sample']))}); is `sntrack consume journal` "
+                "running? Nothing was changed")
+        await asyncio.sleep(0.2)
+
+
+DEPENDENT_VIEWS = """
+SELECT DISTINCT v.oid::regclass::text AS name, pg_get_viewdef(v.oid) AS def
+FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid JOIN pg_class v ON v.oid = r.ev_class
+WHERE d.classid = 'pg_rewrite'::regclass AND d.refobjid = ANY($1::regclass[]) AND v.oid <> d.refobjid
+  AND v.relkind = 'v'
+"""
+
+ADD_BOOKKEEPING = """
+INSERT INTO applied_events (projection, event_id, applied_at)
+SELECT s.projection, s.event_id, s.applied_at FROM {shadow}.applied_events s
+WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = s.projection AND a.event_id = s.event_id)
+"""
+
+
+async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, retired: str,
+                done: int, journal_wait_s: float, progress: Progress | None) -> tuple[int, float]:
+    """Swap the shadow tables in; (events applied in all, seconds the locks were held)."""
+    tables = ", ".join(f"{_ident(live)}.{_ident(t)}" for t in projection.tables)
+    for attempt in range(SWAP_ATTEMPTS):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                await conn.execute(f"LOCK TABLE {_ident(live)}.{BOOKKEEPING} IN EXCLUSIVE MODE")
+                await conn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
+                locked = time.perf_counter()
+                if (await _not_journaled(conn, projection))["missing"]:
+                    raise _JournalBehind
+                done += await _apply_unapplied(conn, projection, shadow, live, done, progress)
+                views = await conn.fetch(DEPENDENT_VIEWS, [f"{_ident(live)}.{_ident(t)}" for t in projection.tables])
+                await conn.execute(f"CREATE SCHEMA {_ident(retired)}")
+                for table in projection.tables:
+                    await conn.execute(f"ALTER TABLE {_ident(live)}.{_ident(table)} SET SCHEMA {_ident(retired)}")
+                    await conn.execute(f"ALTER TABLE {_ident(shadow)}.{_ident(table)} SET SCHEMA {_ident(live)}")
+                for view in views:
+                    await conn.execute(f"CREATE OR REPLACE VIEW {view['name']} AS {view['def']}")
+                await conn.execute(ADD_BOOKKEEPING.format(shadow=_ident(shadow)))
+            return done, time.perf_counter() - locked
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+            await asyncio.sleep(random.uniform(0.05, 0.05 * min(attempt + 1, 10)))
+        except _JournalBehind:
+            await _wait_for_journal(conn, projection, journal_wait_s)
+    raise ReplayAborted(f"the swap of {projection.name} did not get its locks in {SWAP_ATTEMPTS} tries of "
+                        f"{LOCK_TIMEOUT}; a long transaction holds them? Nothing was changed")
 
 
 async def _next_page(pages: asyncio.Queue, reading: asyncio.Task) -> list | None:
@@ -90,3 +326,8 @@ async def _next_page(pages: asyncio.Queue, reading: asyncio.Task) -> list | None
     getter.cancel()
     reading.result()  # raises the reader's error
     raise RuntimeError("journal reader stopped before the end of the journal")
+
+
+def default_schema(until: datetime) -> str:
+    """The schema an as-of rebuild writes to when none is named: asof_YYYYMMDD_HHMMSS (UTC)."""
+    return until.astimezone(UTC).strftime("asof_%Y%m%d_%H%M%S")
