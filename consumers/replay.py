@@ -97,8 +97,8 @@ async def replay(
                 done = await _build(reader, writer, projection, live, shadow, until, progress)
                 if into is not None:
                     return ReplayResult(done, time.perf_counter() - started, into)
-                done += await _catch_up(writer, projection, shadow, live, done, progress)
                 await _wait_for_journal(writer, projection, journal_wait_s)
+                done += await _catch_up(writer, projection, shadow, live, done, progress)
                 done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -210,6 +210,9 @@ async def _finish_tables(conn: asyncpg.Connection, projection: Projection, live:
         if triggers:
             for trigger in await _catalog(conn, TRIGGERS, live, table):
                 await conn.execute(_retarget(trigger["def"], live, shadow, table))
+    # Statistics for the catch-up's anti-joins (without them one took 1.4 s inside the swap); the projection's
+    # tables are left to autovacuum, as after the old TRUNCATE-and-refill (ANALYZE of trial_metrics costs 5%).
+    await conn.execute(f"ANALYZE {_ident(shadow)}.{BOOKKEEPING}")
 
 
 UNAPPLIED = """

@@ -52,29 +52,6 @@ async def test_every_event_lands_exactly_once_and_replay_equals_live(env):
     assert await env.snapshot(*TABLES) == live
 
 
-async def test_replay_until_a_time_via_the_cli(env):
-    study = synthetic_study(10, 3, producer=producer_info(), seed=4)
-    events = [e for trial in study for e in trial]
-    async with running_consumers(env.settings, ["journal", "trials"]):
-        await env.publish_events(events)
-        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM applied_events WHERE projection = 'trials'",
-                                              len(events)))
-    cutoff = study[4][-1].occurred_at  # the fifth trial's stop: later trials had not started
-    run = subprocess.run([sys.executable, "-m", "sntrack", "replay", "trials", "--until", cutoff.isoformat()],
-                         env=cli_env(env), capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert "events/s" in run.stderr
-    expected = sum(e.occurred_at <= cutoff for e in events)
-    assert await env.fetchval("SELECT count(*) FROM applied_events WHERE projection = 'trials'") == expected
-    assert await env.fetchval("SELECT count(*) FROM trials") == 5
-
-    run = subprocess.run([sys.executable, "-m", "sntrack", "replay", "trials"], env=cli_env(env),
-                         capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    assert await env.fetchval("SELECT count(*) FROM trials") == 10
-    assert await env.fetchval("SELECT max(updated_at) FROM trials") == max(e.occurred_at for e in events)
-
-
 def test_journal_cannot_be_replayed(env):
     run = subprocess.run([sys.executable, "-m", "sntrack", "replay", "journal"], env=cli_env(env),
                          capture_output=True, text=True, timeout=60)
