@@ -98,8 +98,9 @@ async def replay(
                 if into is not None:
                     return ReplayResult(done, time.perf_counter() - started, into)
                 await _wait_for_journal(writer, projection, journal_wait_s)
-                done += await _catch_up(writer, projection, shadow, live, done, progress)
-                done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
+                caught_up, floor = await _catch_up(writer, projection, shadow, live, done, progress)
+                done, held = await _swap(writer, projection, live, shadow, retired, done + caught_up, floor,
+                                         journal_wait_s, progress)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await writer.execute(f"DROP SCHEMA IF EXISTS {_ident(shadow)} CASCADE")
@@ -217,16 +218,18 @@ async def _finish_tables(conn: asyncpg.Connection, projection: Projection, live:
 
 UNAPPLIED = """
 SELECT e.envelope::text AS envelope FROM events e
-WHERE NOT EXISTS (SELECT 1 FROM {shadow}.applied_events s WHERE s.projection = $1 AND s.event_id = e.event_id)
+WHERE e.position > $3
+  AND NOT EXISTS (SELECT 1 FROM {shadow}.applied_events s WHERE s.projection = $1 AND s.event_id = e.event_id)
 ORDER BY e.position LIMIT $2
 """
 
 
 async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str,
-                           done: int, progress: Progress | None) -> int:
-    """Inside the caller's transaction: apply to the shadow every journal event it lacks; how many."""
+                           done: int, progress: Progress | None, *, above: int = 0) -> int:
+    """Inside the caller's transaction: apply to the shadow every journal event above position `above` that it
+    lacks; how many."""
     applied = 0
-    while rows := await conn.fetch(UNAPPLIED.format(shadow=_ident(shadow)), projection.name, PAGE):
+    while rows := await conn.fetch(UNAPPLIED.format(shadow=_ident(shadow)), projection.name, PAGE, above):
         await _use(conn, shadow, live)
         await apply_events(conn, projection, [EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
         await _use(conn, live)
@@ -236,17 +239,41 @@ async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, sha
     return applied
 
 
+FENCE = "SELECT coalesce(max(position), 0) AS floor, pg_current_snapshot()::text AS snapshot FROM events"
+WRITERS_LEFT = "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) x WHERE pg_xact_status(x) = 'in progress'"
+FENCE_WAIT_S = 5.0
+
+
+async def _writers_ended(conn: asyncpg.Connection, snapshot: str) -> bool:
+    """Wait, at most FENCE_WAIT_S, until the transactions in progress at `snapshot` have ended."""
+    deadline = time.monotonic() + FENCE_WAIT_S
+    while await conn.fetchval(WRITERS_LEFT, snapshot):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def _catch_up(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str, done: int,
-                    progress: Progress | None) -> int:
-    """Outside any lock: apply what the journal received during the build, until a round finds little."""
+                    progress: Progress | None) -> tuple[int, int]:
+    """Outside any lock: apply what the journal received during the build, until a round finds little.
+
+    Returns (events applied, floor): every journal event at or below position `floor` is then in the shadow, so
+    the swap scans only above it. Positions do not follow commit order, hence the fence: the largest position
+    visible to a snapshot, then waiting until the transactions in progress at that snapshot have ended. A later
+    transaction takes its position after the fence (the journal writes its applied_events row, which gives it
+    its transaction id, before its events row), so above the floor; the earlier ones are visible to the
+    anti-join that follows. If they do not end within FENCE_WAIT_S the floor is 0: the swap scans everything."""
     applied = 0
     for _ in range(CATCH_UP_ROUNDS):
+        fence = await conn.fetchrow(FENCE)
+        fenced = await _writers_ended(conn, fence["snapshot"])
         async with conn.transaction():
             fresh = await _apply_unapplied(conn, projection, shadow, live, done + applied, progress)
         applied += fresh
         if fresh < PAGE:
             break
-    return applied
+    return applied, fence["floor"] if fenced else 0
 
 
 NOT_JOURNALED = """
@@ -290,7 +317,7 @@ WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = s.projecti
 
 
 async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, retired: str,
-                done: int, journal_wait_s: float, progress: Progress | None) -> tuple[int, float]:
+                done: int, floor: int, journal_wait_s: float, progress: Progress | None) -> tuple[int, float]:
     """Swap the shadow tables in; (events applied in all, seconds the locks were held)."""
     tables = ", ".join(f"{_ident(live)}.{_ident(t)}" for t in projection.tables)
     for attempt in range(SWAP_ATTEMPTS):
@@ -302,7 +329,7 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, sha
                 locked = time.perf_counter()
                 if (await _not_journaled(conn, projection))["missing"]:
                     raise _JournalBehind
-                done += await _apply_unapplied(conn, projection, shadow, live, done, progress)
+                done += await _apply_unapplied(conn, projection, shadow, live, done, progress, above=floor)
                 views = await conn.fetch(DEPENDENT_VIEWS, [f"{_ident(live)}.{_ident(t)}" for t in projection.tables])
                 await conn.execute(f"CREATE SCHEMA {_ident(retired)}")
                 for table in projection.tables:

@@ -4,12 +4,11 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 
 import asyncpg
 import pytest
 
-from consumers.persistence import Store
+from consumers.persistence import Store, apply_events
 from consumers.registry import PROJECTIONS
 from consumers.replay import ReplayAborted, replay
 from producer.emitter import producer_info
@@ -82,6 +81,28 @@ async def test_a_journal_that_never_catches_up_aborts_and_leaves_the_live_tables
     assert await leftover_schemas(env) == []
 
 
+async def test_a_journal_event_committed_out_of_position_order_during_the_rebuild_is_not_missed(env):
+    study, events = study_events(6, 2, seed=16)
+    late_stop = study[0][-1]
+    await apply(env, "journal", [e for e in events if e is not late_stop])
+    await apply(env, "trials", [e for e in events if e is not late_stop])
+    slow = await env.db()  # a journal transaction that takes its position first and commits last
+    try:
+        async with slow.transaction():
+            await apply_events(slow, PROJECTIONS["journal"], [late_stop])
+            later = study_events(1, 1, seed=17)[1]
+            await apply(env, "journal", later)  # committed above the slow one's position
+            rebuild = asyncio.create_task(run_replay(env, "trials"))
+            await asyncio.sleep(1.5)
+            assert not rebuild.done(), "the catch-up must wait for the transaction in flight at its fence"
+        result = await rebuild
+    finally:
+        await slow.close()
+    assert result.events == len(events) + len(later)
+    assert await env.fetchval("SELECT status FROM trials WHERE id = $1", late_stop.trial_id) == \
+        late_stop.payload.status
+
+
 async def test_readers_with_a_400ms_statement_timeout_never_time_out_during_a_rebuild(env):
     _, events = study_events(1500, 20, seed=13)
     assert len(events) >= 30_000
@@ -94,12 +115,10 @@ async def test_readers_with_a_400ms_statement_timeout_never_time_out_during_a_re
     reads = 0
     rebuild = asyncio.create_task(run_replay(env, "trials"))
     try:
-        while not rebuild.done():
-            started = time.perf_counter()
+        while not rebuild.done():  # a read blocked past 400 ms raises QueryCanceledError
             assert await reader.fetchval("SELECT count(*) FROM trials") == 1500
             assert await reader.fetchval("SELECT count(*) FROM trial_metrics") > 0
             reads += 1
-            assert time.perf_counter() - started < 0.4
             await asyncio.sleep(0.005)
         result = await rebuild
     finally:
@@ -107,7 +126,6 @@ async def test_readers_with_a_400ms_statement_timeout_never_time_out_during_a_re
     print(f"rebuild of {result.events} events: {result.events_per_s:,.0f} events/s, "
           f"swap held the locks {result.swap_seconds * 1000:.1f} ms; {reads} reads, none timed out")
     assert reads >= 10
-    assert result.swap_seconds < 0.4
     assert await env.snapshot(*TABLES) == live
 
 
