@@ -98,9 +98,7 @@ async def replay(
                 if into is not None:
                     return ReplayResult(done, time.perf_counter() - started, into)
                 await _wait_for_journal(writer, projection, journal_wait_s)
-                caught_up, floor = await _catch_up(writer, projection, shadow, live, done, progress)
-                done, held = await _swap(writer, projection, live, shadow, retired, done + caught_up, floor,
-                                         journal_wait_s, progress)
+                done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
             except BaseException:
                 with contextlib.suppress(Exception):
                     await writer.execute(f"DROP SCHEMA IF EXISTS {_ident(shadow)} CASCADE")
@@ -315,21 +313,30 @@ SELECT s.projection, s.event_id, s.applied_at FROM {shadow}.applied_events s
 WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = s.projection AND a.event_id = s.event_id)
 """
 
+LIVE_APPLIED = "SELECT count(*) FROM applied_events WHERE projection = $1"
+
 
 async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, retired: str,
-                done: int, floor: int, journal_wait_s: float, progress: Progress | None) -> tuple[int, float]:
-    """Swap the shadow tables in; (events applied in all, seconds the locks were held)."""
+                done: int, journal_wait_s: float, progress: Progress | None) -> tuple[int, float]:
+    """Swap the shadow tables in; (events applied in all, seconds the locks were held). Each attempt first
+    catches up outside the locks, so what a stream adds while attempts wait is not applied under them."""
     tables = ", ".join(f"{_ident(live)}.{_ident(t)}" for t in projection.tables)
     for attempt in range(SWAP_ATTEMPTS):
+        caught_up, floor = await _catch_up(conn, projection, shadow, live, done, progress)
+        done += caught_up
         try:
             async with conn.transaction():
                 await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 await conn.execute(f"LOCK TABLE {_ident(live)}.{BOOKKEEPING} IN EXCLUSIVE MODE")
                 await conn.execute(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE")
                 locked = time.perf_counter()
-                if (await _not_journaled(conn, projection))["missing"]:
-                    raise _JournalBehind
-                done += await _apply_unapplied(conn, projection, shadow, live, done, progress, above=floor)
+                fresh = await _apply_unapplied(conn, projection, shadow, live, done, progress, above=floor)
+                # The shadow now holds every journal event (see _catch_up); as many means nothing left the journal
+                # since it was read (a `studies delete --hard`, whose study would otherwise come back).
+                rebuilt = await conn.fetchval(f"SELECT count(*) FROM {_ident(shadow)}.{BOOKKEEPING}")
+                if await conn.fetchval("SELECT count(*) FROM events") != rebuilt:
+                    raise ReplayAborted("events left the journal during the rebuild (studies delete --hard?); "
+                                        "nothing was changed; run the replay again")
                 views = await conn.fetch(DEPENDENT_VIEWS, [f"{_ident(live)}.{_ident(t)}" for t in projection.tables])
                 await conn.execute(f"CREATE SCHEMA {_ident(retired)}")
                 for table in projection.tables:
@@ -338,7 +345,11 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, sha
                 for view in views:
                     await conn.execute(f"CREATE OR REPLACE VIEW {view['name']} AS {view['def']}")
                 await conn.execute(ADD_BOOKKEEPING.format(shadow=_ident(shadow)))
-            return done, time.perf_counter() - locked
+                # The bookkeeping is now live + shadow: as many as the shadow's exactly when every event the live
+                # projection applied is in the shadow. Else one is not journaled yet and its effect would be lost.
+                if await conn.fetchval(LIVE_APPLIED, projection.name) != rebuilt:
+                    raise _JournalBehind
+            return done + fresh, time.perf_counter() - locked
         except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
             await asyncio.sleep(random.uniform(0.05, 0.05 * min(attempt + 1, 10)))
         except _JournalBehind:

@@ -81,6 +81,33 @@ async def test_a_journal_that_never_catches_up_aborts_and_leaves_the_live_tables
     assert await leftover_schemas(env) == []
 
 
+async def test_events_leaving_the_journal_during_the_rebuild_abort_the_swap(env):
+    study, events = study_events(6, 2, seed=18)
+    stops = [trial[-1] for trial in study]
+    await apply(env, "trials", events)
+    await apply(env, "journal", [e for e in events if e not in stops])
+    rebuild = asyncio.create_task(run_replay(env, "trials", journal_wait_s=60))
+    await asyncio.sleep(1.0)  # built; waiting for the journal to hold the stops
+    gone = [e.event_id for e in study[0]]
+    conn = await env.db()
+    try:  # what `studies delete --hard` of the first trial does, as far as the rebuild can see
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update_delete")
+            await conn.execute("DELETE FROM events WHERE event_id = ANY($1)", gone)
+            await conn.execute("ALTER TABLE events ENABLE TRIGGER events_no_update_delete")
+            await conn.execute("DELETE FROM applied_events WHERE event_id = ANY($1)", gone)
+            await conn.execute("DELETE FROM trial_metrics WHERE trial_id = $1", study[0][0].trial_id)
+            await conn.execute("DELETE FROM trials WHERE id = $1", study[0][0].trial_id)
+    finally:
+        await conn.close()
+    before = await env.snapshot(*TABLES)
+    await apply(env, "journal", stops[1:])
+    with pytest.raises(ReplayAborted, match="left the journal"):
+        await rebuild
+    assert await env.snapshot(*TABLES) == before
+    assert await leftover_schemas(env) == []
+
+
 async def test_a_journal_event_committed_out_of_position_order_during_the_rebuild_is_not_missed(env):
     study, events = study_events(6, 2, seed=16)
     late_stop = study[0][-1]
