@@ -32,7 +32,7 @@ class Statement(NamedTuple):
 class Projection(ABC):
     name: str
     queue: QueueSpec
-    # Truncated, in this order, when the projection is rebuilt from the journal.
+    # Rebuilt from the journal into shadow copies and swapped in, locked in this order (consumers/replay.py).
     tables: tuple[str, ...] = ()
     replayable: bool = True
 

@@ -7,17 +7,20 @@ The rebuild never writes the live tables while it works (docs/replay.md):
    `search_path` pointing there first, so `project` and `apply_events` run unchanged. Live tables take no lock
    but ACCESS SHARE on their catalog entries.
 2. Catch-up: every journal event the shadow has not applied (an anti-join, not a position watermark, so events
-   that commit out of position order are not missed) is applied, until little is left.
+   that commit out of position order are not missed) is applied, outside any lock, and a fence is set: every
+   event the shadow still lacks is above a known position (`_catch_up`).
 3. No lost effect: the swap waits, bounded by `journal_wait_s`, until the journal holds every event the live
    projection applied (they can be ahead of the journal consumer); otherwise `ReplayAborted`, live tables untouched.
 4. Swap, one short transaction under `lock_timeout`, locks in the order the live consumer takes them
-   (`applied_events` EXCLUSIVE, then the tables ACCESS EXCLUSIVE), retried when a lock is not granted in time so
-   it never deadlocks a live transaction: check 3 again, apply the last journal events, move the live tables out
-   and the shadow ones in (ALTER TABLE SET SCHEMA), re-point dependent views, add the shadow's applied events to
-   the projection's bookkeeping. Readers wait at most for this swap (ReplayResult.swap_seconds).
+   (`applied_events` EXCLUSIVE, then the tables ACCESS EXCLUSIVE), retried after a fresh catch-up when a lock is
+   not granted in time, so it never deadlocks a live transaction: apply the journal events above the fence, check
+   by counts that the journal lost nothing meanwhile, move the live tables out and the shadow ones in (ALTER TABLE
+   SET SCHEMA), re-point dependent views, add the shadow's applied events to the projection's bookkeeping and
+   check by count that the live projection applied nothing the shadow lacks (else roll back and wait as in 3).
+   Readers wait at most for this swap (ReplayResult.swap_seconds).
 
-Proven by tests/test_replay_live.py. With `until`, steps 1-2 write a schema of the caller's choosing, kept, and
-nothing is swapped: the live tables are never touched.
+Proven by tests/test_replay_live.py. With `until`, step 1 writes a schema of the caller's choosing, which is kept,
+and nothing is swapped: the live tables are never touched.
 """
 
 from __future__ import annotations
