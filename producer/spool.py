@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -43,6 +43,7 @@ SEGMENT_SUFFIX = ".jsonl"
 SEGMENT_MAX_EVENTS = 2000
 LOCK_PREFIX = ".owner-"
 LOCK_SUFFIX = ".lock"
+REJECTED_DIR = "rejected"  # unroutable events, kept with the reason the broker gave
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _durable_append(fd: int, data: bytes, size: int) -> None:
+    """Write `data` at the end of a file of `size` bytes and fsync; on failure cut the file back to `size`."""
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError:
+        os.ftruncate(fd, size)
+        raise
+
+
 def _owner_of(path: Path) -> str:
     return path.name.removesuffix(SEGMENT_SUFFIX).partition("-")[2]
 
@@ -163,17 +176,24 @@ class Spool:
                 segment, fd = self._writable_segment()
                 batch = records[start:start + self.max_segment_events - segment.events]
                 data = b"".join(record.body + b"\n" for record in batch)
-                try:
-                    written = 0
-                    while written < len(data):
-                        written += os.write(fd, data[written:])
-                    os.fsync(fd)
-                except OSError:
-                    os.ftruncate(fd, segment.size)
-                    raise
+                _durable_append(fd, data, segment.size)
                 segment.size += len(data)
                 segment.events += len(batch)
                 start += len(batch)
+
+    def reject(self, rejected: Sequence[tuple[Record, str]]) -> None:
+        """Quarantine events the broker returned as unroutable: appended, with the reason, to
+        `rejected/<owner>.jsonl` beside the segments, fsync'ed when this returns."""
+        folder = self.directory / REJECTED_DIR
+        folder.mkdir(exist_ok=True)
+        at = datetime.now(UTC).isoformat()
+        data = b"".join(json.dumps({"reason": reason, "rejected_at": at, "event": json.loads(record.body)},
+                                   separators=(",", ":")).encode() + b"\n" for record, reason in rejected)
+        fd = os.open(folder / f"{self.owner}{SEGMENT_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _durable_append(fd, data, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
     def _ensure_owner(self) -> None:
         if self._owner_fd is not None:
