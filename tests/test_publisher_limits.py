@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import subprocess
 
 import aio_pika
 import pytest
@@ -90,3 +91,41 @@ async def test_unroutable_events_are_quarantined_and_never_block_the_spool(env):
                    for line in path.read_text().splitlines()]
     assert sorted(q["event"]["event_id"] for q in quarantined) == sorted(str(e.event_id) for e in metrics)
     assert {q["reason"] for q in quarantined} == {"312 NO_ROUTE"}
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs: a really full disk (root only)."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=True)
+
+
+async def test_a_really_full_disk_loses_and_corrupts_nothing(env, tiny_disk):
+    """On a 64 KiB tmpfs with the broker away: the spool fills (short writes, then ENOSPC, cut back), publish()
+    refuses with SpoolFull, and every accepted event reaches the journal once the broker is back."""
+    proxy, settings = _proxied(env)
+    settings = settings.model_copy(update={"publish_buffer": 50, "spool_dir": tiny_disk / "spool"})
+    events = _events(60, 20, seed=14)
+    with proxy:
+        proxy.cut()
+        publisher = EventPublisher(settings).start()
+        accepted = []
+        with pytest.raises(SpoolFull):
+            for event in events:
+                publisher.publish(event)
+                accepted.append(event)
+        assert 50 < len(accepted) < len(events)
+        assert sum(s.events for s in inspect(settings.spool_dir)) + publisher.stats.pending == len(accepted)
+        async with running_consumers(env.settings, ["journal"]):
+            proxy.restore()
+            assert await asyncio.to_thread(publisher.drain, 60)
+            await _journal_holds_exactly(env, accepted)
+        assert await asyncio.to_thread(publisher.close, 10)
