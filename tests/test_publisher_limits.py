@@ -16,6 +16,7 @@ from producer.publisher import EventPublisher, SpoolFull
 from producer.sample import synthetic_study
 from producer.spool import Record, Spool, inspect
 from schemas import EXCHANGE
+from sntrack.cli import build_parser
 from tests.conftest import wait_until
 from tests.test_publisher import _journal_holds_exactly, _proxied
 
@@ -67,7 +68,7 @@ async def _bind_only_start_and_stop(env) -> None:
         await connection.close()
 
 
-async def test_unroutable_events_are_quarantined_and_never_block_the_spool(env):
+async def test_unroutable_events_are_quarantined_and_never_block_the_spool(env, capsys):
     await _bind_only_start_and_stop(env)
     spooled = _events(3, 4, seed=12)  # an orphaned segment, drained through the spool path
     orphan = Spool(env.settings.spool_dir)
@@ -91,6 +92,9 @@ async def test_unroutable_events_are_quarantined_and_never_block_the_spool(env):
                    for line in path.read_text().splitlines()]
     assert sorted(q["event"]["event_id"] for q in quarantined) == sorted(str(e.event_id) for e in metrics)
     assert {q["reason"] for q in quarantined} == {"312 NO_ROUTE"}
+    args = build_parser().parse_args(["spool", "status"])
+    assert args.run(args, env.settings) == 0
+    assert f"quarantined: {len(metrics)} unroutable events" in capsys.readouterr().out
 
 
 @pytest.fixture
