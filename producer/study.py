@@ -225,12 +225,16 @@ class Worker:
                             paired_with=paired_with, should_prune=should_prune if self.pruning else None,
                             stop=self.stop)
         recorder.settle()  # Optuna must not record the trial as over before its stop is confirmed or spooled
-        if outcome.error is not None:
-            trial.set_user_attr("error", f"{outcome.error.type}: {outcome.error.message}")
-        if outcome.status == "completed":
-            self.study.tell(trial, outcome.measurements["final_val_accuracy"])
-        else:
-            self.study.tell(trial, state=OPTUNA_STATE[outcome.status])
+        try:
+            if outcome.error is not None:
+                trial.set_user_attr("error", f"{outcome.error.type}: {outcome.error.message}")
+            if outcome.status == "completed":
+                self.study.tell(trial, outcome.measurements["final_val_accuracy"], skip_if_finished=True)
+            else:
+                self.study.tell(trial, state=OPTUNA_STATE[outcome.status], skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # This process stalled past the heartbeat's grace period and another worker reported the trial lost.
+            log.warning("the trial was already failed as lost by another worker", trial_id=trial_id)
         log.info("trial finished", trial_id=trial_id, optuna_trial_number=trial.number, status=outcome.status,
                  error=outcome.error.type if outcome.error else None,
                  val_accuracy=outcome.measurements.get("final_val_accuracy"))
