@@ -17,7 +17,8 @@ of the bounded in-memory buffer:
 When the buffer is full, publish() writes to the spool itself (with whatever is buffered or in flight ahead
 of it, so order holds), still without touching the network. Every event is confirmed, spooled, or (while the
 publisher runs) on its way to one of the two; close() spools anything still in memory, also when a second
-Ctrl-C interrupts its wait.
+Ctrl-C interrupts its wait
+(tests/test_worker_kills.py::test_second_ctrl_c_during_shutdown_still_spools_what_is_in_memory).
 
 When the disk refuses too (full, read-only) the buffer is the only place left, and it stays bounded: publish()
 raises SpoolFull once `publish_buffer` events wait in memory, refusing the event rather than dropping it
