@@ -35,11 +35,11 @@ def producer_info(worker_id: str | None = None) -> ProducerInfo:
 class TrialEvents:
     """The events of one trial, in order. Not thread-safe: one trial is trained by one thread."""
 
-    def __init__(self, trial_id: str, model_run_id: str, producer: ProducerInfo):
+    def __init__(self, trial_id: str, model_run_id: str, producer: ProducerInfo, next_seq: int = 0):
         self.trial_id = trial_id
         self.model_run_id = model_run_id
         self.producer = producer
-        self._next_seq = 0
+        self._next_seq = next_seq
 
     def _envelope(self) -> dict:
         seq, self._next_seq = self._next_seq, self._next_seq + 1

@@ -8,15 +8,26 @@ Inside, a daemon thread runs an asyncio loop with two tasks. The connection task
 of the bounded in-memory buffer:
 
 - direct mode (connected, spool empty): publish in batches (mandatory, persistent) and await the confirms; a
-  failure of any kind (connection loss, confirm timeout, nack, unroutable return) spools what was not
-  confirmed and switches to spool mode;
+  failure of any kind (connection loss, confirm timeout, nack) spools what was not confirmed and switches to
+  spool mode;
 - spool mode: the buffer is written to the spool (producer/spool.py), and, while connected, the spool is
   drained in order; once it is empty, back to direct mode. New events therefore always queue behind older
   spooled ones, which keeps each trial's events in order.
 
 When the buffer is full, publish() writes to the spool itself (with whatever is buffered or in flight ahead
 of it, so order holds), still without touching the network. Every event is confirmed, spooled, or (while the
-publisher runs) on its way to one of the two; close() spools anything still in memory.
+publisher runs) on its way to one of the two; close() spools anything still in memory, also when a second
+Ctrl-C interrupts its wait
+(tests/test_worker_kills.py::test_second_ctrl_c_during_shutdown_still_spools_what_is_in_memory).
+
+When the disk refuses too (full, read-only) the buffer is the only place left, and it stays bounded: publish()
+raises SpoolFull once `publish_buffer` events wait in memory, refusing the event rather than dropping it
+silently; what was accepted goes to the broker as soon as it is back, full disk or not
+(tests/test_publisher_limits.py::test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it).
+
+An event the broker returns as unroutable (no binding, no alternate exchange) is quarantined, with the reason,
+in `<spool_dir>/rejected/` and counted in `PublisherStats.rejected`; it never holds back the events behind it
+(tests/test_publisher_limits.py::test_unroutable_events_are_quarantined_and_never_block_the_spool).
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ import aiormq
 import structlog
 
 from producer.emitter import producer_info
-from producer.spool import Record, Spool
+from producer.spool import REJECTED_DIR, Record, Spool
 from schemas import EXCHANGE, Event
 from sntrack.settings import Settings, redact
 
@@ -45,6 +56,7 @@ RECONNECT_MIN_S = 0.25
 RECONNECT_MAX_S = 5.0
 FIRST_CONTACT_S = 5.0  # how long to wait to tell a refusing broker (configuration) from an absent one
 HEALTHY_CONNECTION_S = 10.0  # a connection that lived this long resets the reconnect backoff
+DISK_RETRY_S = 1.0  # after the disk refused the spool, the dispatcher tries it again this much later
 
 
 @dataclass(frozen=True)
@@ -54,8 +66,13 @@ class PublisherStats:
     spooled: int  # written durably to the spool instead
     flushed_from_spool: int  # drained from the spool (adopted orphans included) and confirmed
     pending: int  # published but neither confirmed nor spooled yet
+    rejected: int  # returned by the broker as unroutable, quarantined in <spool_dir>/rejected/
     connected: bool
     refused: str | None  # the broker answered but refused us (credentials, vhost): configuration, not an outage
+
+
+class SpoolFull(RuntimeError):
+    """The broker is away, the disk refuses the spool, and the in-memory buffer is full: the event was refused."""
 
 
 class EventPublisher:
@@ -68,12 +85,15 @@ class EventPublisher:
         self._order_lock = threading.Lock()
         self._buffer: deque[Record] = deque()
         self._inflight: list[Record] | None = None  # the direct batch awaiting confirms
-        self._inflight_spooled = False  # an overflow already spooled it
+        self._inflight_taken = False  # an overflow or a shutdown took it over (spooled or back in the buffer)
         self._spooling = False
         self._connected = False
         self._refused: str | None = None
         self._attempts = 0  # failed connection attempts
         self._published = self._confirmed = self._spooled = self._from_spool = 0
+        self._rejected = 0
+        self._rejected_direct = 0  # settled by quarantine before reaching the spool
+        self._disk_retry_at = 0.0  # after a failed spool write the dispatcher rests before the next one
         self._state = "new"
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -98,13 +118,14 @@ class EventPublisher:
         return self
 
     def publish(self, event: Event) -> None:
-        """Hand an event over; it is confirmed by the broker or spooled durably in the background."""
+        """Hand an event over; it is confirmed by the broker or spooled durably in the background. Raises
+        SpoolFull, refusing the event, only when the buffer is full and the disk refuses the spool too."""
         record = Record.from_event(event)
         with self._lock:
             if self._state == "closed":
                 raise RuntimeError("publish() on a closed EventPublisher")
-            self._published += 1
             if len(self._buffer) < self.settings.publish_buffer:
+                self._published += 1
                 self._buffer.append(record)
                 if len(self._buffer) == 1:
                     self._wake()
@@ -121,35 +142,44 @@ class EventPublisher:
         with self._changed:
             return self._changed.wait_for(lambda: self._pending() == 0 and not self._spooling, timeout)
 
-    def close(self, timeout: float | None = 30.0) -> bool:
+    def close(self, timeout: float | None = 30.0, *, interrupted: bool = False) -> bool:
         """Flush (and, while connected, drain the spool) within `timeout`, then stop the thread; anything
-        still in memory is spooled. True when every published event is confirmed or spooled."""
+        still in memory is spooled. `interrupted` (or a KeyboardInterrupt during the wait) skips the waiting
+        and spools memory at once. True when every published event is confirmed or spooled."""
         with self._lock:
             previous, self._state = self._state, "closed"
         if previous == "closed":
             return self.stats.pending == 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        if previous == "running":
-            self.flush(timeout)
-            if self.stats.connected:
-                self.drain(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            self._loop.call_soon_threadsafe(self._request_stop)
-            self._thread.join()
-            atexit.unregister(self.close)
-        else:
-            with self._order_lock:
-                self._spill_locked()
-        if not self._spool.is_empty():
-            log.info("events remain spooled; the next publisher on this spool dir delivers them",
-                     spool_dir=str(self.settings.spool_dir))
-        self._spool.close()
+        waited = False
+        try:
+            if previous == "running" and not interrupted:
+                self.flush(timeout)
+                if self.stats.connected:
+                    self.drain(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                waited = True
+        finally:  # also after a second Ctrl-C during the wait: what is in memory goes to the disk now
+            if not waited:
+                self._spill_all()
+            if previous == "running":
+                self._loop.call_soon_threadsafe(self._request_stop)
+                self._thread.join(None if waited else self.settings.publish_confirm_timeout_s)
+                atexit.unregister(self.close)
+            self._spill_all()
+            if pending := self.stats.pending:
+                log.error("events could not be spooled and are lost", events=pending,
+                          spool_dir=str(self.settings.spool_dir))
+            if not self._spool.is_empty():
+                log.info("events remain spooled; the next publisher on this spool dir delivers them",
+                         spool_dir=str(self.settings.spool_dir))
+            self._spool.close()
         return self.stats.pending == 0
 
     @property
     def stats(self) -> PublisherStats:
         with self._lock:
             return PublisherStats(self._published, self._confirmed, self._spooled, self._from_spool,
-                                  self._pending(), self._connected, self._refused)
+                                  self._pending(), self._rejected, self._connected, self._refused)
 
     def first_contact(self, timeout: float = FIRST_CONTACT_S) -> str | None:
         """Wait up to `timeout` for the first connection attempt to be decided. Returns why the broker refused
@@ -161,57 +191,74 @@ class EventPublisher:
     def __enter__(self) -> EventPublisher:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
     # -- shared between the caller's thread and the publishing thread -----------------------------------------
 
     def _pending(self) -> int:
-        return self._published - self._confirmed - self._spooled
+        return self._published - self._confirmed - self._spooled - self._rejected_direct
 
     def _wake(self) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wakeup.set)
 
     def _overflow(self, record: Record) -> None:
-        """Buffer full: spool now, behind what is in flight and buffered."""
+        """Buffer full: spool now, behind what is in flight and buffered; SpoolFull when the disk refuses."""
         with self._order_lock:
             with self._lock:
-                records = []
-                if self._inflight is not None and not self._inflight_spooled:
-                    records.extend(self._inflight)
-                    self._inflight_spooled = True
-                records.extend(self._buffer)
-                records.append(record)
-                self._buffer.clear()
-                self._spooling = True
-            self._write_spool(records)
+                held = self._take_memory()
+                self._published += 1
+            spooled = self._write_spool([*held, record], requeue=held)
+            if not spooled:
+                with self._lock:
+                    self._published -= 1
         self._wake()
+        if not spooled:
+            raise SpoolFull(f"event refused: the broker is unreachable, the spool at {self.settings.spool_dir} "
+                            f"cannot be written, and {len(held)} events already wait in memory")
 
-    def _write_spool(self, records: list[Record]) -> bool:
-        """Append to the spool; hold _order_lock. On a disk error the records go back to the buffer's head."""
+    def _take_memory(self) -> list[Record]:
+        """Everything unsettled in memory, in order: the batch in flight (unless already taken) and the buffer.
+        Hold _order_lock and _lock."""
+        records = []
+        if self._inflight is not None and not self._inflight_taken:
+            records.extend(self._inflight)
+            self._inflight_taken = True
+        records.extend(self._buffer)
+        self._buffer.clear()
+        self._spooling = True
+        return records
+
+    def _spill_all(self) -> bool:
+        with self._order_lock:
+            with self._lock:
+                records = self._take_memory()
+            return self._write_spool(records) if records else True
+
+    def _write_spool(self, records: list[Record], requeue: list[Record] | None = None) -> bool:
+        """Append to the spool; hold _order_lock. On a disk error `requeue` (default: all the records) goes back
+        to the buffer's head."""
         try:
             self._spool.append(records)
         except OSError as exc:
             log.error("cannot write the spool; keeping events in memory", spool_dir=str(self.settings.spool_dir),
                       error=str(exc))
             with self._lock:
-                self._buffer.extendleft(reversed(records))
+                self._buffer.extendleft(reversed(records if requeue is None else requeue))
+                self._disk_retry_at = time.monotonic() + DISK_RETRY_S
             return False
         with self._changed:
             self._spooled += len(records)
             self._changed.notify_all()
         return True
 
-    def _spill_locked(self) -> bool:
-        with self._lock:
-            records = list(self._buffer)
-            self._buffer.clear()
-        return self._write_spool(records) if records else True
-
     def _spill(self) -> bool:
         with self._order_lock:
-            return self._spill_locked()
+            with self._lock:
+                records = list(self._buffer)
+                self._buffer.clear()
+            return self._write_spool(records) if records else True
 
     def _adopt_orphans(self) -> None:
         with self._order_lock:
@@ -224,18 +271,32 @@ class EventPublisher:
             self._spooling = True
             self._changed.notify_all()
 
-    def _settle_direct(self, batch: list[Record], failed: list[Record]) -> None:
+    def _settle_direct(self, batch: list[Record], failed: list[Record], rejected: int) -> None:
         with self._order_lock:
             with self._lock:
                 self._inflight = None
-                if self._inflight_spooled:
-                    return  # counted when the overflow spooled it; any confirmed ones are duplicates later
+                if self._inflight_taken:
+                    return  # counted when taken over; any confirmed ones are duplicates later
             if failed:
                 self._set_spooling()
                 self._write_spool(failed)
             with self._changed:
-                self._confirmed += len(batch) - len(failed)
+                self._confirmed += len(batch) - len(failed) - rejected
+                self._rejected += rejected
+                self._rejected_direct += rejected
                 self._changed.notify_all()
+
+    def _quarantine(self, returned: list[tuple[Record, str]]) -> bool:
+        try:
+            self._spool.reject(returned)
+        except OSError as exc:
+            log.error("cannot quarantine unroutable events; retrying them", error=str(exc))
+            return False
+        for record, reason in returned:
+            log.error("the broker returned an event as unroutable; quarantined",
+                      event_id=record.event_id, event_type=record.event_type, reason=reason,
+                      quarantine=str(self.settings.spool_dir / REJECTED_DIR))
+        return True
 
     def _leave_spooling(self) -> bool:
         with self._order_lock:
@@ -282,16 +343,20 @@ class EventPublisher:
             with self._lock:
                 spooling, buffered = self._spooling, bool(self._buffer)
             exchange = self._exchange
+            disk_rests = time.monotonic() < self._disk_retry_at
             try:
-                if spooling and buffered:
-                    if not await asyncio.to_thread(self._spill):
-                        await self._sleep(1.0)
+                if spooling and buffered and not disk_rests:
+                    await asyncio.to_thread(self._spill)
                     continue
+                # The disk refusing the buffer does not stop the broker from taking the spool, then the buffer.
                 if exchange is not None and spooling:
                     await self._drain_chunk(exchange)
                     continue
                 if exchange is not None and buffered:
                     await self._send_direct(exchange)
+                    continue
+                if spooling and buffered:
+                    await self._sleep(self._disk_retry_at - time.monotonic(), wake=True)
                     continue
             except Exception as exc:  # any failure to get a confirm: spool, then reconnect
                 log.warning("publish failed; spooling until the broker confirms again",
@@ -300,46 +365,68 @@ class EventPublisher:
                 self._lost.set()
                 continue
             await self._wakeup.wait()
-        with self._lock:
-            self._spooling = True
-        await asyncio.to_thread(self._spill)
+        await asyncio.to_thread(self._spill_all)
 
-    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, record: Record) -> None:
+    async def _publish(self, exchange: aio_pika.abc.AbstractExchange, record: Record) -> str | None:
+        """Publish and await the confirm; the broker's reason when it returned the event as unroutable."""
         message = aio_pika.Message(
             record.body, message_id=record.event_id, type=record.event_type, content_type="application/json",
             timestamp=record.occurred_at, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await exchange.publish(message, routing_key=record.event_type, mandatory=True,
-                               timeout=self.settings.publish_confirm_timeout_s)
+        try:
+            await exchange.publish(message, routing_key=record.event_type, mandatory=True,
+                                   timeout=self.settings.publish_confirm_timeout_s)
+        except aiormq.exceptions.PublishError as returned:
+            frame = returned.message.delivery
+            return f"{frame.reply_code} {frame.reply_text}"
+        return None
+
+    async def _publish_all(self, exchange: aio_pika.abc.AbstractExchange,
+                           records: list[Record]) -> tuple[list, set[int]]:
+        """Publish concurrently: each one's result (None, a return reason or an exception), and the indexes of
+        the returned ones, now quarantined."""
+        results = await asyncio.gather(*(self._publish(exchange, r) for r in records), return_exceptions=True)
+        returned = [(i, record, result) for i, (record, result) in enumerate(zip(records, results, strict=True))
+                    if isinstance(result, str)]
+        if returned and await asyncio.to_thread(self._quarantine, [(r, reason) for _, r, reason in returned]):
+            return results, {i for i, _, _ in returned}
+        return results, set()
 
     async def _send_direct(self, exchange: aio_pika.abc.AbstractExchange) -> None:
         with self._lock:
             batch = [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
-            self._inflight, self._inflight_spooled = batch, False
-        results = await asyncio.gather(*(self._publish(exchange, r) for r in batch), return_exceptions=True)
-        failed = [record for record, result in zip(batch, results, strict=True) if isinstance(result, Exception)]
-        await asyncio.to_thread(self._settle_direct, batch, failed)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+            self._inflight, self._inflight_taken = batch, False
+        results, quarantined = await self._publish_all(exchange, batch)
+        failed = [record for i, (record, result) in enumerate(zip(batch, results, strict=True))
+                  if result is not None and i not in quarantined]
+        await asyncio.to_thread(self._settle_direct, batch, failed, len(quarantined))
+        _raise_first(results)
 
     async def _drain_chunk(self, exchange: aio_pika.abc.AbstractExchange) -> None:
         chunk = await asyncio.to_thread(self._spool.next_chunk, BATCH)
         if chunk is None:
             await asyncio.to_thread(self._leave_spooling)
             return
-        results = await asyncio.gather(*(self._publish(exchange, r) for r in chunk.records), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
+        results, quarantined = await self._publish_all(exchange, chunk.records)
+        _raise_first(results)
+        if len(quarantined) < sum(result is not None for result in results):
+            raise OSError("unroutable events could not be quarantined")
         await asyncio.to_thread(self._spool.commit, chunk)
         with self._changed:
-            self._from_spool += len(chunk.records)
+            self._from_spool += len(chunk.records) - len(quarantined)
+            self._rejected += len(quarantined)
             self._changed.notify_all()
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+    async def _sleep(self, seconds: float, wake: bool = False) -> None:
+        """Sleep up to `seconds`, less when stopping (or, with `wake`, when woken)."""
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if wake:
+            waits.append(asyncio.ensure_future(self._wakeup.wait()))
+        try:
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     async def _maintain_connection(self) -> None:
         url = self.settings.amqp_url
@@ -397,3 +484,9 @@ class EventPublisher:
                 delay = RECONNECT_MIN_S
             await self._sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+
+def _raise_first(results: list) -> None:
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result

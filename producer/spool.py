@@ -1,13 +1,20 @@
 """A durable local spool for events the broker could not take: append-only JSON-lines segment files.
 
-Layout: `<spool_dir>/<created_ns>-<pid>-<random>.jsonl`, one event per line, segments read in name order.
-An event counts as spooled only once its line is written and fsync'ed.
+Layout: `<spool_dir>/<created_ns>-<owner>.jsonl`, one event per line, segments read in name order.
+An event counts as spooled only once its line is written and fsync'ed. An append that fails part-way (a full
+disk takes half a line, then refuses) is cut back to the last good record before the error is raised, so a
+retry never merges into a fragment
+(tests/test_spool.py::test_short_write_then_enospc_is_truncated_to_the_last_good_record).
 
-Ownership between processes sharing a spool dir is an fcntl `flock` held on each segment for as long as a
-process owns it: its writer from creation (the file is locked before it gets its `.jsonl` name, so nobody
-can see it unlocked), or the process that adopted it. A segment nobody holds a lock on belongs to a process
-that is gone, and any Spool adopts it with `adopt_orphans()`. A draining crash leaves the segment in place,
-so its events may be published again: consumers dedupe by event_id (at-least-once).
+Ownership between processes sharing a spool dir: each Spool is an owner `<pid>-<random>` holding an fcntl
+`flock` on its lock file `.owner-<owner>.lock` (locked before it gets that name, so nobody sees it unlocked)
+for as long as it lives; a segment belongs to the owner named in its file name. A segment whose owner's lock is
+free (or gone) belongs to a process that is gone, and any Spool adopts it with `adopt_orphans()` by renaming it
+to its own owner name (rename is atomic: of two adopters, one wins). One lock per process rather than one per
+segment keeps descriptors bounded at any number of segments: the lock, the writer segment and the segment being
+read, each opened on demand (tests/test_spool.py::test_two_thousand_segments_under_a_low_descriptor_limit).
+A draining crash leaves the segment in place, so its events may be published again: consumers dedupe by
+event_id (at-least-once).
 
 Thread-safe: appends, reads and commits may come from different threads.
 """
@@ -23,7 +30,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -34,6 +41,9 @@ log = structlog.get_logger("sntrack.spool")
 
 SEGMENT_SUFFIX = ".jsonl"
 SEGMENT_MAX_EVENTS = 2000
+LOCK_PREFIX = ".owner-"
+LOCK_SUFFIX = ".lock"
+REJECTED_DIR = "rejected"  # unroutable events, kept with the reason the broker gave
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +70,10 @@ class Record:
             raise ValueError(f"not an event envelope: {exc!r}") from None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Segment:
     path: Path
-    fd: int
+    size: int  # bytes written (segments are append-only, by their one owner)
     offset: int = 0  # bytes already drained (in memory only: a restart drains the segment again)
     events: int = 0  # events appended by this process (rotation)
 
@@ -83,7 +93,7 @@ class SegmentInfo:
     path: Path
     events: int
     bytes: int
-    live: bool  # locked by a running process (possibly this one)
+    live: bool  # owned by a running process (possibly this one)
 
 
 def _try_lock(fd: int) -> bool:
@@ -104,6 +114,44 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _durable_append(fd: int, data: bytes, size: int) -> None:
+    """Write `data` at the end of a file of `size` bytes and fsync; on failure cut the file back to `size`."""
+    try:
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    except OSError:
+        os.ftruncate(fd, size)
+        raise
+
+
+def _owner_of(path: Path) -> str:
+    return path.name.removesuffix(SEGMENT_SUFFIX).partition("-")[2]
+
+
+def _lock_path(directory: Path, owner: str) -> Path:
+    return directory / f"{LOCK_PREFIX}{owner}{LOCK_SUFFIX}"
+
+
+def _lock_dead_owner(directory: Path, owner: str) -> int | None:
+    """The locked descriptor of `owner`'s lock file when that owner is gone (-1: no lock file); None: alive."""
+    try:
+        fd = os.open(_lock_path(directory, owner), os.O_RDWR)
+    except FileNotFoundError:
+        return -1
+    if _try_lock(fd):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _release_dead_owner(directory: Path, owner: str, fd: int) -> None:
+    if fd >= 0:
+        _lock_path(directory, owner).unlink(missing_ok=True)
+        os.close(fd)
+
+
 class Spool:
     """This process's share of a spool directory: the segments it writes and the orphans it adopted."""
 
@@ -111,74 +159,134 @@ class Spool:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_segment_events = max_segment_events
+        self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._owner_fd: int | None = None  # our lock, taken before our first segment exists
         self._segments: list[_Segment] = []  # drain order; the last one may be the active writer segment
         self._writer: _Segment | None = None
+        self._writer_fd: int | None = None
+        self._reading: tuple[_Segment, int] | None = None  # the segment being drained and its descriptor
         self._lock = threading.Lock()
 
     def append(self, records: Sequence[Record]) -> None:
-        """Write records behind everything already spooled; durable (fsync'ed) when this returns."""
+        """Write records behind everything already spooled; durable (fsync'ed) when this returns. On an OSError
+        (a full disk) the segment is cut back to its last complete record, and the error raised."""
         with self._lock:
             start = 0
             while start < len(records):
-                segment = self._writable_segment()
-                room = self.max_segment_events - segment.events
-                batch = records[start:start + room]
+                segment, fd = self._writable_segment()
+                batch = records[start:start + self.max_segment_events - segment.events]
                 data = b"".join(record.body + b"\n" for record in batch)
-                written = 0
-                while written < len(data):
-                    written += os.write(segment.fd, data[written:])
-                os.fsync(segment.fd)
+                _durable_append(fd, data, segment.size)
+                segment.size += len(data)
                 segment.events += len(batch)
                 start += len(batch)
 
-    def _writable_segment(self) -> _Segment:
-        if self._writer is not None and self._writer.events < self.max_segment_events:
-            return self._writer
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        temporary = self.directory / f".{name}.tmp"
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+    def reject(self, rejected: Sequence[tuple[Record, str]]) -> None:
+        """Quarantine events the broker returned as unroutable: appended, with the reason, to
+        `rejected/<owner>.jsonl` beside the segments, fsync'ed when this returns."""
+        folder = self.directory / REJECTED_DIR
+        folder.mkdir(exist_ok=True)
+        at = datetime.now(UTC).isoformat()
+        data = b"".join(json.dumps({"reason": reason, "rejected_at": at, "event": json.loads(record.body)},
+                                   separators=(",", ":")).encode() + b"\n" for record, reason in rejected)
+        fd = os.open(folder / f"{self.owner}{SEGMENT_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _durable_append(fd, data, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+    def _ensure_owner(self) -> None:
+        if self._owner_fd is not None:
+            return
+        temporary = self.directory / f".{self.owner}.tmp"
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        path = self.directory / f"{name}{SEGMENT_SUFFIX}"
-        os.rename(temporary, path)
+        os.rename(temporary, _lock_path(self.directory, self.owner))
+        self._owner_fd = fd
+
+    def _writable_segment(self) -> tuple[_Segment, int]:
+        if self._writer is not None and self._writer.events < self.max_segment_events:
+            return self._writer, self._writer_fd
+        self._close_writer()
+        self._ensure_owner()
+        path = self.directory / f"{time.time_ns():020d}-{self.owner}{SEGMENT_SUFFIX}"
+        self._writer_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         _fsync_dir(self.directory)
-        self._writer = _Segment(path, fd)
+        self._writer = _Segment(path, 0)
         self._segments.append(self._writer)
-        return self._writer
+        return self._writer, self._writer_fd
+
+    def _close_writer(self) -> None:
+        if self._writer_fd is not None:
+            os.close(self._writer_fd)
+        self._writer, self._writer_fd = None, None
 
     def adopt_orphans(self) -> int:
         """Take over segments whose owner is gone; they are drained before this process's own. Returns events."""
-        adopted = []
+        adopted: list[_Segment] = []
         with self._lock:
-            held = {segment.path for segment in self._segments}
+            by_owner: dict[str, list[Path]] = {}
             for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
-                if path in held:
-                    continue
+                by_owner.setdefault(_owner_of(path), []).append(path)
+            by_owner.pop(self.owner, None)
+            stale_locks = {path.name[len(LOCK_PREFIX):-len(LOCK_SUFFIX)]
+                           for path in self.directory.glob(f"{LOCK_PREFIX}*{LOCK_SUFFIX}")}
+            stale_locks.discard(self.owner)
+            for owner in sorted(set(by_owner) | stale_locks):
+                fd = _lock_dead_owner(self.directory, owner)
+                if fd is None:
+                    continue  # alive
                 try:
-                    fd = os.open(path, os.O_RDWR)
-                except FileNotFoundError:
-                    continue  # drained and deleted by another process meanwhile
-                if not _try_lock(fd) or not _same_file(path, fd):
-                    os.close(fd)
-                    continue
-                adopted.append(_Segment(path, fd))
+                    if by_owner.get(owner):
+                        self._ensure_owner()
+                        adopted.extend(self._take(by_owner[owner]))
+                finally:
+                    _release_dead_owner(self.directory, owner, fd)
+            if adopted:
+                _fsync_dir(self.directory)
+            adopted.sort(key=lambda segment: segment.path.name)
             self._segments[:0] = adopted
-        events = sum(_count_lines(segment.fd) for segment in adopted)
+        events = sum(_count_lines(segment.path) for segment in adopted)
         if adopted:
             log.info("adopted orphaned spool segments", segments=len(adopted), events=events,
                      spool_dir=str(self.directory))
         return events
 
+    def _take(self, paths: list[Path]) -> list[_Segment]:
+        taken = []
+        for path in paths:
+            created = path.name.partition("-")[0]
+            mine = self.directory / f"{created}-{self.owner}{SEGMENT_SUFFIX}"
+            try:
+                os.rename(path, mine)
+            except FileNotFoundError:
+                continue  # another process adopted it first
+            taken.append(_Segment(mine, mine.stat().st_size))
+        return taken
+
     def next_chunk(self, limit: int) -> Chunk | None:
         """Up to `limit` records from the head segment, not yet marked drained; None when nothing is unread."""
         with self._lock:
             for segment in self._segments:
-                size = os.fstat(segment.fd).st_size
-                if segment.offset < size:
-                    return self._read(segment, size, limit)
+                if segment.offset < segment.size:
+                    return self._read(segment, limit)
             return None
 
-    def _read(self, segment: _Segment, size: int, limit: int) -> Chunk:
-        data = os.pread(segment.fd, size - segment.offset, segment.offset)
+    def _reader_fd(self, segment: _Segment) -> int:
+        if self._reading is not None and self._reading[0] is segment:
+            return self._reading[1]
+        self._close_reader()
+        fd = os.open(segment.path, os.O_RDONLY)
+        self._reading = (segment, fd)
+        return fd
+
+    def _close_reader(self) -> None:
+        if self._reading is not None:
+            os.close(self._reading[1])
+            self._reading = None
+
+    def _read(self, segment: _Segment, limit: int) -> Chunk:
+        data = os.pread(self._reader_fd(segment), segment.size - segment.offset, segment.offset)
         records: list[Record] = []
         skipped = 0
         position = 0
@@ -206,13 +314,13 @@ class Spool:
         with self._lock:
             segment = chunk.segment
             segment.offset = chunk.end_offset
-            if segment is not self._writer and segment.offset >= os.fstat(segment.fd).st_size:
+            if segment is not self._writer and segment.offset >= segment.size:
                 self._remove(segment)
 
     def release_if_drained(self) -> bool:
         """When every spooled event has been drained, delete what is left and return True."""
         with self._lock:
-            if any(segment.offset < os.fstat(segment.fd).st_size for segment in self._segments):
+            if any(segment.offset < segment.size for segment in self._segments):
                 return False
             for segment in list(self._segments):
                 self._remove(segment)
@@ -220,49 +328,53 @@ class Spool:
 
     def _remove(self, segment: _Segment) -> None:
         segment.path.unlink(missing_ok=True)
-        os.close(segment.fd)
-        self._segments.remove(segment)
+        if self._reading is not None and self._reading[0] is segment:
+            self._close_reader()
         if segment is self._writer:
-            self._writer = None
+            self._close_writer()
+        self._segments.remove(segment)
 
     def is_empty(self) -> bool:
         with self._lock:
             return not self._segments
 
     def close(self) -> None:
-        """Release every segment (locks included); what is left is an orphan for the next publisher."""
+        """Release every segment and the owner lock; what is left is an orphan for the next publisher."""
         with self._lock:
             for segment in self._segments:
-                if segment.offset >= os.fstat(segment.fd).st_size:
+                if segment.offset >= segment.size:
                     segment.path.unlink(missing_ok=True)
-                os.close(segment.fd)
             self._segments.clear()
-            self._writer = None
+            self._close_reader()
+            self._close_writer()
+            if self._owner_fd is not None:
+                _lock_path(self.directory, self.owner).unlink(missing_ok=True)
+                os.close(self._owner_fd)
+                self._owner_fd = None
 
 
-def _same_file(path: Path, fd: int) -> bool:
-    """After locking: is `path` still this file? (Another process may have drained and deleted it.)"""
+def _count_lines(path: Path) -> int:
     try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
+        return path.read_bytes().count(b"\n")
     except FileNotFoundError:
-        return False
-
-
-def _count_lines(fd: int) -> int:
-    return os.pread(fd, os.fstat(fd).st_size, 0).count(b"\n")
+        return 0
 
 
 def inspect(directory: Path) -> list[SegmentInfo]:
-    """Every segment in a spool directory, with its event count and whether a live process holds it."""
+    """Every segment in a spool directory, with its event count and whether a live process owns it."""
+    directory = Path(directory)
+    alive: dict[str, bool] = {}
     infos = []
-    for path in sorted(Path(directory).glob(f"*{SEGMENT_SUFFIX}")):
+    for path in sorted(directory.glob(f"*{SEGMENT_SUFFIX}")):
+        owner = _owner_of(path)
+        if owner not in alive:
+            fd = _lock_dead_owner(directory, owner)
+            alive[owner] = fd is None
+            if fd is not None and fd >= 0:
+                os.close(fd)  # a probe: releases the lock, leaves the file for the adopter
         try:
-            fd = os.open(path, os.O_RDONLY)
+            size = path.stat().st_size
         except FileNotFoundError:
             continue
-        try:
-            live = not _try_lock(fd)
-            infos.append(SegmentInfo(path, _count_lines(fd), os.fstat(fd).st_size, live))
-        finally:
-            os.close(fd)  # also releases the probe's lock
+        infos.append(SegmentInfo(path, _count_lines(path), size, alive[owner]))
     return infos

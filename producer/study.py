@@ -4,6 +4,17 @@ Creation is race-free: workers serialise on a PostgreSQL advisory lock while the
 Optuna's tables and the study (`load_if_exists=True`); trial numbers come from the storage, so they never
 collide. The paired design enqueues, for every configuration the sampler proposes, its twin (same parameters and
 seed, the other flag); `Study.ask()` hands out waiting trials first, so twins are run next, by whichever worker asks.
+
+A trial's lifecycle keeps Optuna and the events in step:
+
+- Optuna is told a trial is over (COMPLETE / PRUNED / FAIL) only after every event of the trial, its stop
+  included, is confirmed by the broker or fsync'ed in the spool (`TrialRecorder.settle`), so a SIGKILL at any
+  later moment loses nothing a finished trial needs
+  (tests/test_worker_kills.py::test_sigkill_right_after_optuna_records_the_trial_finds_its_stop_spooled).
+- While it runs, the trial beats Optuna's heartbeat (with `Heartbeat` given to `open_study`). Before every trial a
+  worker fails the study's trials whose heartbeat went stale (`optuna.storages.fail_stale_trials`), and its
+  `on_lost` callback publishes each a failed stop with error `worker_lost` (`lost_trial_stop`)
+  (tests/test_worker_kills.py::test_a_trial_whose_worker_was_killed_is_reported_lost_by_another_worker).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -21,11 +33,14 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 import psycopg2
 import structlog
-from optuna.trial import TrialState
+from optuna.storages._heartbeat import get_heartbeat_thread
+from optuna.trial import FrozenTrial, TrialState
 from psycopg2 import errors, sql
 
+from producer.emitter import TrialEvents
 from producer.search_space import SearchSpace
 from producer.training import TrialConfig, TrialOutcome, TrialRecorder, run_trial
+from schemas import ProducerInfo, RunError, RunStopped
 
 log = structlog.get_logger("sntrack.worker")
 
@@ -44,22 +59,37 @@ def _maintenance_url(storage_url: str) -> tuple[str, str]:
     return urlunsplit(parts._replace(scheme="postgresql", path="/postgres")), database
 
 
-def rdb_storage(url: str) -> optuna.storages.RDBStorage:
+@dataclass(frozen=True)
+class Heartbeat:
+    """Optuna's heartbeat for this process's trials (stale after 2 intervals, Optuna's grace period), and what to
+    do with a trial of the study whose worker stopped beating: `on_lost(study, trial)`, once Optuna failed it."""
+
+    interval_s: int
+    on_lost: Callable[[optuna.Study, FrozenTrial], None]
+
+
+def rdb_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages.RDBStorage:
     """Optuna's storage at `url`. SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; we ship psycopg2."""
     scheme, sep, rest = url.partition("://")
     if scheme in ("postgresql", "postgres"):
         url = f"postgresql+psycopg2{sep}{rest}"
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    if heartbeat is None:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                          heartbeat_interval=heartbeat.interval_s,
+                                          heartbeat_stale_trial_callback=heartbeat.on_lost)
 
 
 def open_study(storage_url: str, name: str, *, dataset: str, split_seed: int,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+               pruner: optuna.pruners.BasePruner | None = None, heartbeat: Heartbeat | None = None) -> optuna.Study:
     """Load or create study `name` (maximising final validation accuracy), creating the database if needed.
 
     A study is bound to one dataset and one train/validation split (recorded as study attributes at creation);
     a worker that asks for another one is refused rather than mixing incomparable trials."""
     if not storage_url.startswith("postgres"):
-        return _load(rdb_storage(storage_url), name, dataset, split_seed, pruner)
+        return _load(rdb_storage(storage_url, heartbeat), name, dataset, split_seed, pruner)
     admin_url, database = _maintenance_url(storage_url)
     try:
         admin = psycopg2.connect(admin_url, connect_timeout=10)
@@ -75,7 +105,7 @@ def open_study(storage_url: str, name: str, *, dataset: str, split_seed: int,
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
                 except errors.DuplicateDatabase:
                     pass
-            return _load(rdb_storage(storage_url), name, dataset, split_seed, pruner)
+            return _load(rdb_storage(storage_url, heartbeat), name, dataset, split_seed, pruner)
     finally:
         admin.close()  # ends the session, which releases the advisory lock
 
@@ -131,12 +161,17 @@ class Worker:
         result = WorkerResult()
         owes_twin = False  # a twin was enqueued: ask once more, so no twin is left waiting when workers stop
         while not self.stop.is_set() and (owes_twin or (result.trials < self.plan.n_trials and self._in_budget())):
-            trial = self.study.ask()
-            config, trial_id, paired_with = self._configure(trial)
-            owes_twin = self.plan.design == "paired" and "paired_with" not in trial.user_attrs
-            if owes_twin:
-                paired_with = self._enqueue_twin(trial, config, trial_id)
-            outcome = self._run(trial, config, trial_id, paired_with)
+            self._fail_lost_trials()
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize": we beat below
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            # Optuna's own optimize() beats this way; ask-and-tell has no public equivalent.
+            with get_heartbeat_thread(trial._trial_id, self.study._storage):
+                config, trial_id, paired_with = self._configure(trial)
+                owes_twin = self.plan.design == "paired" and "paired_with" not in trial.user_attrs
+                if owes_twin:
+                    paired_with = self._enqueue_twin(trial, config, trial_id)
+                outcome = self._run(trial, config, trial_id, paired_with)
             result.statuses[outcome.status] += 1
             if self.on_trial is not None:
                 self.on_trial(result)
@@ -144,6 +179,12 @@ class Worker:
                 result.interrupted = True
                 break
         return result
+
+    def _fail_lost_trials(self) -> None:
+        """Fail the study's trials whose worker stopped beating; the storage's `on_lost` reports each."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
 
     def _in_budget(self) -> bool:
         if self.plan.budget is None:
@@ -179,16 +220,39 @@ class Worker:
 
         log.info("trial started", trial_id=trial_id, optuna_trial_number=trial.number,
                  spectral_norm=config.spectral_norm, paired_with=paired_with)
-        outcome = run_trial(config, self.recorder_for(trial_id), optuna_trial_number=trial.number,
+        recorder = self.recorder_for(trial_id)
+        outcome = run_trial(config, recorder, optuna_trial_number=trial.number,
                             paired_with=paired_with, should_prune=should_prune if self.pruning else None,
                             stop=self.stop)
-        if outcome.error is not None:
-            trial.set_user_attr("error", f"{outcome.error.type}: {outcome.error.message}")
-        if outcome.status == "completed":
-            self.study.tell(trial, outcome.measurements["final_val_accuracy"])
-        else:
-            self.study.tell(trial, state=OPTUNA_STATE[outcome.status])
+        recorder.settle()  # Optuna must not record the trial as over before its stop is confirmed or spooled
+        try:
+            if outcome.error is not None:
+                trial.set_user_attr("error", f"{outcome.error.type}: {outcome.error.message}")
+            if outcome.status == "completed":
+                self.study.tell(trial, outcome.measurements["final_val_accuracy"], skip_if_finished=True)
+            else:
+                self.study.tell(trial, state=OPTUNA_STATE[outcome.status], skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # This process stalled past the heartbeat's grace period and another worker reported the trial lost.
+            log.warning("the trial was already failed as lost by another worker", trial_id=trial_id)
         log.info("trial finished", trial_id=trial_id, optuna_trial_number=trial.number, status=outcome.status,
                  error=outcome.error.type if outcome.error else None,
                  val_accuracy=outcome.measurements.get("final_val_accuracy"))
         return outcome
+
+
+def lost_trial_stop(trial: FrozenTrial, model_run_id: str, producer: ProducerInfo) -> RunStopped | None:
+    """The failed stop (error `worker_lost`) for a trial whose worker died; None when it never got as far as
+    publishing anything (no trial_id or configuration yet).
+
+    Its seq is `epochs + 2`, one above the largest seq the dead worker could have used (start 0, one metric per
+    epoch, stop epochs + 1), computed from the configuration already in Optuna, so no per-event write to Optuna is
+    needed and the lost stop is the trial's last event by seq whatever the dead worker got out."""
+    attrs = trial.user_attrs
+    if "trial_id" not in attrs or "config" not in attrs:
+        return None
+    config = TrialConfig(**attrs["config"])
+    events = TrialEvents(attrs["trial_id"], model_run_id, producer, next_seq=config.epochs + 2)
+    message = (f"the worker running Optuna trial {trial.number} stopped beating its heartbeat; "
+               f"failed by worker {producer.worker_id}")
+    return events.stop("failed", config.spectral_norm, {}, RunError(type="worker_lost", message=message))

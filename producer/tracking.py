@@ -212,6 +212,7 @@ class _EventRecorder:
         self._timer: threading.Timer | None = None
         self._run: _Run | None = None
         self._spectral_norm = False
+        self._released = threading.Event()  # no event held back for the MLflow run id any more
 
     def started(self, payload: StartPayload) -> None:
         self._spectral_norm = payload.spectral_norm
@@ -219,6 +220,7 @@ class _EventRecorder:
         mlflow = self._tracker.mlflow
         if mlflow is None or not mlflow.available:
             self._tracker.publish(start)
+            self._released.set()
             return
         self._held = [start]
         self._tracker.pending.add(self)
@@ -253,8 +255,14 @@ class _EventRecorder:
             self._tracker.publish(_with_run_id(start, run_id) if run_id else start)
             for event in rest:
                 self._tracker.publish(event)
+            self._released.set()
         if run_id is None:
             log.info("trial started without an MLflow run id", trial_id=self._events.trial_id)
+
+    def settle(self) -> None:
+        """Wait until this trial's events are confirmed or spooled (held ones first go out, within start_wait_s)."""
+        self._released.wait()
+        self._tracker.settle()
 
     def _emit(self, event: Event) -> None:
         with self._lock:
@@ -274,10 +282,15 @@ class Tracker:
     def __init__(self, publisher, producer: ProducerInfo, mlflow: MlflowLogger | None = None,
                  start_wait_s: float = 2.0):
         self.publish = publisher.publish
+        self._publisher = publisher
         self.producer = producer
         self.mlflow = mlflow
         self.start_wait_s = start_wait_s
         self.pending: set[_EventRecorder] = set()
+
+    def settle(self) -> None:
+        """Wait until everything published so far is confirmed by the broker or in the fsync'ed spool."""
+        self._publisher.flush()
 
     def trial(self, trial_id: str, model_run_id: str) -> _EventRecorder:
         return _EventRecorder(self, TrialEvents(trial_id, model_run_id, self.producer))

@@ -44,6 +44,10 @@ class TrialRecorder(Protocol):
 
     def stopped(self, outcome: TrialOutcome, model: nn.Module | None) -> None: ...
 
+    def settle(self) -> None:
+        """Block until every event reported so far is confirmed by the broker or in the fsync'ed spool (not
+        called by run_trial: its caller waits here before telling Optuna the trial is over)."""
+
 
 class _Interrupted(Exception):
     pass

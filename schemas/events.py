@@ -61,7 +61,7 @@ class MetricPayload(_Strict):
 
 
 class RunError(_Strict):
-    type: Literal["nan_loss", "oom", "timeout", "exception", "interrupted"]
+    type: Literal["nan_loss", "oom", "timeout", "exception", "interrupted", "worker_lost"]
     message: Annotated[str, Field(max_length=4000)]
 
 

@@ -29,6 +29,8 @@ class Settings(BaseModel):
     mlflow_start_wait_s: float = Field(default=2.0, gt=0)  # a trial's start event waits this long for its run id
 
     optuna_storage: str = "postgresql://postgres@127.0.0.1:5432/sntrack_optuna"
+    # A running trial beats Optuna's heartbeat this often; after two missed beats another worker reports it lost.
+    worker_heartbeat_s: int = Field(default=30, ge=1)
 
     spool_dir: Path = Field(default_factory=lambda: _default_state_dir() / "spool")
     publish_buffer: int = Field(default=10_000, ge=1)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from producer.publisher import EventPublisher
-from producer.spool import inspect
+from producer.spool import REJECTED_DIR, inspect
 from sntrack.settings import Settings, redact
 
 
@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "spool", help="the publisher's local spool of undelivered events",
         description="Events a worker could not deliver (broker unreachable) wait in JSON-lines segments under "
         "SNTRACK_SPOOL_DIR. Segments held by a running publisher are its own to deliver; orphaned ones (their "
-        "process is gone) are delivered by the next publisher that starts, or by `spool flush`.")
+        "process is gone) are delivered by the next publisher that starts, or by `spool flush`. Events the broker "
+        "returned as unroutable are quarantined, with the reason, in rejected/ under the spool dir. "
+        "Example: sntrack spool status")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser("status", help="list spooled segments and event counts",
                                 description="List the spool's segments: events, bytes, live or orphaned.")
@@ -30,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
     segments = inspect(settings.spool_dir)
+    quarantine = settings.spool_dir / REJECTED_DIR
+    rejected = sum(path.read_bytes().count(b"\n") for path in quarantine.glob("*.jsonl"))
+    if rejected:
+        print(f"quarantined: {rejected} unroutable events in {quarantine} (each line has the broker's reason)")
     if not segments:
         print(f"spool {settings.spool_dir}: empty")
         return 0

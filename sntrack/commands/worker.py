@@ -60,8 +60,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     import torch
 
     from producer.emitter import producer_info
-    from producer.publisher import EventPublisher
-    from producer.study import StudyError, Worker, WorkerPlan, open_study
+    from producer.publisher import EventPublisher, SpoolFull
+    from producer.study import Heartbeat, StudyError, Worker, WorkerPlan, lost_trial_stop, open_study
     from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
 
     optuna.logging.set_verbosity(logging.WARNING)
@@ -70,17 +70,35 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.study == ALL_SEARCHES:
         raise ConfigurationError(f"--study {ALL_SEARCHES!r} is reserved (it names the aggregate over all studies)")
     storage = args.storage or settings.optuna_storage
+    producer = producer_info(settings.worker_id)
+
+    def report_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna failed a trial whose worker stopped beating: publish its failed stop (worker_lost), durably."""
+        stop_event = lost_trial_stop(trial, study.study_name, producer)
+        log.warning("a trial's worker stopped beating; reported failed (worker_lost)", optuna_trial_number=trial.number,
+                    trial_id=stop_event.trial_id if stop_event else None)
+        if stop_event is not None:
+            publisher.publish(stop_event)  # the publisher below: Optuna calls this only from worker.run()
+            publisher.flush()
+
     try:
         space = SearchSpace.load(args.search_space, overrides)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if args.pruner == "median" else None
-        study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner)
+        study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner,
+                           heartbeat=Heartbeat(settings.worker_heartbeat_s, report_lost))
     except (SearchSpaceError, StudyError) as exc:
         raise ConfigurationError(str(exc)) from None
     stop = threading.Event()
+    signals = 0
 
     def on_signal(signum: int, _frame) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt  # a second signal: stop now
+        nonlocal signals
+        signals += 1
+        if signals == 2:  # stop now: no more waiting for the broker; what is in memory is spooled on the way out
+            log.warning("second signal: spooling what is in memory and exiting", signal=signal.Signals(signum).name)
+            raise KeyboardInterrupt
+        if signals > 2:
+            return  # the exit is spooling; one more interrupt there would lose the events in memory
         log.info("stopping: the running trial ends as interrupted", signal=signal.Signals(signum).name)
         stop.set()
 
@@ -97,7 +115,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         if use_mlflow:
             bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
             mlflow = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
-        tracker = Tracker(publisher, producer_info(settings.worker_id), mlflow, settings.mlflow_start_wait_s)
+        tracker = Tracker(publisher, producer, mlflow, settings.mlflow_start_wait_s)
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
             with Progress(f"study {args.study}", unit="trials") as progress:
@@ -107,6 +125,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
                 result = worker.run()
         except StudyError as exc:
             raise ConfigurationError(str(exc)) from None
+        except SpoolFull as exc:
+            print(f"sntrack: {exc}", file=sys.stderr)
+            return 1
         finally:
             tracker.close(CLOSE_TIMEOUT_S)
         delivered = publisher.close(CLOSE_TIMEOUT_S)
