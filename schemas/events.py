@@ -1,6 +1,9 @@
 """Pydantic v2 models of the event envelope and the three ml.run.* events (schema_version 1).
 
 Strict at the gate: no coercion ("true" is not a boolean), no unknown fields, no NaN/inf.
+Nothing the store cannot hold: no NUL in any string (PostgreSQL text and jsonb refuse it), integers within the
+PostgreSQL column they land in, times within years 1..9999 once in UTC. Every projection therefore sees the same
+accepted set (tests/test_gate_totality.py, tests/test_gate_store_limits.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -26,10 +30,23 @@ from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 CURRENT_SCHEMA_VERSION = 1
 ALL_SEARCHES = "*"  # reserved model_run_id: aggregates over every search are stored under it
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # PostgreSQL integer
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # PostgreSQL bigint
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000), which PostgreSQL cannot store")
+    return value
+
+
 EventType = Literal["ml.run.start", "ml.run.metric", "ml.run.stop"]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-Scalar = str | int | float | bool | None
-Measurements = dict[Annotated[str, Field(min_length=1, max_length=100)], float]
+Text = Annotated[str, AfterValidator(_no_nul)]
+Identifier = Annotated[Text, Field(min_length=1, max_length=200)]
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Scalar = Text | int | float | bool | None
+Measurements = dict[Annotated[Text, Field(min_length=1, max_length=100)], float]
 
 
 class _Strict(BaseModel):
@@ -38,31 +55,43 @@ class _Strict(BaseModel):
 
 class ProducerInfo(_Strict):
     worker_id: Identifier
-    host: str
-    pid: int
-    version: str
+    host: Text
+    pid: Int32
+    version: Text
 
 
 class StartPayload(_Strict):
     spectral_norm: bool
-    hyperparams: dict[str, Scalar] = Field(default_factory=dict)
-    dataset: str
-    model: str
-    seed: int
-    mlflow_run_id: str | None = None
-    optuna_trial_number: int | None = None
-    paired_with: str | None = None
+    hyperparams: dict[Text, Scalar] = Field(default_factory=dict)
+    dataset: Text
+    model: Text
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+    mlflow_run_id: Text | None = None
+    optuna_trial_number: Int32 | None = None
+    paired_with: Text | None = None
+
+    @field_validator("hyperparams")
+    @classmethod
+    def _ints_fit_bigint(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        # Checked here, not by a constrained int in Scalar: the union would turn a too-large int into a float.
+        for key, item in value.items():
+            if isinstance(item, int) and not isinstance(item, bool):
+                # `epochs` also lands in trials.epochs (integer); every other int only in jsonb.
+                low, high = (INT32_MIN, INT32_MAX) if key == "epochs" else (INT64_MIN, INT64_MAX)
+                if not low <= item <= high:
+                    raise ValueError(f"hyperparams[{key!r}] = {item} is outside {low}..{high}")
+        return value
 
 
 class MetricPayload(_Strict):
-    epoch: Annotated[int, Field(ge=0)]
+    epoch: Count
     measurements: Measurements
     spectral_norms: Measurements | None = None
 
 
 class RunError(_Strict):
     type: Literal["nan_loss", "oom", "timeout", "exception", "interrupted"]
-    message: Annotated[str, Field(max_length=4000)]
+    message: Annotated[Text, Field(max_length=4000)]
 
 
 class StopPayload(_Strict):
@@ -86,13 +115,16 @@ class _Envelope(_Strict):
     occurred_at: AwareDatetime
     trial_id: Identifier
     model_run_id: Identifier
-    seq: Annotated[int, Field(ge=0)]
+    seq: Count
     producer: ProducerInfo
 
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"{value.isoformat()} is out of range once converted to UTC (years 1..9999)") from None
 
     @field_validator("model_run_id")
     @classmethod
