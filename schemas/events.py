@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
-    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -32,16 +31,12 @@ ALL_SEARCHES = "*"  # reserved model_run_id: aggregates over every search are st
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # PostgreSQL integer
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # PostgreSQL bigint
-
-
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("contains a NUL character (\\u0000), which PostgreSQL cannot store")
-    return value
+# NUL is refused by a pattern, checked in pydantic-core: a Python validator per string halved gate throughput.
+NO_NUL = r"^[^\x00]*$"
 
 
 EventType = Literal["ml.run.start", "ml.run.metric", "ml.run.stop"]
-Text = Annotated[str, AfterValidator(_no_nul)]
+Text = Annotated[str, Field(pattern=NO_NUL)]
 Identifier = Annotated[Text, Field(min_length=1, max_length=200)]
 Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]

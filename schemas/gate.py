@@ -13,7 +13,7 @@ from enum import StrEnum
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
-from schemas.events import CURRENT_SCHEMA_VERSION, EVENT_ADAPTER, Event
+from schemas.events import CURRENT_SCHEMA_VERSION, EVENT_ADAPTER, NO_NUL, Event
 from schemas.topology import ROUTING_KEYS
 from schemas.upcasting import UnsupportedVersion, UpcastFailed, upcast
 
@@ -88,7 +88,12 @@ def _explain(body: bytes) -> Event:
     except UpcastFailed as exc:
         raise GateRejection(RejectReason.INVALID_EVENT, str(exc)) from None
     except ValidationError as exc:
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
-        )
+        detail = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {_message(err)}"
+                           for err in exc.errors(include_url=False))
         raise GateRejection(RejectReason.INVALID_EVENT, detail) from None
+
+
+def _message(error) -> str:
+    if error["type"] == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") == NO_NUL:
+        return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    return error["msg"]
