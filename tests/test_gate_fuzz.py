@@ -92,16 +92,44 @@ async def drain(env, queue: str, count: int) -> list[aio_pika.abc.AbstractIncomi
     return out
 
 
-def start_daemon(env, log) -> subprocess.Popen:
+def start_daemon(env, log, *names: str) -> subprocess.Popen:
     """The real consumer daemon; its log goes to a file (30,000 dead-letter warnings would fill a pipe)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "sntrack", "consume", "journal", "trials", "comparison"],
+        [sys.executable, "-m", "sntrack", "consume", *names],
         env={**cli_env(env), "SNTRACK_MAX_MESSAGE_BYTES": str(LIMIT), "SNTRACK_LOG_JSON": "true"},
         stdout=subprocess.DEVNULL, stderr=log)
 
 
 def digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+async def test_the_messages_that_killed_the_daemon_are_dead_lettered(env, tmp_path):
+    # Issue 8's reproductions: 1,000 nested [ (RecursionError) and an offset that overflows UTC (OverflowError)
+    # each killed `sntrack consume journal trials`, and killed it again on every redelivery.
+    study = synthetic_study(10, 4, producer=producer_info(), seed=8)
+    good = [e for trial in study for e in trial]
+    date = json.loads(next(e for e in good if e.event_type == "ml.run.metric").to_json())
+    date["occurred_at"] = "0001-01-01T00:00:00+01:00"
+    poison = [b"[" * 1000 + b"]" * 1000, json.dumps(date).encode()]
+    with (tmp_path / "daemon.log").open("w") as log:
+        daemon = start_daemon(env, log, "journal", "trials")
+        try:
+            await env.publish_events(good[:20])
+            await env.publish_raw(poison)
+            await env.publish_events(good[20:])
+            for projection in ("journal", "trials"):
+                await wait_until(lambda p=projection: env.fetchval(
+                    "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, len(good)), what=projection)
+            assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    assert daemon.returncode == 0, (tmp_path / "daemon.log").read_text()[-2000:]
+    for queue in ("sntrack.journal", "sntrack.trials"):
+        letters = await drain(env, f"{queue}.dlq", 2)
+        assert [(m.body, m.headers[REASON_HEADER]) for m in letters] == [
+            (poison[0], "invalid_json"), (poison[1], "invalid_event")], queue
 
 
 @pytest.mark.slow
@@ -115,7 +143,7 @@ async def test_ten_thousand_malformed_messages_through_the_daemon(env, tmp_path)
                 "comparison": collections.Counter(digest(b) for b, key in bad if key == RUN_STOP)}
 
     log = (tmp_path / "daemon.log").open("w")
-    daemon = start_daemon(env, log)
+    daemon = start_daemon(env, log, "journal", "trials", "comparison")
 
     def alive(value):
         assert daemon.poll() is None, f"the daemon died (exit {daemon.returncode}); see {log.name}"
