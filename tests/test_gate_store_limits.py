@@ -37,7 +37,7 @@ def unstorable(good) -> list[dict]:
         changed(metric, ["payload", "spectral_norms", "layer\u0000"], 1.0),
         changed(start, ["payload", "optuna_trial_number"], 2**31),
         changed(start, ["payload", "seed"], 2**63),
-        changed(start, ["payload", "hyperparams", "hidden"], 2**63),
+        changed(start, ["payload", "hyperparams", "epochs"], 3e9),
         changed(start, ["payload", "hyperparams", "epochs"], 2**31),
         changed(start, ["payload", "hyperparams", "opt\u0000"], "adam"),
         changed(start, ["payload", "dataset"], "digits\u0000"),
@@ -76,6 +76,56 @@ async def test_unstorable_values_are_gate_rejections_for_every_consumer(env):
         assert {m.headers[REASON_HEADER] for m in letters} == {"invalid_event"}, queue
     assert await env.fetchval("SELECT count(*) FROM events") == len(good)
 
+    for projection, tables in (("comparison", ("sn_comparison",)), ("trials", ("trials", "trial_metrics"))):
+        live = await env.snapshot(*tables)
+        await env.replay(projection)
+        assert await env.snapshot(*tables) == live, projection
+
+
+MAX_FLOAT = 1.7976931348623157e308
+
+
+def at_the_limits(good) -> list:
+    """A trial whose every value is as extreme as the contract allows: the store must hold each one."""
+    start, metric, stop = (json.loads(next(e for e in good if e.event_type == t).to_json())
+                           for t in ("ml.run.start", "ml.run.metric", "ml.run.stop"))
+    trial = {"trial_id": "extreme-\U0001f642-" + "x" * 180, "model_run_id": "search-\u00e9"}
+    producer = {**start["producer"], "pid": 2**31 - 1, "host": "h\U0001f642" * 1000}
+    start = {**start, **trial, "event_id": str(uuid.uuid4()), "occurred_at": "0001-01-01T00:00:00Z",
+             "producer": producer}
+    start["payload"] = {**start["payload"], "seed": -(2**63), "optuna_trial_number": -(2**31),
+                        "hyperparams": {"big": 10**300, "small": -(2**63), "tiny": 5e-324, "huge": MAX_FLOAT,
+                                        "neg_zero": -0.0, "epochs": 2**31 - 1, "\U0001f642": "\u00e9\U0001f642"}}
+    metric = {**metric, **trial, "event_id": str(uuid.uuid4()), "seq": 2**31 - 2, "producer": producer,
+              "payload": {"epoch": 2**31 - 1, "measurements": {"val_loss": MAX_FLOAT,
+                                                               "train_loss": -MAX_FLOAT,
+                                                               "val_accuracy": 5e-324}}}
+    stop = {**stop, **trial, "event_id": str(uuid.uuid4()), "seq": 2**31 - 1, "producer": producer,
+            "occurred_at": "9999-12-31T23:59:59.999999Z"}
+    stop["payload"] = {"status": "failed", "spectral_norm": True, "error": {"type": "exception", "message": "e" * 4000},
+                       "measurements": {"duration_ms": MAX_FLOAT, "final_val_accuracy": -5e-324,
+                                        "final_train_accuracy": 1.7976931348623157e308}}
+    return [start, metric, stop]
+
+
+async def test_the_most_extreme_valid_values_are_stored_by_every_consumer(env):
+    # The other side of the contract: what it accepts, every projection stores, and a replay reproduces.
+    extreme = at_the_limits([e for trial in synthetic_study(1, 2, producer=producer_info(), seed=3) for e in trial])
+    async with running_consumers(env.settings, CONSUMERS):
+        for doc in extreme:
+            await env.publish_raw([json.dumps(doc).encode()], routing_key=doc["event_type"])
+        for projection, expected in (("journal", 3), ("trials", 3), ("comparison", 1)):
+            await wait_until(lambda p=projection, n=expected: env.fetchval(
+                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, n), what=projection)
+    assert [env.queue_depth(f"sntrack.{name}.dlq") for name in CONSUMERS] == [0, 0, 0]
+    row = (await env.fetch("SELECT seed, epochs, hyperparams, last_seq, started_at, finished_at FROM trials"))[0]
+    assert (row["seed"], row["epochs"], row["last_seq"]) == (-(2**63), 2**31 - 1, 2**31 - 1)
+    stored, sent = json.loads(row["hyperparams"]), extreme[0]["payload"]["hyperparams"]
+    # jsonb keeps numbers as numeric, exactly as written: a float written without a fraction (1.79e308) reads
+    # back as the integer it spells, which converts back to the same float.
+    assert stored.keys() == sent.keys()
+    assert all((float(stored[k]) if isinstance(v, float) else stored[k]) == v for k, v in sent.items()), stored
+    assert (row["started_at"].year, row["finished_at"].year) == (1, 9999)
     for projection, tables in (("comparison", ("sn_comparison",)), ("trials", ("trials", "trial_metrics"))):
         live = await env.snapshot(*tables)
         await env.replay(projection)
