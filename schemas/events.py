@@ -1,6 +1,9 @@
 """Pydantic v2 models of the event envelope and the three ml.run.* events (schema_version 1).
 
 Strict at the gate: no coercion ("true" is not a boolean), no unknown fields, no NaN/inf.
+Nothing the store cannot hold: no NUL in any string (PostgreSQL text and jsonb refuse it), integers within the
+PostgreSQL column they land in, times within years 1..9999 once in UTC. Every projection therefore sees the same
+accepted set (tests/test_gate_totality.py, tests/test_gate_store_limits.py).
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 CURRENT_SCHEMA_VERSION = 1
 ALL_SEARCHES = "*"  # reserved model_run_id: aggregates over every search are stored under it
 
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # PostgreSQL integer
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # PostgreSQL bigint (seed)
+# NUL is refused by a pattern, checked in pydantic-core: a Python validator per string halved gate throughput.
+NO_NUL = r"^[^\x00]*$"
+
+
 EventType = Literal["ml.run.start", "ml.run.metric", "ml.run.stop"]
-Identifier = Annotated[str, Field(min_length=1, max_length=200)]
-Scalar = str | int | float | bool | None
-Measurements = dict[Annotated[str, Field(min_length=1, max_length=100)], float]
+Text = Annotated[str, Field(pattern=NO_NUL)]
+Identifier = Annotated[Text, Field(min_length=1, max_length=200)]
+Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Scalar = Text | int | float | bool | None
+Measurements = dict[Annotated[Text, Field(min_length=1, max_length=100)], float]
 
 
 class _Strict(BaseModel):
@@ -38,31 +50,43 @@ class _Strict(BaseModel):
 
 class ProducerInfo(_Strict):
     worker_id: Identifier
-    host: str
-    pid: int
-    version: str
+    host: Text
+    pid: Int32
+    version: Text
 
 
 class StartPayload(_Strict):
     spectral_norm: bool
-    hyperparams: dict[str, Scalar] = Field(default_factory=dict)
-    dataset: str
-    model: str
-    seed: int
-    mlflow_run_id: str | None = None
-    optuna_trial_number: int | None = None
-    paired_with: str | None = None
+    hyperparams: dict[Text, Scalar] = Field(default_factory=dict)
+    dataset: Text
+    model: Text
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+    mlflow_run_id: Text | None = None
+    optuna_trial_number: Int32 | None = None
+    paired_with: Text | None = None
+
+    @field_validator("hyperparams")
+    @classmethod
+    def _epochs_fit_integer(cls, value: dict[str, Scalar]) -> dict[str, Scalar]:
+        # `epochs` lands in trials.epochs (integer). A float is bounded too: the journal keeps the envelope as
+        # jsonb, which prints 3e9 as the integer 3000000000, so a replay would read an int the column cannot hold.
+        # Other hyperparams live only in jsonb, which holds any number this parser reads (up to 4,300 digits);
+        # bounding them would refuse, on replay, a float such as 1e300 that jsonb gives back as an integer.
+        epochs = value.get("epochs")
+        if isinstance(epochs, int | float) and not isinstance(epochs, bool) and not INT32_MIN <= epochs <= INT32_MAX:
+            raise ValueError(f"hyperparams['epochs'] = {epochs} is outside PostgreSQL integer")
+        return value
 
 
 class MetricPayload(_Strict):
-    epoch: Annotated[int, Field(ge=0)]
+    epoch: Count
     measurements: Measurements
     spectral_norms: Measurements | None = None
 
 
 class RunError(_Strict):
     type: Literal["nan_loss", "oom", "timeout", "exception", "interrupted", "worker_lost"]
-    message: Annotated[str, Field(max_length=4000)]
+    message: Annotated[Text, Field(max_length=4000)]
 
 
 class StopPayload(_Strict):
@@ -86,13 +110,16 @@ class _Envelope(_Strict):
     occurred_at: AwareDatetime
     trial_id: Identifier
     model_run_id: Identifier
-    seq: Annotated[int, Field(ge=0)]
+    seq: Count
     producer: ProducerInfo
 
     @field_validator("occurred_at")
     @classmethod
     def _to_utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(f"{value.isoformat()} is out of range once converted to UTC (years 1..9999)") from None
 
     @field_validator("model_run_id")
     @classmethod

@@ -54,14 +54,27 @@ async def test_poison_messages_go_to_dead_letters_and_good_ones_are_applied(env)
         assert all(m.headers["x-sntrack-detail"] for m in letters)
 
 
-async def test_event_the_database_cannot_store_is_dead_lettered_as_handler_error(env):
-    # Valid by the contract, but PostgreSQL text cannot hold NUL: the handler fails every time. The runtime
+async def test_event_the_database_refuses_is_dead_lettered_as_handler_error(env):
+    # Valid by the contract, but refused by the database every time (the contract itself refuses what the store
+    # cannot hold, tests/test_gate_store_limits.py, so a trigger stands in for such a failure). The runtime
     # isolates it from its batch, retries it a few times, then dead-letters it with the reason.
     study = synthetic_study(4, 3, producer=producer_info(), seed=5)
     good = [e for trial in study for e in trial]
     bad = json.loads(good[0].to_json())
     bad["event_id"] = "01939a3c-1d2e-7f00-8000-00000000dead"
-    bad["trial_id"] = "nul\u0000trial"
+    bad["trial_id"] = "refused-trial"
+    conn = await env.db()
+    try:
+        await conn.execute("""
+            CREATE FUNCTION refuse_trial() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.id = 'refused-trial' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_trial BEFORE INSERT ON trials FOR EACH ROW EXECUTE FUNCTION refuse_trial();
+        """)
+    finally:
+        await conn.close()
     async with running_consumers(env.settings, ["trials"]):
         await env.publish_events(good[:5])
         await env.publish_raw([json.dumps(bad).encode()], routing_key="ml.run.start")
@@ -69,8 +82,7 @@ async def test_event_the_database_cannot_store_is_dead_lettered_as_handler_error
         await wait_until(lambda: env.fetchval("SELECT count(*) = 4 FROM trials WHERE status <> 'running'"))
         await wait_until(lambda: env.queue_depth("sntrack.trials.dlq") == 1, timeout=60, what="dead letter")
     letters = await env.dead_letters("sntrack.trials")
-    assert len(letters) == 1 and json.loads(letters[0].body)["trial_id"] == "nul\u0000trial"
+    assert len(letters) == 1 and json.loads(letters[0].body)["trial_id"] == "refused-trial"
     assert letters[0].headers[REASON_HEADER] == "handler_error"
-    assert "UntranslatableCharacter" in letters[0].headers["x-sntrack-detail"] or "0x00" in \
-        letters[0].headers["x-sntrack-detail"]
+    assert "refused by the test trigger" in letters[0].headers["x-sntrack-detail"]
     assert await env.fetchval("SELECT count(*) FROM applied_events") == len(good)
