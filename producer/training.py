@@ -68,7 +68,9 @@ def _error(exc: BaseException) -> RunError:
         kind = "oom"
     else:
         kind = "exception"
-    return RunError(type=kind, message=f"{type(exc).__name__}: {exc}"[:4000])
+    # The contract refuses NUL (PostgreSQL text cannot hold it); an exception's text may carry one.
+    message = f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+    return RunError(type=kind, message=message[:4000])
 
 
 def run_trial(

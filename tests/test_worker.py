@@ -12,7 +12,7 @@ from producer.emitter import producer_info
 from producer.model import SingularValueMeter, build_model
 from producer.search_space import SearchSpace, SearchSpaceError
 from producer.tracking import Tracker
-from producer.training import TrialConfig, TrialOutcome, run_trial
+from producer.training import TrialConfig, TrialOutcome, _error, run_trial
 from schemas import RunMetric, RunStarted, RunStopped
 
 torch.set_num_threads(1)
@@ -104,6 +104,11 @@ def test_exception_ends_as_failed_with_type_and_message():
     recorder = train(dataclasses.replace(BASE, dataset="mnist"))
     assert recorder.outcome.status == "failed"
     assert recorder.outcome.error.type == "exception" and "ValueError" in recorder.outcome.error.message
+
+
+def test_exception_text_with_nul_still_gives_a_valid_error():
+    error = _error(ValueError("bad\x00byte"))  # the contract refuses NUL: it would fail the failed stop itself
+    assert error.type == "exception" and error.message == "ValueError: bad\\x00byte"
 
 
 def test_stop_interrupts_the_running_trial():
