@@ -9,13 +9,19 @@ from hypothesis import strategies as st
 
 from consumers.persistence import Store
 from consumers.projections.trials import TrialsProjection
-from producer.emitter import producer_info
+from producer.emitter import TrialEvents, producer_info
 from producer.sample import synthetic_trial
+from schemas import RunError
 
 PROJECTION = TrialsProjection()
-TRIAL = synthetic_trial(random.Random(3), "study-p", producer_info("w"), epochs=6)
-# A failed or pruned trial has fewer metric events; make sure the property covers a complete one as well.
-assert TRIAL[-1].event_type == "ml.run.stop"
+EPOCHS = 6
+_RUN = synthetic_trial(random.Random(1), "study-p", producer_info("w"), epochs=EPOCHS)
+assert _RUN[-1].payload.status == "completed"  # a complete curve, not a pruned or failed one
+# A second stop: the worker made its stop durable and died before telling Optuna, so another worker reports the
+# trial lost with seq epochs + 2 (producer.study.lost_trial_stop). The stop with the higher seq must win in any order.
+LOST = TrialEvents(_RUN[0].trial_id, "study-p", producer_info("w2"), next_seq=EPOCHS + 2).stop(
+    "failed", _RUN[0].payload.spectral_norm, {}, RunError(type="worker_lost", message="heartbeat stopped"))
+TRIAL = [*_RUN, LOST]
 
 
 async def _rows_after(database_url: str, deliveries: list[list]) -> tuple:
@@ -48,7 +54,7 @@ def deliveries(draw):
 def test_any_order_and_duplication_gives_the_same_rows(env):
     url = env.settings.database_url
     expected = asyncio.run(_rows_after(url, [TRIAL]))
-    assert expected[0][0]["status"] == TRIAL[-1].payload.status
+    assert expected[0][0]["status"] == "failed" and expected[0][0]["error_type"] == "worker_lost"
     assert len(expected[1]) == sum(e.event_type == "ml.run.metric" for e in TRIAL)
     assert expected[2] == len(TRIAL)
 

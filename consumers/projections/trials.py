@@ -49,18 +49,20 @@ ON CONFLICT (trial_id, epoch) DO UPDATE SET
 WHERE m.seq < EXCLUDED.seq
 """
 
+# A trial can have two stops: its worker made its stop durable and was killed before telling Optuna, and another
+# worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order.
+_STOP_WINS = "(t.finished_at IS NULL OR EXCLUDED.last_seq >= t.last_seq)"
+_STOP_COLUMNS = ",\n".join(
+    f"    {column} = CASE WHEN {_STOP_WINS} THEN EXCLUDED.{column} ELSE t.{column} END"
+    for column in ("spectral_norm", "status", "metrics", "duration_ms", "error_type", "error_message", "finished_at")
+)
+
 UPSERT_STOP = f"""
 INSERT INTO trials AS t (id, model_run_id, spectral_norm, status, metrics, duration_ms, error_type, error_message,
                          finished_at, last_seq, inserted_at, updated_at)
 VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $9, $9)
 ON CONFLICT (id) DO UPDATE SET
-    spectral_norm = EXCLUDED.spectral_norm,
-    status = EXCLUDED.status,
-    metrics = EXCLUDED.metrics,
-    duration_ms = EXCLUDED.duration_ms,
-    error_type = EXCLUDED.error_type,
-    error_message = EXCLUDED.error_message,
-    finished_at = EXCLUDED.finished_at,
+{_STOP_COLUMNS},
 {_KEEP_TIMES}
 """
 
