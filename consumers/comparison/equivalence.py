@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from consumers.comparison.stats import _variance
+from consumers.comparison.stats import variance
 
 ASO_DT = 0.005  # deepsig's default grid step of the quantile integrals
 ASO_BOOTSTRAP = 1000
@@ -52,13 +52,13 @@ def tost_paired(a: Sequence[float], b: Sequence[float], margin: float) -> Tost:
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         return Tost(margin)
-    return _tost(float(d.mean()), math.sqrt(_variance(d) / len(d)), len(d) - 1, margin)
+    return _tost(float(d.mean()), math.sqrt(variance(d) / len(d)), len(d) - 1, margin)
 
 
 def tost_welch(a: Sequence[float], b: Sequence[float], margin: float) -> Tost:
     if len(a) < 2 or len(b) < 2:
         return Tost(margin)
-    va, vb = _variance(a) / len(a), _variance(b) / len(b)
+    va, vb = variance(a) / len(a), variance(b) / len(b)
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se else len(a) + len(b) - 2
     return _tost(float(np.mean(a) - np.mean(b)), se, float(df), margin)
@@ -140,8 +140,8 @@ class BayesSignedRank:
 def bayes_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, *, seed: int = 0,
                       samples: int | None = None) -> BayesSignedRank:
     """baycomp's SignedRankTest (Dirichlet-process signed rank, prior weight 0.5 on a pseudo-observation at 0):
-    for each posterior weight vector w, the mass of "a better" is Σ_ij w_i w_j [d_i + d_j > 2·rope] (ties count ½). The double
-    sum is computed from sorted differences and prefix sums of w: O(n) per draw instead of baycomp's O(n²)."""
+    for each posterior weight vector w, the mass of "a better" is Σ_ij w_i w_j [d_i + d_j > 2·rope] (ties count
+    ½). The double sum is computed from sorted differences and prefix sums of w: O(n) per draw."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         return BayesSignedRank(rope)
