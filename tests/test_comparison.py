@@ -51,7 +51,42 @@ GOLDEN = {
     *(f"power.{b}.{f}" for b in ("observed", "min_effect") for f in _POWER),
     "verdict.text", "verdict.significant", "verdict.test", "verdict.p_value", "warnings[]",
     *(f"curves.{arm}{leaf}" for arm in ("spectral_norm", "baseline")
-      for leaf in ("[]", *(f"[].{f}" for f in ("epoch", "n", "mean", "ci_low", "ci_high")))),
+      for leaf in ("[]", *(f"[].{f}" for f in ("epoch", "n", "mean", "ci_low", "ci_high", "elapsed_s")))),
+}
+# What report_version 2 added; the version-1 fields above keep their meaning.
+_ANALYSIS = ("design", "n_trials", "n_pairs", "test", "p_value", "significant", *(f"difference.{f}" for f in _DIFF))
+_SIGMAS = ("trials_measured", "layers[]", "layers[].layer", "layers[].median", "layers[].max",
+           "lipschitz_bound.median", "lipschitz_bound.max")
+GOLDEN |= {
+    "min_effect", "journal_trials", "power.observed_caveat",
+    "design.primary", "design.completed_trials", "design.trials_in_complete_pairs", "design.rule",
+    *(f"{a}.{f}" for a in ("primary", "subset") for f in _ANALYSIS),
+    "equivalence.margin", *(f"equivalence.tost.{f}" for f in ("margin", "p_value", "p_lower", "p_upper", "df",
+                                                               "design")),
+    *(f"equivalence.aso.{f}" for f in ("epsilon_min", "violation_ratio", "bootstrap", "confidence", "design")),
+    *(f"equivalence.bayes_signed_rank.{f}" for f in ("rope", "n_pairs", "p_sn_better", "p_equivalent",
+                                                      "p_baseline_better", "samples")),
+    *(f"training_time.ratio.{f}" for f in ("estimate", "ci_low", "ci_high", "n", "design")),
+    "manipulation.tolerance", "manipulation.sn_trials_over_tolerance", "manipulation.baseline_trials_all_at_most_one",
+    "manipulation.examples.spectral_norm[]", "manipulation.examples.baseline[]", "manipulation.passed",
+    *(f"manipulation.{arm}.{f}" for arm in ("spectral_norm", "baseline") for f in _SIGMAS),
+    "where_it_helps.exploratory", "where_it_helps.design", "where_it_helps.correction",
+    "where_it_helps.most_related", "where_it_helps.related[]", "where_it_helps.parameters[]",
+    *(f"where_it_helps.parameters[].{f}" for f in ("hyperparam", "test", "scale", "statistic", "p_value", "p_holm",
+                                                   "buckets[]", "buckets[].label", "buckets[].n",
+                                                   *(f"buckets[].{d}" for d in _DIFF))),
+    *(f"stability.variance_ratio.{f}" for f in ("ratio", "ci_low", "ci_high")),
+    *(f"stability.brown_forsythe.{f}" for f in _TEST), "stability.paired.n_pairs", "stability.paired.variance_ratio",
+    *(f"stability.paired.pitman_morgan.{f}" for f in _TEST),
+    "convergence.threshold", *(f"convergence.{arm}.{f}" for arm in ("spectral_norm", "baseline") for f in _SUMMARY),
+    *(f"convergence.difference.{f}" for f in _DIFF),
+    "strata.design", "strata.signs_disagree", "strata.significant_strata", "strata.items[]",
+    *(f"strata.items[].{f}" for f in ("model_run_id", "dataset", "n_sn", "n_baseline", "p_value", "p_holm",
+                                      *(f"difference.{d}" for d in _DIFF))),
+    *(f"strata.pooled.{f}" for f in ("estimate", "se", "ci_low", "ci_high", "p_value", "q", "q_p_value",
+                                     "i_squared", "strata")),
+    *(f"verdict.{f}" for f in ("outcome", "design", "n_trials", "margin", "tost_p_value", "additional", "unit",
+                               "disagreement")),
 }
 
 
@@ -178,8 +213,8 @@ def test_report_is_honest_with_too_few_or_identical_values():
     assert one_each["difference"]["estimate"] == pytest.approx(0.1)
     same = build_report(ComparisonData([_trial(i, i % 2 == 0, 0.9) for i in range(6)], None, []))
     assert same["tests"]["welch_t"]["p_value"] is None
-    assert same["verdict"]["test"] == "mann_whitney_u" and same["verdict"]["text"].startswith(
-        "no significant difference at α = 0.05 (p = 1.000")
+    assert same["verdict"]["test"] == "mann_whitney_u" and same["verdict"]["outcome"] == "equivalent"
+    assert same["verdict"]["text"].startswith("equivalent within ±0.01: SN − baseline = +0.0000")
     for report in (empty, one_each, same):
         json.dumps(report, allow_nan=False)
 

@@ -95,3 +95,19 @@ def test_duration_ratios_are_geometric_means_with_positive_intervals():
     ref = stats.ttest_ind(np.log(a), np.log(b[:4]), equal_var=False).confidence_interval(0.95)
     assert (independent.ci_low, independent.ci_high) == (close(np.exp(ref.low)), close(np.exp(ref.high)))
     assert independent.ci_low > 0
+
+
+def test_independent_buckets_are_welch_per_bucket():
+    arm = np.arange(40) % 2 == 0
+    buckets = het.independent_buckets(list(X), list(arm), list(Y))
+    mask = X >= np.quantile(X, 0.75)
+    ref = stats.ttest_ind(Y[mask & arm], Y[mask & ~arm], equal_var=False).confidence_interval(0.95)
+    assert (buckets[-1].difference.ci_low, buckets[-1].difference.ci_high) == (close(ref.low), close(ref.high))
+
+
+def test_pitman_morgan_is_pearson_of_difference_and_sum():
+    a, b = X[:20] * 2, Y[:20]
+    ref = stats.pearsonr(a - b, a + b)
+    mine = st.pitman_morgan(a, b)
+    assert (mine.statistic, mine.p_value) == (close(ref.statistic), close(ref.pvalue))
+    assert st.pitman_morgan([0.9, 0.8], [0.7, 0.6]).p_value is None

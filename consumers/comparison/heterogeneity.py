@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from consumers.comparison.stats import Difference, TestResult, mean_difference, paired, welch_difference, welch_test
+from consumers.comparison.stats import (
+    Difference,
+    TestResult,
+    is_number,
+    mean_difference,
+    paired,
+    welch_difference,
+    welch_test,
+)
 
 BUCKETS = 4
 
@@ -39,28 +47,41 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> TestResult:
 @dataclass(frozen=True)
 class Bucket:
     label: str
-    low: float | str
-    high: float | str
     difference: Difference
     n: int
 
 
-def paired_buckets(values: Sequence[object], differences: Sequence[float]) -> list[Bucket]:
-    """Mean paired difference with its 95% CI per quantile bucket of a numeric parameter (up to BUCKETS buckets
-    of about equal size; equal values stay in one bucket), or per category otherwise."""
-    d = np.asarray(differences, dtype=float)
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+def numeric(values: Sequence[object]) -> bool:
+    return all(map(is_number, values))
+
+
+def bucketize(values: Sequence[object]) -> list[tuple[str, np.ndarray]]:
+    """(label, mask) per quantile bucket of a numeric parameter (up to BUCKETS buckets of about equal size; equal
+    values stay in one bucket, the last bucket is closed), or per category otherwise."""
+    if numeric(values):
         x = np.asarray(values, dtype=float)
         edges = np.unique(np.quantile(x, np.linspace(0, 1, BUCKETS + 1)))
         if len(edges) < 2:
             return []
         index = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
-        return [Bucket(f"[{edges[k]:.4g}, {edges[k + 1]:.4g}" + ("]" if k == len(edges) - 2 else ")"),
-                       float(edges[k]), float(edges[k + 1]), mean_difference(d[index == k]), int((index == k).sum()))
+        last = len(edges) - 2
+        return [(f"[{edges[k]:.4g}, {edges[k + 1]:.4g}{']' if k == last else ')'}", index == k)
                 for k in range(len(edges) - 1) if (index == k).any()]
     labels = np.asarray([repr(v) for v in values])
-    return [Bucket(label, label, label, mean_difference(d[labels == label]), int((labels == label).sum()))
-            for label in sorted(set(labels))]
+    return [(label, labels == label) for label in sorted(set(labels))]
+
+
+def paired_buckets(values: Sequence[object], differences: Sequence[float]) -> list[Bucket]:
+    """Mean paired difference with its 95% CI per bucket of the parameter (see `bucketize`)."""
+    d = np.asarray(differences, dtype=float)
+    return [Bucket(label, mean_difference(d[mask]), int(mask.sum())) for label, mask in bucketize(values)]
+
+
+def independent_buckets(values: Sequence[object], arm: Sequence[bool], outcome: Sequence[float]) -> list[Bucket]:
+    """Welch's difference SN − baseline with its 95% CI per bucket of the parameter over both arms' trials."""
+    a, y = np.asarray(arm, dtype=bool), np.asarray(outcome, dtype=float)
+    return [Bucket(label, welch_difference(y[mask & a], y[mask & ~a]), int(mask.sum()))
+            for label, mask in bucketize(values)]
 
 
 def interaction(values: Sequence[float], arm: Sequence[bool], outcome: Sequence[float]) -> TestResult:

@@ -226,13 +226,14 @@ class DistributionTest:
     p_value: float
 
 
-def _numeric(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A JSON number (int or float, not bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _category(value: object) -> str:
     """A hyper-parameter value as a category: 1 and 1.0 are one value (JSON does not keep the difference)."""
-    return repr(float(value)) if _numeric(value) else repr(value)
+    return repr(float(value)) if is_number(value) else repr(value)
 
 
 def compare_distributions(a: Sequence[object], b: Sequence[object]) -> DistributionTest | None:
@@ -244,7 +245,7 @@ def compare_distributions(a: Sequence[object], b: Sequence[object]) -> Distribut
     categories = sorted({_category(v) for v in (*a, *b)})
     if len(categories) < 2:
         return None
-    if len(categories) > MAX_CATEGORIES and all(_numeric(v) for v in (*a, *b)):
+    if len(categories) > MAX_CATEGORIES and all(is_number(v) for v in (*a, *b)):
         result = stats.ks_2samp(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
         return DistributionTest("ks", float(result.statistic), float(result.pvalue))
     count_a, count_b = Counter(map(_category, a)), Counter(map(_category, b))
@@ -356,3 +357,13 @@ def ratio_paired(a: Sequence[float], b: Sequence[float]) -> Ratio:
 def ratio_independent(a: Sequence[float], b: Sequence[float]) -> Ratio:
     la, lb = np.log([x for x in a if x > 0]), np.log([y for y in b if y > 0])
     return _ratio(welch_difference(la, lb), len(la) + len(lb))
+
+
+def pitman_morgan(a: Sequence[float], b: Sequence[float]) -> TestResult:
+    """Equal variances of paired values (Pitman–Morgan): var(a) = var(b) exactly when a − b and a + b are
+    uncorrelated, so the test is Pearson's r of those two with its t-based p."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 3 or variance(x - y) == 0 or variance(x + y) == 0:
+        return TestResult()
+    result = stats.pearsonr(x - y, x + y)
+    return TestResult(float(result.statistic), float(result.pvalue), float(len(x) - 2))
