@@ -88,22 +88,21 @@ def _close_matches(name: str, known: list[str]) -> str:
 
 async def _check_scope(conn: asyncpg.Connection, model_run_id: str | None, dataset: str | None,
                        found: int) -> int | None:
-    """The journal's trial count for the scope, counted when a search is named or nothing was found (the count is
-    an index read then, not a scan of the journal); raises UnknownScope when neither knows the scope."""
-    if model_run_id is None and found:
-        return None
-    journal = await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
-    if found or journal:
-        return journal
-    if model_run_id is not None:
-        known = [r[0] for r in await conn.fetch(queries.KNOWN_SEARCHES)]
-        if model_run_id not in known:
-            raise UnknownScope(f"unknown search --run {model_run_id!r}: {_close_matches(model_run_id, known)}")
+    """The journal's trial count for the scope, when it can be counted cheaply and means something: a named search
+    (an index read), or an empty scope without a dataset filter (the journal does not index datasets). Raises
+    UnknownScope when nothing was found and neither the read model nor the journal knows the search or dataset."""
+    if found:
+        return None if model_run_id is None else await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
     if dataset is not None:
         known = [r[0] for r in await conn.fetch(queries.KNOWN_DATASETS)]
         if dataset not in known:
             raise UnknownScope(f"unknown dataset --dataset {dataset!r}: {_close_matches(dataset, known)}")
-    return journal
+    journal = await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
+    if model_run_id is not None and not journal:
+        known = [r[0] for r in await conn.fetch(queries.KNOWN_SEARCHES)]
+        if model_run_id not in known:
+            raise UnknownScope(f"unknown search --run {model_run_id!r}: {_close_matches(model_run_id, known)}")
+    return None if dataset is not None else journal
 
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
