@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import aio_pika
+import numpy as np
 import pytest
 
 from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
@@ -386,3 +387,32 @@ async def test_unknown_scope_missing_plot_folder_and_lagging_consumers_through_t
     assert report["journal_trials"] == 6 and report["verdict"]["outcome"] == "not_enough_data"
     assert report["warnings"][0].startswith("the consumers are behind or not running: the journal holds 6 trials "
                                             "for this scope, the read model 0 (6 not applied yet)")
+
+
+def test_plot_bands_stay_in_range_and_the_title_names_scope_and_n(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from consumers.comparison import plot
+    from consumers.comparison.report import CurvePoint
+
+    rng = random.Random(10)
+    trials = [t for i in range(12) for t in _pair(i, rng, lambda hp: 0.01 if hp["lr"] > 0.01 else 0.0)]
+    curves = [CurvePoint(flag, e, n, mean, 0.5, e * 2.0) for flag in (True, False)
+              for e, n, mean in ((0, 2, 0.5), (1, 3, 0.97), (2, 12, 0.9))]
+    data = ComparisonData(trials, None, curves, "wine-study", "wine")
+    report = build_report(data)
+    fig, ax = plt.subplots()
+    plot._curves(ax, report, "epoch", "epoch")
+    for band in ax.collections:  # one band per arm, from epochs with n ≥ 3 only, inside [0, 1]
+        ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        xs = np.concatenate([p.vertices[:, 0] for p in band.get_paths()])
+        assert ys.min() >= 0 and ys.max() <= 1 and xs.min() >= 1
+    assert len(ax.collections) == 2
+    plt.close(fig)
+    assert plot._title(report).startswith(
+        "Spectral norm vs baseline — study wine-study, dataset wine; paired analysis, n = 24 trials")
+    path = plot.plot_report(data, report, tmp_path / "figure.svg")
+    assert path.stat().st_size > 10_000
