@@ -22,10 +22,9 @@ def _layer_order(name: str) -> tuple:
 def wrapped_layers(sigmas: dict[str, float], hyperparams: dict | None) -> list[str]:
     """The layers a spectral-norm trial wraps: every Linear, but the output (last) layer when the trial says
     `sn_output_layer: false`."""
-    names = sorted(sigmas, key=_layer_order)
-    if names and (hyperparams or {}).get("sn_output_layer") is False:
-        names = names[:-1]
-    return names
+    if (hyperparams or {}).get("sn_output_layer") is False:
+        return sorted(sigmas, key=_layer_order)[:-1]
+    return list(sigmas)
 
 
 def _spread(values: Sequence[float]) -> dict:

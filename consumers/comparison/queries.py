@@ -98,16 +98,25 @@ ORDER BY t.spectral_norm, m.epoch
 """
 
 # Per completed trial, from its curve: the epochs it took to reach 95% of its final validation accuracy (epochs count
-# from 1), and the measured per-layer largest singular values at its last measured epoch (the manipulation check).
-REPORT_TRIAL_CURVES = """
+# from 1). One pass over the curves, no jsonb touched.
+REPORT_CONVERGENCE = """
 SELECT m.trial_id,
        min(m.epoch) FILTER (WHERE m.val_accuracy >= 0.95 * (t.metrics->>'final_val_accuracy')::float8) + 1
-           AS epochs_to_95,
-       (array_agg(m.spectral_norms::text ORDER BY m.epoch DESC) FILTER (WHERE m.spectral_norms IS NOT NULL))[1]
-           AS last_sigmas
+           AS epochs_to_95
 FROM trial_metrics m JOIN trials t ON t.id = m.trial_id
 WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
 GROUP BY m.trial_id
+"""
+
+# Per completed trial, the measured per-layer largest singular values at its last epoch (the manipulation check):
+# one backward step of the (trial_id, epoch) primary key per trial.
+REPORT_LAST_SIGMAS = """
+SELECT t.id AS trial_id, last.spectral_norms::text AS last_sigmas
+FROM trials t
+CROSS JOIN LATERAL (SELECT spectral_norms FROM trial_metrics m WHERE m.trial_id = t.id
+                    ORDER BY m.epoch DESC LIMIT 1) AS last
+WHERE t.status = 'completed' AND last.spectral_norms IS NOT NULL
+  AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
 """
 
 # How many trials the journal holds for a search (their start events): compared with the read model, it tells

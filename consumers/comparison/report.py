@@ -112,18 +112,16 @@ async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
         rows = await conn.fetch(queries.REPORT_TRIALS, model_run_id, dataset)
         journal = await _check_scope(conn, model_run_id, dataset, len(rows))
         curves = await conn.fetch(queries.REPORT_CURVES, model_run_id, dataset)
-        per_trial = {r["trial_id"]: (r["epochs_to_95"], r["last_sigmas"])
-                     for r in await conn.fetch(queries.REPORT_TRIAL_CURVES, model_run_id, dataset)}
+        convergence = dict(await conn.fetch(queries.REPORT_CONVERGENCE, model_run_id, dataset))
+        sigmas = dict(await conn.fetch(queries.REPORT_LAST_SIGMAS, model_run_id, dataset))
         aggregates = None
         if dataset is None:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
-    trials = []
-    for r in rows:
-        epochs, sigmas = per_trial.get(r["id"], (None, None))
-        trials.append(TrialRecord(r["id"], r["spectral_norm"], r["status"], r["val"], r["train"], r["duration_ms"],
-                                  json.loads(r["hyperparams"]), r["paired_with"], r["model_run_id"], r["dataset"],
-                                  epochs, None if sigmas is None else json.loads(sigmas)))
+    trials = [TrialRecord(r["id"], r["spectral_norm"], r["status"], r["val"], r["train"], r["duration_ms"],
+                          json.loads(r["hyperparams"]), r["paired_with"], r["model_run_id"], r["dataset"],
+                          convergence.get(r["id"]), json.loads(sigmas[r["id"]]) if r["id"] in sigmas else None)
+              for r in rows]
     points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"]) for r in curves]
     return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
 
