@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -147,8 +148,8 @@ def _summary(summary: st.Summary) -> dict:
 
 
 def _counts(trials: Sequence[TrialRecord]) -> dict[str, int]:
-    counts = {s: sum(t.status == s for t in trials) for s in (*STATUSES, "running")}
-    return {**counts, "total": len(trials)}
+    found = Counter(t.status for t in trials)
+    return {**{s: found[s] for s in (*STATUSES, "running")}, "total": len(trials)}
 
 
 def _arm_from_trials(trials: Sequence[TrialRecord]) -> dict:
@@ -183,15 +184,15 @@ def complete_pairs(trials: Sequence[TrialRecord]) -> tuple[list[tuple[TrialRecor
     """Pairs linked by `paired_with` (either direction) with one trial per arm, both completed with a final
     validation accuracy, as (SN, baseline); and how many linked pairs there are in all."""
     by_id = {t.id: t for t in trials}
-    links = {frozenset((t.id, t.paired_with)) for t in trials
+    links = {(min(t.id, t.paired_with), max(t.id, t.paired_with)) for t in trials
              if t.paired_with and t.paired_with in by_id and t.paired_with != t.id}
     used: set[str] = set()
     pairs = []
-    for link in sorted(links, key=sorted):
-        first, second = (by_id[i] for i in sorted(link))
-        if first.spectral_norm == second.spectral_norm or link & used:
+    for low, high in sorted(links):
+        first, second = by_id[low], by_id[high]
+        if first.spectral_norm == second.spectral_norm or low in used or high in used:
             continue
-        used |= link
+        used.update((low, high))
         sn, base = (first, second) if first.spectral_norm else (second, first)
         if all(t.status == "completed" and t.val is not None for t in (sn, base)):
             pairs.append((sn, base))
@@ -217,10 +218,10 @@ def _power_block(effect: float | None, scale: float | None, n_now: tuple[int, ..
     return block
 
 
-def _rate(data: ComparisonData, status: str, alpha: float) -> dict:
-    finished = [[t for t in data.arm(flag) if t.status != "running"] for flag in (True, False)]
-    k = [sum(t.status == status for t in arm) for arm in finished]
-    result = st.compare_rates(k[0], len(finished[0]), k[1], len(finished[1]))
+def _rate(counts: dict[bool, dict[str, int]], status: str, alpha: float) -> dict:
+    """`status`'s share of each arm's finished trials, and Fisher's exact test of their equality."""
+    finished = [counts[flag]["total"] - counts[flag]["running"] for flag in (True, False)]
+    result = st.compare_rates(counts[True][status], finished[0], counts[False][status], finished[1])
     differs = result.p_value is not None and result.p_value < alpha
     return {"spectral_norm": result.rate_a, "baseline": result.rate_b, "p_value": result.p_value,
             "test": "fisher_exact", "differs": differs}
@@ -341,7 +342,8 @@ def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha:
     }
     difference = asdict(primary.difference)
 
-    rates = {status: _rate(data, status, alpha) for status in ("pruned", "failed")}
+    counts = {flag: _counts(by_flag[flag]) for flag in (True, False)}
+    rates = {status: _rate(counts, status, alpha) for status in ("pruned", "failed")}
     for status, rate in rates.items():
         if rate["differs"]:
             warnings.append(f"{status} rates differ between the arms (SN {rate['spectral_norm']:.0%}, baseline "
