@@ -85,7 +85,7 @@ def where_lines(report: dict) -> list[str]:
         test = {"spearman": "Spearman ρ", "kruskal": "Kruskal–Wallis H", "interaction": "arm × parameter slope"}
         lines.append(f"  {e['hyperparam']} ({e['scale']}): {test[e['test']]} = {_num(e['statistic'], 3)}, "
                      f"p = {e['p_value']:.3g}, Holm p = {e['p_holm']:.3g}")
-        if e["hyperparam"] == w["most_related"]:
+        if e["hyperparam"] == w["most_related"] and e["hyperparam"] in w["related"]:
             lines += [f"    {b['label']}: {_difference(b)}, n = {b['n']}" for b in e["buckets"]]
     return lines
 
