@@ -54,6 +54,10 @@ def _curves(ax, report: dict, x_key: str, xlabel: str) -> None:
         ax.fill_between([p[x_key] for p in banded], [max(0.0, p["ci_low"]) for p in banded],
                         [min(1.0, p["ci_high"]) for p in banded], color=COLORS[name], alpha=0.2)
     ax.set_xlabel(xlabel)
+    if x_key == "epoch":
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("validation accuracy (mean, 95% band)")
     ax.set_title(f"learning curves by {xlabel.split(' (')[0]}", fontsize=9)
     if ax.lines:
