@@ -277,6 +277,7 @@ def test_a_secretly_unwrapped_spectral_norm_arm_fails_the_manipulation_check():
     assert check["passed"] is False and check["sn_trials_over_tolerance"] == 10
     assert any(w.startswith("manipulation check: 10 of 10 spectral-norm trials") for w in report["warnings"])
     assert "manipulation check: FAILED" in RENDERERS["table"](report)
+    assert "the arms may differ in more than the flag" in report["verdict"]["text"]
     # A baseline whose layers all sit at σ ≤ 1 looks normalized: the other half of the check.
     normalized_baseline = [TrialRecord(t.id, t.spectral_norm, t.status, t.val, t.train, t.duration_ms, t.hyperparams,
                                        t.paired_with, t.model_run_id, t.dataset, t.epochs_to_95,

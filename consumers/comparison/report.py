@@ -386,7 +386,9 @@ def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha:
         "min_effect": _power_block(min_effect, scale, n_now, paired_design, alpha),
     }
     equivalence, tost = _equivalence(sn, base, pair_values, paired_design, min_effect)
-    verdict = vd.verdict(primary, tost, power, alpha, disagrees, bool(warnings))
+    # The arms may differ in more than the flag: a biased selection, confounding, or a treatment that did not take.
+    arms_differ = any(r["differs"] for r in rates.values()) or bool(differing) or check["passed"] is False
+    verdict = vd.verdict(primary, tost, power, alpha, disagrees, arms_differ)
     return _clean({
         "report_version": REPORT_VERSION,
         "generated_at": (now or datetime.now(UTC)).isoformat(),
