@@ -2,7 +2,7 @@
 
 Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
   --quick          shorter runs (smoke-checks the harness; figures are noisier)
-  --only NAME ...  pipeline, comparison, mlflow, training
+  --only NAME ...  pipeline, comparison, mlflow, training, report (the others keep their last results)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import comparison_query, mlflow_sync, pipeline, training_overhead
+from bench import comparison_query, mlflow_sync, pipeline, report_bench, training_overhead
 from bench.report import render_markdown
 from sntrack.logging import configure_logging
 from sntrack.mlflow_server import free_port, healthy, start
@@ -26,7 +26,7 @@ from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
-NAMES = ("pipeline", "comparison", "mlflow", "training")
+NAMES = ("pipeline", "comparison", "mlflow", "training", "report")
 
 
 async def _with_mlflow(base: Settings, work):
@@ -58,6 +58,17 @@ async def _training(base: Settings, quick: bool) -> dict:
     return await _with_mlflow(base, work)
 
 
+def _keep_earlier(results: dict) -> None:
+    """With --only, the benchmarks not run keep their last results (each marked with the run it came from)."""
+    latest = RESULTS / "latest.json"
+    if not latest.exists():
+        return
+    earlier = json.loads(latest.read_text())
+    for name, result in earlier.get("benchmarks", {}).items():
+        if name not in results["benchmarks"]:
+            results["benchmarks"][name] = {**result, "from_run": result.get("from_run", earlier["started_at"])}
+
+
 async def main(names: list[str], quick: bool) -> int:
     base = Settings.from_env()
     results: dict = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"), "host": platform.node(),
@@ -68,6 +79,7 @@ async def main(names: list[str], quick: bool) -> int:
         "comparison": lambda: comparison_query.run(base.database_url, trials=20_000 if quick else 100_000),
         "mlflow": lambda: _mlflow(base, quick),
         "training": lambda: _training(base, quick),
+        "report": lambda: report_bench.run(base.database_url, trials=20_000 if quick else 100_000),
     }
     failed = []
     for name in names:
@@ -81,6 +93,7 @@ async def main(names: list[str], quick: bool) -> int:
             failed.append(name)
         results["benchmarks"][name]["wall_s"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(exist_ok=True)
+    _keep_earlier(results)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     (RESULTS / "latest.md").write_text(render_markdown(results))
     print((RESULTS / "latest.md").read_text())

@@ -58,7 +58,23 @@ def _training(r: dict) -> list[str]:
     return lines
 
 
-SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training}
+def _report(r: dict) -> list[str]:
+    q = r["query_ms"]
+    return [f"## `sntrack report` ({r['trials']:,} trials, {r['curve_rows']:,} curve rows, {r['design']} design, "
+            f"{r['pairs']:,} pairs)", "",
+            "| figure | seconds | target |", "|---|---|---|",
+            f"| `sntrack report`, a fresh process, end to end (median of {len(r['cli_samples_s'])}: "
+            f"{', '.join(map(str, r['cli_samples_s']))}) | {r['cli_s']} | ≤ {r['target_s']} s |",
+            f"| of which interpreter start and imports (`python -c 'import …'`) | {r['interpreter_and_imports_s']} | |",
+            f"| in process: connect, load, build, render | {r['in_process_s']} | |",
+            f"| load (4 queries in one snapshot + parsing) | {r['load_s']} | |",
+            f"| build_report after load | {r['build_s']} | |",
+            f"| baseline: build_report from data already in memory | {r['in_memory_build_s']} | |",
+            "", "Queries alone, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + "."]
+
+
+SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
+            "report": _report}
 
 
 def render_markdown(results: dict) -> str:
@@ -70,5 +86,6 @@ def render_markdown(results: dict) -> str:
             lines += [f"## {name}", "", f"failed: `{result['error']}`"]
         else:
             lines += SECTIONS[name](result)
-        lines += ["", f"({name}: {result['wall_s']} s)", ""]
+        origin = f", from the run of {result['from_run']}" if result.get("from_run") else ""
+        lines += ["", f"({name}: {result['wall_s']} s{origin})", ""]
     return "\n".join(lines)

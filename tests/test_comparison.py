@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import aio_pika
+import numpy as np
 import pytest
 
 from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
@@ -51,7 +52,42 @@ GOLDEN = {
     *(f"power.{b}.{f}" for b in ("observed", "min_effect") for f in _POWER),
     "verdict.text", "verdict.significant", "verdict.test", "verdict.p_value", "warnings[]",
     *(f"curves.{arm}{leaf}" for arm in ("spectral_norm", "baseline")
-      for leaf in ("[]", *(f"[].{f}" for f in ("epoch", "n", "mean", "ci_low", "ci_high")))),
+      for leaf in ("[]", *(f"[].{f}" for f in ("epoch", "n", "mean", "ci_low", "ci_high", "elapsed_s")))),
+}
+# What report_version 2 added; the version-1 fields above keep their meaning.
+_ANALYSIS = ("design", "n_trials", "n_pairs", "test", "p_value", "significant", *(f"difference.{f}" for f in _DIFF))
+_SIGMAS = ("trials_measured", "layers[]", "layers[].layer", "layers[].median", "layers[].max",
+           "lipschitz_bound.median", "lipschitz_bound.max")
+GOLDEN |= {
+    "min_effect", "journal_trials", "power.observed_caveat",
+    "design.primary", "design.completed_trials", "design.trials_in_complete_pairs", "design.rule",
+    *(f"{a}.{f}" for a in ("primary", "subset") for f in _ANALYSIS),
+    "equivalence.margin", *(f"equivalence.tost.{f}" for f in ("margin", "p_value", "p_lower", "p_upper", "df",
+                                                               "design")),
+    *(f"equivalence.aso.{f}" for f in ("epsilon_min", "violation_ratio", "bootstrap", "confidence", "design")),
+    *(f"equivalence.bayes_signed_rank.{f}" for f in ("rope", "n_pairs", "p_sn_better", "p_equivalent",
+                                                      "p_baseline_better", "samples")),
+    *(f"training_time.ratio.{f}" for f in ("estimate", "ci_low", "ci_high", "n", "design")),
+    "manipulation.tolerance", "manipulation.sn_trials_over_tolerance", "manipulation.baseline_trials_all_at_most_one",
+    "manipulation.examples.spectral_norm[]", "manipulation.examples.baseline[]", "manipulation.passed",
+    *(f"manipulation.{arm}.{f}" for arm in ("spectral_norm", "baseline") for f in _SIGMAS),
+    "where_it_helps.exploratory", "where_it_helps.design", "where_it_helps.correction",
+    "where_it_helps.most_related", "where_it_helps.related[]", "where_it_helps.parameters[]",
+    *(f"where_it_helps.parameters[].{f}" for f in ("hyperparam", "test", "scale", "statistic", "p_value", "p_holm",
+                                                   "buckets[]", "buckets[].label", "buckets[].n",
+                                                   *(f"buckets[].{d}" for d in _DIFF))),
+    *(f"stability.variance_ratio.{f}" for f in ("ratio", "ci_low", "ci_high")),
+    *(f"stability.brown_forsythe.{f}" for f in _TEST), "stability.paired.n_pairs", "stability.paired.variance_ratio",
+    *(f"stability.paired.pitman_morgan.{f}" for f in _TEST),
+    "convergence.threshold", *(f"convergence.{arm}.{f}" for arm in ("spectral_norm", "baseline") for f in _SUMMARY),
+    *(f"convergence.difference.{f}" for f in _DIFF),
+    "strata.design", "strata.signs_disagree", "strata.significant_strata", "strata.items[]",
+    *(f"strata.items[].{f}" for f in ("model_run_id", "dataset", "n_sn", "n_baseline", "p_value", "p_holm",
+                                      *(f"difference.{d}" for d in _DIFF))),
+    *(f"strata.pooled.{f}" for f in ("estimate", "se", "ci_low", "ci_high", "p_value", "q", "q_p_value",
+                                     "i_squared", "strata")),
+    *(f"verdict.{f}" for f in ("outcome", "design", "n_trials", "margin", "tost_p_value", "additional", "unit",
+                               "disagreement")),
 }
 
 
@@ -135,6 +171,9 @@ async def test_report_contract_in_process_and_from_the_command_line(env, tmp_pat
         await conn.close()
 
     assert shape(report) == GOLDEN
+    assert report["manipulation"]["passed"] and paired["manipulation"]["passed"]
+    assert report["convergence"]["spectral_norm"]["n"] == report["arms"]["spectral_norm"]["final_val_accuracy"]["n"]
+    assert all(p["elapsed_s"] is not None for p in report["curves"]["baseline"])
     assert report["report_version"] == REPORT_VERSION and report["source"] == "sn_comparison"
     assert by_dataset["source"] == "trials"
     for name, flag in (("spectral_norm", True), ("baseline", False)):
@@ -178,8 +217,8 @@ def test_report_is_honest_with_too_few_or_identical_values():
     assert one_each["difference"]["estimate"] == pytest.approx(0.1)
     same = build_report(ComparisonData([_trial(i, i % 2 == 0, 0.9) for i in range(6)], None, []))
     assert same["tests"]["welch_t"]["p_value"] is None
-    assert same["verdict"]["test"] == "mann_whitney_u" and same["verdict"]["text"].startswith(
-        "no significant difference at α = 0.05 (p = 1.000")
+    assert same["verdict"]["test"] == "mann_whitney_u" and same["verdict"]["outcome"] == "equivalent"
+    assert same["verdict"]["text"].startswith("equivalent within ±0.01: SN − baseline = +0.0000")
     for report in (empty, one_each, same):
         json.dumps(report, allow_nan=False)
 
@@ -195,3 +234,186 @@ def test_report_warns_about_pruning_and_confounding():
     assert differing == {"lr", "hidden"}
     assert len(report["warnings"]) == 2
     assert report["training_time"]["overhead"] == pytest.approx(900 / 800 - 1)
+
+
+def _pair(i: int, rng: random.Random, effect, sigma_sn: float = 1.0, run: str = "s", dataset: str = "digits"):
+    """A complete pair sharing hyper-parameters; SN − baseline = effect(hyperparams) + noise."""
+    hp = {"lr": 10 ** rng.uniform(-4, -1), "hidden": rng.choice([64, 128])}
+    base = 0.9 + rng.gauss(0, 0.01)
+    sn = base + effect(hp) + rng.gauss(0, 0.004)
+    norms = {"layers.0": sigma_sn, "layers.1": sigma_sn}
+    return [TrialRecord(f"{run}-p{i}-sn", True, "completed", sn, sn + 0.02, 1100.0, hp, f"{run}-p{i}-b", run, dataset,
+                        3, norms),
+            TrialRecord(f"{run}-p{i}-b", False, "completed", base, base + 0.02, 1000.0, dict(hp), None, run, dataset,
+                        4, {"layers.0": 2.5, "layers.1": 3.0})]
+
+
+def test_sn_that_helps_only_at_high_learning_rates_is_reported_as_such():
+    rng = random.Random(3)
+    trials = [t for i in range(120) for t in _pair(i, rng, lambda hp: 0.03 if hp["lr"] > 0.01 else 0.0)]
+    report = build_report(ComparisonData(trials, None, []))
+    where = report["where_it_helps"]
+    assert where["exploratory"] and where["design"] == "paired"
+    assert where["most_related"] == "lr" and where["related"] == ["lr"]
+    lr = next(e for e in where["parameters"] if e["hyperparam"] == "lr")
+    assert lr["test"] == "spearman" and lr["scale"] == "log10" and lr["statistic"] > 0.5
+    low, *_, high = lr["buckets"]
+    assert high["ci_low"] > 0.01  # the top learning-rate quartile gains clearly
+    assert low["ci_low"] < 0 < low["ci_high"]  # the bottom one does not
+    table = RENDERERS["table"](report)
+    assert "where it helps (exploratory, paired" in table and "  lr (log10): Spearman ρ" in table
+
+
+def test_a_secretly_unwrapped_spectral_norm_arm_fails_the_manipulation_check():
+    rng = random.Random(4)
+    honest = [t for i in range(10) for t in _pair(i, rng, lambda hp: 0.0)]
+    unwrapped = [t for i in range(10) for t in _pair(i, rng, lambda hp: 0.0, sigma_sn=3.1)]
+    ok = build_report(ComparisonData(honest, None, []))["manipulation"]
+    assert ok["passed"] and ok["sn_trials_over_tolerance"] == 0
+    assert [layer["median"] for layer in ok["spectral_norm"]["layers"]] == [1.0, 1.0]
+    assert ok["baseline"]["lipschitz_bound"]["median"] == pytest.approx(7.5)
+    report = build_report(ComparisonData(unwrapped, None, []))
+    check = report["manipulation"]
+    assert check["passed"] is False and check["sn_trials_over_tolerance"] == 10
+    assert any(w.startswith("manipulation check: 10 of 10 spectral-norm trials") for w in report["warnings"])
+    assert "manipulation check: FAILED" in RENDERERS["table"](report)
+    assert "the arms may differ in more than the flag" in report["verdict"]["text"]
+    # A baseline whose layers all sit at σ ≤ 1 looks normalized: the other half of the check.
+    normalized_baseline = [TrialRecord(t.id, t.spectral_norm, t.status, t.val, t.train, t.duration_ms, t.hyperparams,
+                                       t.paired_with, t.model_run_id, t.dataset, t.epochs_to_95,
+                                       {"layers.0": 0.99, "layers.1": 1.0}) for t in honest]
+    assert build_report(ComparisonData(normalized_baseline, None, []))["manipulation"][
+        "baseline_trials_all_at_most_one"] == 10
+
+
+def test_an_output_layer_left_unwrapped_on_purpose_is_not_a_failure():
+    rng = random.Random(5)
+    trials = []
+    for t in (t for i in range(4) for t in _pair(i, rng, lambda hp: 0.0)):
+        if t.spectral_norm:
+            t = TrialRecord(t.id, True, t.status, t.val, t.train, t.duration_ms, {**t.hyperparams,
+                            "sn_output_layer": False}, t.paired_with, t.model_run_id, t.dataset, t.epochs_to_95,
+                            {"layers.0": 1.0, "layers.1": 4.0})
+        trials.append(t)
+    assert build_report(ComparisonData(trials, None, []))["manipulation"]["passed"]
+
+
+def test_a_few_pairs_among_many_unpaired_trials_do_not_lead_and_their_disagreement_is_a_warning():
+    rng = random.Random(6)
+    pairs = [t for i in range(20) for t in _pair(i, rng, lambda hp: 0.02)]
+    unpaired = [TrialRecord(f"u{i}", i % 2 == 0, "completed", 0.9 + rng.gauss(0, 0.02), 0.93, 1000.0,
+                            {"lr": 10 ** rng.uniform(-4, -1), "hidden": 64}, None, "s", "digits")
+                for i in range(3000)]
+    report = build_report(ComparisonData(pairs + unpaired, None, []))
+    assert report["design"]["primary"] == "independent" and report["power"]["design"] == "independent"
+    assert report["primary"]["n_trials"] == 3040 and report["subset"]["design"] == "paired"
+    assert report["subset"]["n_pairs"] == 20 and report["subset"]["significant"]
+    assert report["difference"] == report["primary"]["difference"]
+    assert report["verdict"]["n_trials"] == 3040 and "3,040 completed trials" in report["verdict"]["text"]
+    assert report["verdict"]["disagreement"] and "Caution: the paired analysis over 20 complete pairs (40 trials) " \
+        "disagrees" in report["verdict"]["text"]
+    assert any(w.startswith("the paired analysis over 20 complete pairs") for w in report["warnings"])
+    # The same pairs alone are the design, and lead.
+    alone = build_report(ComparisonData(pairs, None, []))
+    assert alone["design"]["primary"] == "paired" and alone["verdict"]["outcome"] == "better"
+    assert alone["subset"]["design"] == "independent"
+
+
+def test_three_way_verdict_and_the_minimum_effect():
+    rng = random.Random(7)
+    equal = [t for i in range(200) for t in _pair(i, rng, lambda hp: 0.0)]
+    report = build_report(ComparisonData(equal, None, []))
+    assert report["min_effect"] == 0.01 and report["verdict"]["outcome"] == "equivalent"
+    assert report["equivalence"]["tost"]["p_value"] < 0.05 and report["equivalence"]["tost"]["design"] == "paired"
+    assert report["equivalence"]["bayes_signed_rank"]["p_equivalent"] > 0.9
+    assert "Achieved power" not in report["verdict"]["text"] and report["power"]["observed_caveat"]
+    noisy = [t for i, d in enumerate((0.004, -0.003, 0.006, -0.001)) for t in _pair(i, rng, lambda hp, d=d: d)]
+    small = build_report(ComparisonData(noisy, None, []), min_effect=0.002)
+    assert small["verdict"]["outcome"] == "inconclusive"
+    block = small["power"]["min_effect"]
+    assert block["effect"] == 0.002 and small["verdict"]["additional"] == block["additional"] > 0
+    assert f"About {block['additional']:,} more complete pairs" in small["verdict"]["text"]
+    worse = build_report(ComparisonData([t for i in range(30) for t in _pair(i, rng, lambda hp: -0.02)], None, []))
+    assert worse["verdict"]["outcome"] == "worse" and worse["verdict"]["text"].startswith("worse: ")
+    assert worse["equivalence"]["aso"]["epsilon_min"] > 0.5
+
+
+def test_strata_are_pooled_by_inverse_variance_and_sign_disagreement_is_a_warning():
+    rng = random.Random(8)
+    trials = [t for i in range(30) for t in _pair(i, rng, lambda hp: 0.02, run="a", dataset="wine")]
+    trials += [t for i in range(30) for t in _pair(i, rng, lambda hp: -0.02, run="b", dataset="digits")]
+    report = build_report(ComparisonData(trials, None, []))
+    strata = report["strata"]
+    assert [(i["model_run_id"], i["dataset"]) for i in strata["items"]] == [("a", "wine"), ("b", "digits")]
+    assert strata["signs_disagree"] and strata["pooled"]["i_squared"] > 0.9 and strata["significant_strata"] == 2
+    assert any("strata (search × dataset) disagree in the sign" in w for w in report["warnings"])
+    assert all(i["p_holm"] >= i["p_value"] for i in strata["items"])
+
+
+def test_durations_compare_twins_as_a_positive_ratio():
+    rng = random.Random(9)
+    trials = [t for i in range(10) for t in _pair(i, rng, lambda hp: 0.0)]
+    ratio = build_report(ComparisonData(trials, None, []))["training_time"]["ratio"]
+    assert ratio["design"] == "paired twins" and ratio["estimate"] == pytest.approx(1.1) and ratio["n"] == 10
+
+
+def _cli(env, *args: str) -> subprocess.CompletedProcess:
+    env_vars = {**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url}
+    return subprocess.run([sys.executable, "-m", "sntrack", "report", *args], env=env_vars, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_unknown_scope_missing_plot_folder_and_lagging_consumers_through_the_cli(env, tmp_path):
+    study = synthetic_study(12, 3, seed=8, producer=producer_info(), model_run_id="wine-study", paired=True)
+    await _apply(env, study)
+    conn = await env.db()
+    try:  # a second search whose events reached the journal only: its consumers never ran
+        lagging = synthetic_study(6, 2, seed=9, producer=producer_info(), model_run_id="lagging-study")
+        await apply_events(conn, PROJECTIONS["journal"], [e for trial in lagging for e in trial])
+    finally:
+        await conn.close()
+
+    for args, message in (
+            (("--run", "wine-stduy"),
+             "sntrack: unknown search --run 'wine-stduy': did you mean wine-study, lagging-study?"),
+            (("--dataset", "digts"), "sntrack: unknown dataset --dataset 'digts': did you mean digits?"),
+            (("--run", "wine-study", "--plot", str(tmp_path / "missing" / "x.png")),
+             f"sntrack: --plot: the folder '{tmp_path / 'missing'}' does not exist")):
+        out = await asyncio.to_thread(_cli, env, *args)
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", message + "\n")
+
+    out = await asyncio.to_thread(_cli, env, "--run", "lagging-study", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["journal_trials"] == 6 and report["verdict"]["outcome"] == "not_enough_data"
+    assert report["warnings"][0].startswith("the consumers are behind or not running: the journal holds 6 trials "
+                                            "for this scope, the read model 0 (6 not applied yet)")
+
+
+def test_plot_bands_stay_in_range_and_the_title_names_scope_and_n(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from consumers.comparison import plot
+    from consumers.comparison.report import CurvePoint
+
+    rng = random.Random(10)
+    trials = [t for i in range(12) for t in _pair(i, rng, lambda hp: 0.01 if hp["lr"] > 0.01 else 0.0)]
+    curves = [CurvePoint(flag, e, n, mean, 0.5, e * 2.0) for flag in (True, False)
+              for e, n, mean in ((0, 2, 0.5), (1, 3, 0.97), (2, 12, 0.9))]
+    data = ComparisonData(trials, None, curves, "wine-study", "wine")
+    report = build_report(data)
+    fig, ax = plt.subplots()
+    plot._curves(ax, report, "epoch", "epoch")
+    for band in ax.collections:  # one band per arm, from epochs with n ≥ 3 only, inside [0, 1]
+        ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+        xs = np.concatenate([p.vertices[:, 0] for p in band.get_paths()])
+        assert ys.min() >= 0 and ys.max() <= 1 and xs.min() >= 1
+    assert len(ax.collections) == 2
+    plt.close(fig)
+    assert plot._title(report).startswith(
+        "Spectral norm vs baseline — study wine-study, dataset wine; paired analysis, n = 24 trials")
+    path = plot.plot_report(data, report, tmp_path / "figure.svg")
+    assert path.stat().st_size > 10_000

@@ -1,24 +1,29 @@
 """The comparison report: load a consistent snapshot of the read model, then build a plain, stable dict from it.
 
 `build_report` is pure (data in, dict out); docs/report.md documents every field of its result, which is also the
-`sntrack report --format json` output. Bump REPORT_VERSION when a field changes meaning or disappears.
+`sntrack report --format json` output. Bump REPORT_VERSION when a field changes meaning, appears or disappears.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import asyncpg
 
-from consumers.comparison import queries
+from consumers.comparison import equivalence as eq
+from consumers.comparison import explore, manipulation, queries, robustness
 from consumers.comparison import stats as st
+from consumers.comparison import verdict as vd
 from consumers.projections.comparison import OVERALL
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+MIN_EFFECT = 0.01  # the default smallest difference of interest (absolute accuracy)
 METRIC = "final_val_accuracy"
 ARMS = ("spectral_norm", "baseline")
 STATUSES = ("completed", "pruned", "failed")
@@ -36,6 +41,10 @@ class TrialRecord:
     duration_ms: float | None = None
     hyperparams: dict | None = None
     paired_with: str | None = None
+    model_run_id: str | None = None
+    dataset: str | None = None
+    epochs_to_95: int | None = None
+    sigmas: dict[str, float] | None = None  # per-layer σ at the last measured epoch
 
     @property
     def gap(self) -> float | None:
@@ -49,6 +58,7 @@ class CurvePoint:
     n: int
     mean: float | None
     std: float | None
+    elapsed_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class ComparisonData:
     curves: list[CurvePoint]
     model_run_id: str | None = None
     dataset: str | None = None
+    journal_trials: int | None = None  # trials the journal holds for the scope, when it was counted
 
     def arm(self, spectral_norm: bool) -> list[TrialRecord]:
         return [t for t in self.trials if t.spectral_norm is spectral_norm]
@@ -67,20 +78,53 @@ class ComparisonData:
         return [t.val for t in self.arm(spectral_norm) if t.status == "completed" and t.val is not None]
 
 
+class UnknownScope(ValueError):
+    """--run or --dataset names nothing the read model or the journal knows."""
+
+
+def _close_matches(name: str, known: list[str]) -> str:
+    matches = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    return f"did you mean {', '.join(matches)}?" if matches else f"{len(known)} known"
+
+
+async def _check_scope(conn: asyncpg.Connection, model_run_id: str | None, dataset: str | None,
+                       found: int) -> int | None:
+    """The journal's trial count for the scope, when it can be counted cheaply and means something: a named search
+    (an index read), or an empty scope without a dataset filter (the journal does not index datasets). Raises
+    UnknownScope when nothing was found and neither the read model nor the journal knows the search or dataset."""
+    if found:
+        return None if model_run_id is None else await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
+    if dataset is not None:
+        known = [r[0] for r in await conn.fetch(queries.KNOWN_DATASETS)]
+        if dataset not in known:
+            raise UnknownScope(f"unknown dataset --dataset {dataset!r}: {_close_matches(dataset, known)}")
+    journal = await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
+    if model_run_id is not None and not journal:
+        known = [r[0] for r in await conn.fetch(queries.KNOWN_SEARCHES)]
+        if model_run_id not in known:
+            raise UnknownScope(f"unknown search --run {model_run_id!r}: {_close_matches(model_run_id, known)}")
+    return None if dataset is not None else journal
+
+
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
                dataset: str | None = None) -> ComparisonData:
     """Read trials, their curves and the sn_comparison rows in one repeatable-read snapshot."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(queries.REPORT_TRIALS, model_run_id, dataset)
+        journal = await _check_scope(conn, model_run_id, dataset, len(rows))
         curves = await conn.fetch(queries.REPORT_CURVES, model_run_id, dataset)
+        convergence = dict(await conn.fetch(queries.REPORT_CONVERGENCE, model_run_id, dataset))
+        sigmas = dict(await conn.fetch(queries.REPORT_LAST_SIGMAS, model_run_id, dataset))
         aggregates = None
         if dataset is None:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     trials = [TrialRecord(r["id"], r["spectral_norm"], r["status"], r["val"], r["train"], r["duration_ms"],
-                          json.loads(r["hyperparams"]), r["paired_with"]) for r in rows]
-    points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"]) for r in curves]
-    return ComparisonData(trials, aggregates, points, model_run_id, dataset)
+                          json.loads(r["hyperparams"]), r["paired_with"], r["model_run_id"], r["dataset"],
+                          convergence.get(r["id"]), json.loads(sigmas[r["id"]]) if r["id"] in sigmas else None)
+              for r in rows]
+    points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"]) for r in curves]
+    return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
 
 
 def _finite(value):
@@ -104,8 +148,8 @@ def _summary(summary: st.Summary) -> dict:
 
 
 def _counts(trials: Sequence[TrialRecord]) -> dict[str, int]:
-    counts = {s: sum(t.status == s for t in trials) for s in (*STATUSES, "running")}
-    return {**counts, "total": len(trials)}
+    found = Counter(t.status for t in trials)
+    return {**{s: found[s] for s in (*STATUSES, "running")}, "total": len(trials)}
 
 
 def _arm_from_trials(trials: Sequence[TrialRecord]) -> dict:
@@ -140,23 +184,19 @@ def complete_pairs(trials: Sequence[TrialRecord]) -> tuple[list[tuple[TrialRecor
     """Pairs linked by `paired_with` (either direction) with one trial per arm, both completed with a final
     validation accuracy, as (SN, baseline); and how many linked pairs there are in all."""
     by_id = {t.id: t for t in trials}
-    links = {frozenset((t.id, t.paired_with)) for t in trials
+    links = {(min(t.id, t.paired_with), max(t.id, t.paired_with)) for t in trials
              if t.paired_with and t.paired_with in by_id and t.paired_with != t.id}
     used: set[str] = set()
     pairs = []
-    for link in sorted(links, key=sorted):
-        first, second = (by_id[i] for i in sorted(link))
-        if first.spectral_norm == second.spectral_norm or link & used:
+    for low, high in sorted(links):
+        first, second = by_id[low], by_id[high]
+        if first.spectral_norm == second.spectral_norm or low in used or high in used:
             continue
-        used |= link
+        used.update((low, high))
         sn, base = (first, second) if first.spectral_norm else (second, first)
         if all(t.status == "completed" and t.val is not None for t in (sn, base)):
             pairs.append((sn, base))
     return pairs, len(links)
-
-
-def _fmt_p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
 def _power_block(effect: float | None, scale: float | None, n_now: tuple[int, ...], paired: bool,
@@ -178,10 +218,10 @@ def _power_block(effect: float | None, scale: float | None, n_now: tuple[int, ..
     return block
 
 
-def _rate(data: ComparisonData, status: str, alpha: float) -> dict:
-    finished = [[t for t in data.arm(flag) if t.status != "running"] for flag in (True, False)]
-    k = [sum(t.status == status for t in arm) for arm in finished]
-    result = st.compare_rates(k[0], len(finished[0]), k[1], len(finished[1]))
+def _rate(counts: dict[bool, dict[str, int]], status: str, alpha: float) -> dict:
+    """`status`'s share of each arm's finished trials, and Fisher's exact test of their equality."""
+    finished = [counts[flag]["total"] - counts[flag]["running"] for flag in (True, False)]
+    result = st.compare_rates(counts[True][status], finished[0], counts[False][status], finished[1])
     differs = result.p_value is not None and result.p_value < alpha
     return {"spectral_norm": result.rate_a, "baseline": result.rate_b, "p_value": result.p_value,
             "test": "fisher_exact", "differs": differs}
@@ -199,64 +239,80 @@ def _confounding(data: ComparisonData, alpha: float) -> list[dict]:
     return found
 
 
-def _verdict(sn: list[float], base: list[float], tests: dict, difference: dict, power: dict, paired_design: bool,
-             warnings: list[str], alpha: float) -> dict:
+def _lag_warning(data: ComparisonData) -> str | None:
+    if data.journal_trials is None or data.journal_trials <= len(data.trials):
+        return None
+    return (f"the consumers are behind or not running: the journal holds {data.journal_trials:,} trials for this "
+            f"scope, the read model {len(data.trials):,} ({data.journal_trials - len(data.trials):,} not applied "
+            "yet); start them with `sntrack consume all`, or wait with `sntrack status --wait-idle 60`.")
+
+
+def _analyses(sn: list[float], base: list[float], pairs: list[tuple[TrialRecord, TrialRecord]],
+              paired_result: st.PairedResult) -> tuple[vd.Analysis, vd.Analysis | None]:
+    independent = vd.analysis(vd.INDEPENDENT, len(sn), len(base), paired_result.n_pairs,
+                              st.welch_difference(sn, base),
+                              [("welch_t", st.welch_test(sn, base)), ("mann_whitney_u", st.mann_whitney(sn, base))])
+    paired = vd.analysis(vd.PAIRED, len(pairs), len(pairs), paired_result.n_pairs, paired_result.difference,
+                         [("paired_t", paired_result.t_test), ("wilcoxon_signed_rank", paired_result.wilcoxon)])
+    return (paired, independent) if vd.choose_design(len(sn) + len(base), len(pairs)) == vd.PAIRED else (
+        independent, paired if pairs else None)
+
+
+def _equivalence(sn: list[float], base: list[float], pair_values: list[tuple[float, float]], paired_design: bool,
+                 margin: float) -> tuple[dict, eq.Tost]:
+    pa, pb = [a for a, _ in pair_values], [b for _, b in pair_values]
+    tost = eq.tost_paired(pa, pb, margin) if paired_design else eq.tost_welch(sn, base, margin)
+    aso = eq.aso(pa, pb) if paired_design else eq.aso(sn, base)
+    bayes = eq.bayes_signed_rank(pa, pb, margin)
+    return {
+        "margin": margin,
+        "tost": {**asdict(tost), "design": "paired" if paired_design else "welch"},
+        "aso": {**asdict(aso), "confidence": eq.ASO_CONFIDENCE, "design": "paired" if paired_design else "independent"},
+        "bayes_signed_rank": {"rope": margin, "n_pairs": len(pair_values), "p_sn_better": bayes.p_a_better,
+                              "p_equivalent": bayes.p_equivalent, "p_baseline_better": bayes.p_b_better,
+                              "samples": bayes.samples},
+    }, tost
+
+
+def _strata(done: list[TrialRecord], pairs: list[tuple[TrialRecord, TrialRecord]], paired_design: bool,
+            alpha: float) -> dict:
+    groups: dict[tuple[str, str | None], tuple[list[float], list[float]]] = {}
     if paired_design:
-        candidates = [("paired_t", "paired t-test", tests["paired"]["t_test"]),
-                      ("wilcoxon_signed_rank", "Wilcoxon signed-rank test", tests["paired"]["wilcoxon_signed_rank"])]
+        for a, b in pairs:
+            group = groups.setdefault((a.model_run_id, a.dataset), ([], []))
+            group[0].append(a.val)
+            group[1].append(b.val)
     else:
-        candidates = [("welch_t", "Welch's t-test", tests["welch_t"]),
-                      ("mann_whitney_u", "Mann–Whitney U test", tests["mann_whitney_u"])]
-    verdict = {"text": "", "significant": None, "test": None, "p_value": None}
-    if not paired_design and (len(sn) < 2 or len(base) < 2):
-        verdict["text"] = (f"not enough trials: spectral norm has {len(sn)} completed trial(s) with a final "
-                           f"validation accuracy, baseline {len(base)}; a comparison needs at least 2 per arm.")
-        return verdict
-    usable = [(key, name, t) for key, name, t in candidates if t["p_value"] is not None]
-    if not usable:
-        verdict["text"] = ("no test possible: every trial in each arm has the same final validation accuracy "
-                           f"(zero variance); observed difference SN − baseline = {difference['estimate']:+.4f}.")
-        return verdict
-    key, name, test = usable[0]
-    p = test["p_value"]
-    significant = p < alpha
-    verdict.update(significant=significant, test=key, p_value=p)
-    estimate = difference["estimate"]
-    interval = ("" if difference["ci_low"] is None else
-                f" (95% CI {difference['ci_low']:+.4f} to {difference['ci_high']:+.4f})")
-    observed = power["observed"]
-    unit = power["unit"]
-    if significant:
-        direction = "higher" if estimate > 0 else "lower"
-        text = (f"spectral normalization gave {direction} final validation accuracy than the baseline at "
-                f"α = {alpha:g} (p = {_fmt_p(p)}, {name}): SN − baseline = {estimate:+.4f}{interval}.")
-        if observed["power"] is not None:
-            text += f" Achieved power for the observed difference: {observed['power']:.0%}."
-        if warnings:
-            text += " See the warnings: the arms differ in more than the flag, so this is an association, not proof."
-    else:
-        text = (f"no significant difference at α = {alpha:g} (p = {_fmt_p(p)}, {name}); "
-                f"observed SN − baseline = {estimate:+.4f}{interval}.")
-        targets = [("the observed difference", observed)]
-        if power["min_effect"]["effect"] is not None:
-            targets.append((f"a difference of {power['min_effect']['effect']:g}", power["min_effect"]))
-        for label, block in targets:
-            if block["standardized_effect"] is None:
-                continue
-            if block["required_n"] is None:
-                text += f" Detecting {label} with 80% power would need more than {st.MAX_N:,} {unit}."
-            else:
-                text += (f" To detect {label} with 80% power at α = {alpha:g}: {block['required_n']} {unit} "
-                         f"({block['additional']} more).")
-    verdict["text"] = text
-    return verdict
+        for t in done:
+            groups.setdefault((t.model_run_id, t.dataset), ([], []))[0 if t.spectral_norm else 1].append(t.val)
+    return robustness.strata(groups, paired_design, alpha)
 
 
-def build_report(data: ComparisonData, *, min_effect: float | None = None, alpha: float = st.ALPHA,
+def _where(done: list[TrialRecord], pairs: list[tuple[TrialRecord, TrialRecord]], paired_design: bool,
+           alpha: float) -> dict:
+    if paired_design:
+        entries = explore.paired([a.hyperparams or {} for a, _ in pairs], [a.val - b.val for a, b in pairs])
+    else:
+        entries = explore.independent([t.hyperparams or {} for t in done], [t.spectral_norm for t in done],
+                                      [t.val for t in done])
+    return explore.where_it_helps(entries, "paired" if paired_design else "independent", alpha)
+
+
+def _curves(data: ComparisonData) -> dict:
+    return {name: [{"epoch": p.epoch, "n": p.n, "mean": p.mean,
+                    **dict(zip(("ci_low", "ci_high"), st.t_interval(p.n, p.mean, p.std), strict=True)),
+                    "elapsed_s": p.elapsed_s}
+                   for p in data.curves if p.spectral_norm is flag]
+            for name, flag in zip(ARMS, (True, False), strict=True)}
+
+
+def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha: float = st.ALPHA,
                  now: datetime | None = None) -> dict:
-    sn, base = data.completed_values(True), data.completed_values(False)
+    done = [t for t in data.trials if t.status == "completed" and t.val is not None]
+    sn = [t.val for t in done if t.spectral_norm]
+    base = [t.val for t in done if not t.spectral_norm]
     by_flag = {True: data.arm(True), False: data.arm(False)}
-    warnings: list[str] = []
+    warnings: list[str] = [w for w in (_lag_warning(data),) if w]
 
     arms = {name: _arm_from_trials(by_flag[flag]) for name, flag in zip(ARMS, (True, False), strict=True)}
     source = "trials"
@@ -269,13 +325,14 @@ def build_report(data: ComparisonData, *, min_effect: float | None = None, alpha
             warnings.append("sn_comparison does not match the trials read model yet (the comparison consumer is "
                             "behind); the per-arm figures are computed from trials.")
     for name, flag in zip(ARMS, (True, False), strict=True):
-        best = max((t for t in by_flag[flag] if t.status == "completed" and t.val is not None),
-                   key=lambda t: (t.val, t.id), default=None)
+        best = max((t for t in done if t.spectral_norm is flag), key=lambda t: (t.val, t.id), default=None)
         arms[name]["best"] = {"trial_id": best.id if best else None, METRIC: best.val if best else None}
 
     pairs, linked = complete_pairs(data.trials)
-    paired = st.paired([a.val for a, _ in pairs], [b.val for _, b in pairs])
-    paired_design = paired.n_pairs >= 2
+    pair_values = [(a.val, b.val) for a, b in pairs]
+    paired = st.paired([a for a, _ in pair_values], [b for _, b in pair_values])
+    primary, subset = _analyses(sn, base, pairs, paired)
+    paired_design = primary.design == vd.PAIRED
     tests = {
         "welch_t": asdict(st.welch_test(sn, base)),
         "mann_whitney_u": asdict(st.mann_whitney(sn, base)),
@@ -283,60 +340,89 @@ def build_report(data: ComparisonData, *, min_effect: float | None = None, alpha
                    "mean_difference": asdict(paired.difference), "t_test": asdict(paired.t_test),
                    "wilcoxon_signed_rank": asdict(paired.wilcoxon)},
     }
-    difference = asdict(paired.difference if paired_design else st.welch_difference(sn, base))
+    difference = asdict(primary.difference)
 
-    rates = {status: _rate(data, status, alpha) for status in ("pruned", "failed")}
+    counts = {flag: _counts(by_flag[flag]) for flag in (True, False)}
+    rates = {status: _rate(counts, status, alpha) for status in ("pruned", "failed")}
     for status, rate in rates.items():
         if rate["differs"]:
             warnings.append(f"{status} rates differ between the arms (SN {rate['spectral_norm']:.0%}, baseline "
-                            f"{rate['baseline']:.0%}; Fisher's exact p = {_fmt_p(rate['p_value'])}): the completed "
-                            "trials compared may be a biased selection.")
+                            f"{rate['baseline']:.0%}; Fisher's exact p = {vd.fmt_p(rate['p_value'])}): the "
+                            "completed trials compared may be a biased selection.")
     confounding = [] if paired_design else _confounding(data, alpha)
     differing = [c for c in confounding if c["differs"]]
     if differing:
-        listed = ", ".join(f"{c['hyperparam']} (p = {_fmt_p(c['p_value'])})" for c in differing)
+        listed = ", ".join(f"{c['hyperparam']} (p = {vd.fmt_p(c['p_value'])})" for c in differing)
         warnings.append(f"the arms' hyper-parameters are distributed differently: {listed}, of {len(confounding)} "
                         f"tested at α = {alpha:g} without correction; an adaptive sampler may have confounded "
                         "the flag.")
+    check = manipulation.check(
+        [(t.id, t.sigmas, t.hyperparams) for t in done if t.spectral_norm and t.sigmas],
+        [(t.id, t.sigmas, t.hyperparams) for t in done if not t.spectral_norm and t.sigmas])
+    warnings += manipulation.warnings(check)
+    disagrees = vd.disagreement(primary, subset, alpha)
+    if disagrees:
+        warnings.append(disagrees)
+    strata = _strata(done, pairs, paired_design, alpha)
+    if strata["signs_disagree"]:
+        warnings.append(f"the {len(strata['items'])} strata (search × dataset) disagree in the sign of SN − "
+                        "baseline: read the per-stratum figures and the pooled estimate, not the mixed one.")
 
     durations = [[t.duration_ms for t in by_flag[flag] if t.status == "completed" and t.duration_ms is not None]
                  for flag in (True, False)]
     mean_sn, mean_base = (arms[a]["duration_ms"]["mean"] for a in ARMS)
     overhead = mean_sn / mean_base - 1 if mean_sn is not None and mean_base else None
+    timed_pairs = [(a.duration_ms, b.duration_ms) for a, b in pairs if a.duration_ms and b.duration_ms]
 
     if paired_design:
-        diffs = [a.val - b.val for a, b in pairs]
-        scale, n_now, unit = st.summarize(diffs).std, (paired.n_pairs,), "complete pairs"
+        scale, n_now, unit = st.summarize([a - b for a, b in pair_values]).std, (paired.n_pairs,), "complete pairs"
     else:
         scale, n_now, unit = st.pooled_std(sn, base), (len(sn), len(base)), "completed trials per arm"
     power = {
-        "design": "paired" if paired_design else "independent",
-        "alpha": alpha, "target_power": st.TARGET_POWER, "unit": unit,
+        "design": primary.design, "alpha": alpha, "target_power": st.TARGET_POWER, "unit": unit,
         "observed": _power_block(difference["estimate"], scale, n_now, paired_design, alpha),
+        "observed_caveat": "post-hoc power at the observed difference is a function of p (Hoenig & Heisey 2001); "
+                           "it is context, not evidence, and stays out of the verdict",
         "min_effect": _power_block(min_effect, scale, n_now, paired_design, alpha),
     }
-    verdict = _verdict(sn, base, tests, difference, power, paired_design, warnings, alpha)
-
-    curves = {name: [{"epoch": p.epoch, "n": p.n, "mean": p.mean,
-                      **dict(zip(("ci_low", "ci_high"), st.t_interval(p.n, p.mean, p.std), strict=True))}
-                     for p in data.curves if p.spectral_norm is flag]
-              for name, flag in zip(ARMS, (True, False), strict=True)}
+    equivalence, tost = _equivalence(sn, base, pair_values, paired_design, min_effect)
+    # The arms may differ in more than the flag: a biased selection, confounding, or a treatment that did not take.
+    arms_differ = any(r["differs"] for r in rates.values()) or bool(differing) or check["passed"] is False
+    verdict = vd.verdict(primary, tost, power, alpha, disagrees, arms_differ)
     return _clean({
         "report_version": REPORT_VERSION,
         "generated_at": (now or datetime.now(UTC)).isoformat(),
         "filters": {"model_run_id": data.model_run_id, "dataset": data.dataset},
         "metric": METRIC,
         "alpha": alpha,
+        "min_effect": min_effect,
         "source": source,
         "arms": arms,
+        "design": {"primary": primary.design, "completed_trials": len(done),
+                   "trials_in_complete_pairs": 2 * len(pairs),
+                   "rule": "paired leads when at least 2 complete pairs hold more than half the completed trials"},
+        "primary": primary.as_dict(alpha),
+        "subset": (subset or vd.NO_ANALYSIS).as_dict(alpha),
         "difference": difference,
         "tests": tests,
+        "equivalence": equivalence,
         "effect_sizes": {"hedges_g": st.hedges_g(sn, base), "cliffs_delta": st.cliffs_delta(sn, base)},
-        "training_time": {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations))},
+        "training_time": {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations)),
+                          "ratio": robustness.duration_ratio(*durations, timed_pairs)},
         "rates": rates,
         "confounding": confounding,
+        "manipulation": check,
+        "where_it_helps": _where(done, pairs, paired_design, alpha),
+        "stability": robustness.stability(sn, base, pair_values),
+        "convergence": robustness.convergence(
+            [t.epochs_to_95 for t in done if t.spectral_norm and t.epochs_to_95 is not None],
+            [t.epochs_to_95 for t in done if not t.spectral_norm and t.epochs_to_95 is not None],
+            [(a.epochs_to_95, b.epochs_to_95) for a, b in pairs
+             if a.epochs_to_95 is not None and b.epochs_to_95 is not None], paired_design),
+        "strata": strata,
         "power": power,
         "verdict": verdict,
         "warnings": warnings,
-        "curves": curves,
+        "journal_trials": data.journal_trials,
+        "curves": _curves(data),
     })

@@ -35,7 +35,7 @@ class Summary:
     max: float | None = None
 
 
-def _variance(values) -> float:
+def variance(values) -> float:
     """Sample variance (ddof 1) of ≥ 2 values; exactly 0 when they are equal up to float rounding (e.g. 0.9 − 0.8
     and 0.8 − 0.7), so "no spread" is recognised instead of producing a t statistic of 1e15."""
     x = np.asarray(values, dtype=float)
@@ -59,7 +59,7 @@ def summarize(values: Sequence[float]) -> Summary:
     if n == 0:
         return Summary(0)
     mean = float(x.mean())
-    std = math.sqrt(_variance(x)) if n > 1 else None
+    std = math.sqrt(variance(x)) if n > 1 else None
     low, high = t_interval(n, mean, std)
     return Summary(n, mean, float(np.median(x)), std, low, high, float(x.min()), float(x.max()))
 
@@ -110,7 +110,7 @@ def welch_difference(a: Sequence[float], b: Sequence[float]) -> Difference:
     estimate = float(np.mean(a) - np.mean(b))
     if len(a) < 2 or len(b) < 2:
         return Difference(estimate)
-    va, vb = _variance(a) / len(a), _variance(b) / len(b)
+    va, vb = variance(a) / len(a), variance(b) / len(b)
     se = math.sqrt(va + vb)
     if se == 0:
         return Difference(estimate, 0.0)
@@ -135,6 +135,18 @@ def mann_whitney(a: Sequence[float], b: Sequence[float]) -> TestResult:
     return TestResult(float(result.statistic), float(result.pvalue))
 
 
+def mean_difference(d: Sequence[float]) -> Difference:
+    """The mean of differences d with its t-interval (se 0 and no interval when they do not vary)."""
+    d = np.asarray(d, dtype=float)
+    if len(d) == 0:
+        return Difference()
+    mean = float(d.mean())
+    if len(d) < 2:
+        return Difference(mean)
+    se = math.sqrt(variance(d) / len(d))
+    return Difference(mean, 0.0) if se == 0 else _interval(mean, se, len(d) - 1)
+
+
 @dataclass(frozen=True)
 class PairedResult:
     n_pairs: int
@@ -149,15 +161,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> PairedResult:
     n = len(d)
     if n == 0:
         return PairedResult(0, Difference(), TestResult(), TestResult())
-    mean = float(d.mean())
+    difference = mean_difference(d)
     if n < 2:
-        return PairedResult(1, Difference(mean), TestResult(), TestResult())
-    se = math.sqrt(_variance(d) / n)
-    if se == 0:
-        difference, t_test = Difference(mean, 0.0), TestResult()
-    else:
-        difference = _interval(mean, se, n - 1)
-        t = mean / se
+        return PairedResult(1, difference, TestResult(), TestResult())
+    t_test = TestResult()
+    if difference.se:
+        t = difference.estimate / difference.se
         t_test = TestResult(t, float(2 * stats.t.sf(abs(t), n - 1)), float(n - 1))
     if np.all(d == 0):
         wilcoxon = TestResult(0.0, 1.0)
@@ -170,7 +179,7 @@ def paired(a: Sequence[float], b: Sequence[float]) -> PairedResult:
 def pooled_std(a: Sequence[float], b: Sequence[float]) -> float | None:
     if len(a) < 2 or len(b) < 2:
         return None
-    pooled = ((len(a) - 1) * _variance(a) + (len(b) - 1) * _variance(b)) / (len(a) + len(b) - 2)
+    pooled = ((len(a) - 1) * variance(a) + (len(b) - 1) * variance(b)) / (len(a) + len(b) - 2)
     return float(math.sqrt(pooled))
 
 
@@ -217,13 +226,14 @@ class DistributionTest:
     p_value: float
 
 
-def _numeric(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A JSON number (int or float, not bool)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _category(value: object) -> str:
     """A hyper-parameter value as a category: 1 and 1.0 are one value (JSON does not keep the difference)."""
-    return repr(float(value)) if _numeric(value) else repr(value)
+    return repr(float(value)) if is_number(value) else repr(value)
 
 
 def compare_distributions(a: Sequence[object], b: Sequence[object]) -> DistributionTest | None:
@@ -235,7 +245,7 @@ def compare_distributions(a: Sequence[object], b: Sequence[object]) -> Distribut
     categories = sorted({_category(v) for v in (*a, *b)})
     if len(categories) < 2:
         return None
-    if len(categories) > MAX_CATEGORIES and all(_numeric(v) for v in (*a, *b)):
+    if len(categories) > MAX_CATEGORIES and all(is_number(v) for v in (*a, *b)):
         result = stats.ks_2samp(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
         return DistributionTest("ks", float(result.statistic), float(result.pvalue))
     count_a, count_b = Counter(map(_category, a)), Counter(map(_category, b))
@@ -291,3 +301,69 @@ def required_pairs(effect: float, alpha: float = ALPHA, power: float = TARGET_PO
     if not effect or not math.isfinite(effect):
         return None
     return _smallest_n(lambda n: power_paired(effect, n, alpha), power)
+
+
+@dataclass(frozen=True)
+class VarianceRatio:
+    """var(a) / var(b) with its F-based 95% interval (normal data), and Brown–Forsythe's test of equal spread
+    (Levene's with medians, robust to non-normality)."""
+
+    ratio: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    brown_forsythe: TestResult = TestResult()
+
+
+def variance_ratio(a: Sequence[float], b: Sequence[float]) -> VarianceRatio:
+    if len(a) < 2 or len(b) < 2:
+        return VarianceRatio()
+    va, vb = variance(a), variance(b)
+    bf = TestResult()
+    if va or vb:
+        result = stats.levene(a, b, center="median")
+        bf = TestResult(float(result.statistic), float(result.pvalue))
+    if vb == 0:
+        return VarianceRatio(brown_forsythe=bf)
+    ratio = va / vb
+    dfa, dfb = len(a) - 1, len(b) - 1
+    tail = (1 - CONFIDENCE) / 2
+    return VarianceRatio(ratio, ratio / stats.f.isf(tail, dfa, dfb), ratio / stats.f.ppf(tail, dfa, dfb), bf)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """The geometric-mean ratio a / b of a positive quantity with its 95% interval (from the t-interval of the mean
+    log ratio, so both ends stay positive), over `n` pairs or Welch's over two independent arms."""
+
+    estimate: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int = 0
+
+
+def _ratio(difference: Difference, n: int) -> Ratio:
+    if difference.estimate is None:
+        return Ratio(n=n)
+    ends = (None, None) if difference.ci_low is None else (math.exp(difference.ci_low), math.exp(difference.ci_high))
+    return Ratio(math.exp(difference.estimate), *ends, n)
+
+
+def ratio_paired(a: Sequence[float], b: Sequence[float]) -> Ratio:
+    kept = [(x, y) for x, y in zip(a, b, strict=True) if x > 0 and y > 0]
+    result = paired(np.log([x for x, _ in kept]), np.log([y for _, y in kept]))
+    return _ratio(result.difference, result.n_pairs)
+
+
+def ratio_independent(a: Sequence[float], b: Sequence[float]) -> Ratio:
+    la, lb = np.log([x for x in a if x > 0]), np.log([y for y in b if y > 0])
+    return _ratio(welch_difference(la, lb), len(la) + len(lb))
+
+
+def pitman_morgan(a: Sequence[float], b: Sequence[float]) -> TestResult:
+    """Equal variances of paired values (Pitman–Morgan): var(a) = var(b) exactly when a − b and a + b are
+    uncorrelated, so the test is Pearson's r of those two with its t-based p."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(x) < 3 or variance(x - y) == 0 or variance(x + y) == 0:
+        return TestResult()
+    result = stats.pearsonr(x - y, x + y)
+    return TestResult(float(result.statistic), float(result.pvalue), float(len(x) - 2))
