@@ -234,7 +234,8 @@ class MlflowLogger:
                      trial_id=run.trial_id)
             return True
         run.run_id = created.info.run_id
-        tags = trial_tags(run.trial_id, run.model_run_id, start.spectral_norm, "running")
+        # No status tag yet: the consumer may already have set the final one (it is set again when the run ends).
+        tags = trial_tags(run.trial_id, run.model_run_id, start.spectral_norm, None)
         self._client.log_batch(run.run_id, params=[Param(k, v) for k, v in trial_params(start).items()],
                                tags=[RunTag(k, v) for k, v in tags.items()])
         return True
@@ -266,6 +267,7 @@ class MlflowLogger:
     def _finish_run(self, run: _Run, status: str, state_dict: dict[str, torch.Tensor] | None) -> None:
         if state_dict is not None:
             self._log_model(run.run_id, state_dict)
+        self._client.set_tag(run.run_id, "status", status)
         self._client.set_terminated(run.run_id, TERMINAL_STATUS[status])
 
     def _log_model(self, run_id: str, state_dict: dict[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ from consumers.mlflow.client import (
     check_tracking_uri,
     filter_string,
 )
-from consumers.mlflow.expected import RUN_STATUS, TERMINAL, advisory_key
+from consumers.mlflow.expected import RUN_STATUS, advisory_key
 from consumers.persistence import Store
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
@@ -115,16 +115,15 @@ def _millis(event: Event) -> int:
     return int(event.occurred_at.timestamp() * 1000)
 
 
-def writes_for(events: Sequence[Event], link_status: str) -> Writes:
-    """The trial's writes for these events (seq order); a start never sets `running` over a terminal status."""
+def writes_for(events: Sequence[Event]) -> Writes:
+    """The trial's writes for these events (seq order). A start writes no status tag: `running` is set when the
+    run is created, and a start handled after its stop (another instance, a redelivery) must not undo `completed`."""
     out = Writes()
     for event in events:
         if isinstance(event, RunStarted):
             p = event.payload
-            status = None if link_status in TERMINAL or out.status in TERMINAL else "running"
-            out.tags.update(trial_tags(event.trial_id, event.model_run_id, p.spectral_norm, status))
+            out.tags.update(trial_tags(event.trial_id, event.model_run_id, p.spectral_norm, None))
             out.params.update(trial_params(p))
-            out.status = out.status or status
         elif isinstance(event, RunMetric):
             at = _millis(event)
             out.metrics.extend((k, v, at, event.payload.epoch) for k, v in epoch_metrics(event.payload).items())
@@ -227,7 +226,7 @@ class MlflowSync:
             return True
 
     async def _write(self, events: list[Event], link: Link) -> Link:
-        writes = writes_for(events, link.status)
+        writes = writes_for(events)
         calls = [self._client.log_batch(link.run_id, tags=writes.tags, params=writes.params, metrics=writes.metrics)]
         if writes.state is not None:
             calls.append(self._client.update_run(link.run_id, *writes.state))
@@ -280,7 +279,7 @@ class MlflowSync:
         flag = bool((described or {}).get("spectral_norm", next(
             (e.payload.spectral_norm for e in events if isinstance(e, RunStopped)), False)))
         run_id = await self._client.create_run(experiment_id, run_name(first.trial_id, flag), _millis(start or first),
-                                               trial_tags(first.trial_id, first.model_run_id, flag, None))
+                                               trial_tags(first.trial_id, first.model_run_id, flag, "running"))
         return Link(run_id, "created", "running")
 
     async def _record(self, events: list[Event], link: Link) -> None:
