@@ -145,34 +145,32 @@ async def test_two_consumer_instances_give_one_run_per_trial(env, mlflow_server)
     assert await env.dead_letters("sntrack.mlflow") == []
 
 
-async def test_consumer_relinks_when_repair_deleted_its_run(env, mlflow_server):  # noqa: F811
-    """`reconcile --repair` keeps a duplicate with more data and deletes the consumer's run; the next stop goes to
-    the kept run (no mlflow_rejected dead letter)."""
+async def test_consumer_relinks_when_its_run_was_deleted(env, mlflow_server):  # noqa: F811
+    """The consumer's linked run is deleted behind its back (a repair between its check and the link update, a
+    user): the next events go to the trial's other run, found by tag, instead of an HTTP 400 dead-lettered as
+    mlflow_rejected; with no other run, the deleted one is restored."""
     settings = mlflow_settings(env.settings, mlflow_server)
-    [trial] = synthetic_study(1, 3, seed=31, producer=producer_info())
-    start, *rest = trial
+    study = synthetic_study(2, 3, seed=31, producer=producer_info())
+    name = study[0][0].model_run_id
     async with running_consumers(settings, PIPELINE):
-        await publish(env, [start])
-        await wait_until(lambda: len(study_runs(settings, start.model_run_id)) == 1, what="the consumer's run")
-        [consumers_run] = study_runs(settings, start.model_run_id)
+        await publish(env, [trial[0] for trial in study])
+        await wait_until(lambda: len(study_runs(settings, name)) == 2, what="the consumer's runs")
+        links = {r["trial_id"]: r["run_id"] for r in await env.fetch("SELECT * FROM mlflow_runs")}
         client = MlflowRest(settings.mlflow_tracking_uri, 10.0)
-        conn = await env.db()
         try:
-            experiment = consumers_run["info"]["experiment_id"]
-            duplicate = await client.create_run(experiment, "dup", 0, {"trial_id": start.trial_id})
-            await client.log_batch(duplicate, metrics=[(f"m{i}", 1.0, 0, 0) for i in range(40)])
-            outcome = await reconcile(conn, client, settings.mlflow_experiment, fix=True)
-            assert ("duplicate_runs" in {d.kind for d in outcome.repaired}), outcome
-            [kept] = study_runs(settings, start.model_run_id)
-            assert kept["info"]["run_id"] == duplicate
+            replaced, restored = study[0][0], study[1][0]
+            experiment = study_runs(settings, name)[0]["info"]["experiment_id"]
+            other = await client.create_run(experiment, "other", 0, {"trial_id": replaced.trial_id})
+            for start in (replaced, restored):
+                await client.delete_run(links[start.trial_id])
         finally:
-            await conn.close()
             await client.close()
-        await publish(env, rest)
-        await finished_runs(settings, start.model_run_id, 1)
-    assert runs_per_trial(settings, start.model_run_id) == Counter({start.trial_id: 1})
+        await publish(env, [e for trial in study for e in trial[1:]])
+        await finished_runs(settings, name, 2)
+    assert runs_per_trial(settings, name) == Counter({replaced.trial_id: 1, restored.trial_id: 1})
     assert await env.dead_letters("sntrack.mlflow") == []
-    assert await env.fetchval("SELECT run_id FROM mlflow_runs WHERE trial_id = $1", start.trial_id) == duplicate
+    now = {r["trial_id"]: r["run_id"] for r in await env.fetch("SELECT * FROM mlflow_runs")}
+    assert now == {replaced.trial_id: other, restored.trial_id: links[restored.trial_id]}
 
 
 async def test_reconcile_repair_beside_the_consumer(env, mlflow_server):  # noqa: F811
