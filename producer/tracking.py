@@ -136,9 +136,10 @@ class MlflowLogger:
         return self._submit(("sync", done)) and done.wait(timeout)
 
     def close(self, timeout: float) -> bool:
-        """Let the thread finish what is queued, within `timeout`. True when it did."""
+        """Let the thread finish what is queued (artifacts waiting for the consumer's run included, until shortly
+        before `timeout`), within `timeout`. True when it did."""
         try:
-            self._queue.put(("close",), timeout=timeout)
+            self._queue.put(("close", time.monotonic() + 0.9 * timeout), timeout=timeout)
         except queue.Full:
             return False
         self._thread.join(timeout)
@@ -180,6 +181,12 @@ class MlflowLogger:
             self._flush_metrics(waiting)
             waiting = []
             if item[0] == "close":
+                while self._adopting and time.monotonic() < item[1]:
+                    time.sleep(max(0.0, min(min(a.next_try for a in self._adopting), item[1]) - time.monotonic()))
+                    self._adopt()
+                if self._adopting:
+                    log.warning("closing with model artifacts not uploaded: the consumer's runs did not appear",
+                                trials=[a.run.trial_id for a in self._adopting])
                 return
             if item[0] == "sync":
                 item[1].set()

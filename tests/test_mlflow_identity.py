@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 
 import requests
+from mlflow.tracking import MlflowClient
 
 from consumers.mlflow.client import MlflowRest
 from consumers.mlflow.reconcile import reconcile
@@ -111,6 +112,9 @@ async def test_slow_mlflow_gives_one_run_per_trial(env, storage, mlflow_server, 
             assert any(r["mlflow_run_id"] is None for r in rows), "the slow server never delayed a start"
             await asyncio.sleep(3)  # a worker's late run would show up now
     assert runs_per_trial(settings, "slow") == Counter({r["id"]: 1 for r in rows})
+    for run in study_runs(settings, "slow"):  # the worker uploaded its model to the consumer's runs too
+        artifacts = await asyncio.to_thread(MlflowClient(mlflow_server).list_artifacts, run["info"]["run_id"], "model")
+        assert [a.path for a in artifacts] == ["model/state_dict.pt"]
     await assert_reconciled(env, settings, "slow")
     assert "View run" not in capfd.readouterr().out
 
