@@ -189,6 +189,7 @@ async def test_reconcile_repair_beside_the_consumer(env, mlflow_server):  # noqa
             publishing = asyncio.create_task(publish(env, [e for trial in study for e in trial]))
             while not publishing.done() or len(study_runs(settings, name)) < len(study):
                 await reconcile(conn, client, settings.mlflow_experiment, model_run_id=name, fix=True)
+                await asyncio.sleep(0.2)
             await finished_runs(settings, name, len(study))
             await reconcile(conn, client, settings.mlflow_experiment, model_run_id=name, fix=True)
     finally:
