@@ -45,7 +45,8 @@ async def _mlflow(base: Settings, quick: bool) -> dict:
     async def work(url: str, startup_s: float | None) -> dict:
         async with sandbox(base, prefix="sntrack-bench-mlflow", mlflow_tracking_uri=url) as settings:
             result = await mlflow_sync.run(settings, trials=30 if quick else 100)
-        return {**result, "server": url, "server_startup_s": startup_s}
+            curves = await mlflow_sync.curve_throughput(settings, trials=10 if quick else 40, epochs=50)
+        return {**result, "curves": curves, "server": url, "server_startup_s": startup_s}
 
     return await _with_mlflow(base, work)
 

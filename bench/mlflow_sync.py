@@ -8,6 +8,10 @@ database and vhost with the topology applied and migrations run, and at a runnin
 A stop counts as synced when the consumer committed its bookkeeping (`applied_events.applied_at`, taken after the
 MLflow calls returned: they are then visible to any reader); every run is checked through the API at the end.
 Stops are published one at a time, each after the previous one synced, so the figure is latency, not queueing.
+
+Curve throughput: a study of many epochs published at once (start, every epoch's metric event, stop), timed from
+the first publish to the last stop synced, beside the same points written by bare `log-batch` calls, one per trial
+(the least MLflow work the curves need), in the same run.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncpg
 from bench.timing import percentiles
 from consumers.mlflow.client import MlflowRest
 from consumers.mlflow.expected import RUN_STATUS
+from consumers.mlflow.sync import writes_for
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -41,6 +46,11 @@ async def _applied_at(conn: asyncpg.Connection, event_id: uuid.UUID, timeout_s: 
     raise TimeoutError(f"stop {event_id} not synced within {timeout_s}s")
 
 
+async def _publish(exchange: aio_pika.abc.AbstractExchange, event) -> None:
+    await exchange.publish(aio_pika.Message(event.to_json(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                           routing_key=event.event_type)
+
+
 async def bare_set_tag(client: MlflowRest, run_id: str, calls: int) -> list[float]:
     samples = []
     for i in range(calls):
@@ -48,6 +58,43 @@ async def bare_set_tag(client: MlflowRest, run_id: str, calls: int) -> list[floa
         await client.set_tag(run_id, "bench", str(i))
         samples.append((time.perf_counter() - started) * 1000)
     return samples
+
+
+async def curve_throughput(settings: Settings, trials: int, epochs: int) -> dict:
+    """Metric events synced per second through the consumer, beside bare log-batch calls of the same points."""
+    settings = settings.model_copy(update={"mlflow_enabled": True,
+                                           "mlflow_experiment": f"bench-curve-{uuid.uuid4().hex[:8]}"})
+    study = synthetic_study(trials, epochs, seed=2, producer=producer_info())
+    events = [e for trial in study for e in trial]
+    client = MlflowRest(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
+    connection = await aio_pika.connect(settings.amqp_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        async with running_consumers(settings, ["mlflow"]):
+            started = time.perf_counter()
+            for event in events:
+                await _publish(exchange, event)
+            for trial in study:
+                await _applied_at(conn, trial[-1].event_id, 120)
+            consumer_s = time.perf_counter() - started
+        experiment_id = await client.experiment_id(settings.mlflow_experiment + "-bare")
+        started = time.perf_counter()
+        for trial in study:
+            run_id = await client.create_run(experiment_id, "bare", 0)
+            writes = writes_for(trial)
+            await client.log_batch(run_id, tags=writes.tags, params=writes.params, metrics=writes.metrics)
+        bare_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+        await connection.close()
+        await client.close()
+    metric_events = sum(e.event_type == "ml.run.metric" for e in events)
+    return {"trials": trials, "epochs": epochs, "events": len(events),
+            "consumer_events_per_s": round(len(events) / consumer_s, 1), "consumer_s": round(consumer_s, 2),
+            "bare_log_batch_s": round(bare_s, 2), "metric_events": metric_events,
+            "ratio_to_bare": round(consumer_s / bare_s, 2)}
 
 
 async def run(settings: Settings, trials: int = 100, warmup: int = 5) -> dict:
@@ -63,8 +110,7 @@ async def run(settings: Settings, trials: int = 100, warmup: int = 5) -> dict:
         exchange = await channel.get_exchange(EXCHANGE, ensure=False)
 
         async def publish(event) -> float:
-            await exchange.publish(aio_pika.Message(event.to_json(), delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                                   routing_key=event.event_type)
+            await _publish(exchange, event)
             return time.time()
 
         async with running_consumers(settings, ["mlflow"]):

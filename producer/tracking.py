@@ -9,9 +9,16 @@
   `state_dict` artifact and the terminal status. A slow MLflow server makes the series arrive later, never
   the training slower;
 - the start event must carry the MLflow run id, so a trial's events are held (in order, in memory) until the
-  background thread has created the run, for at most `start_wait_s`; then they go out with a null run id and
-  the run, if it appears later, is still found by its `trial_id` tag. After an MLflow failure the logger rests
-  for `COOLDOWN_S` (trials meanwhile carry a null run id at once) instead of waiting on a dead server per trial.
+  background thread has created the run, for at most `start_wait_s`; then they go out with a null run id. After
+  an MLflow failure the logger rests for `COOLDOWN_S` (trials meanwhile carry a null run id at once) instead of
+  waiting on a dead server per trial.
+
+One run per trial, whatever the timing (docs/mlflow.md, "One run per trial"): the start event decides who owns
+the run. The background thread creates the run without any tag (nobody can find it by `trial_id`) and offers its
+id to the held start. Accepted (the start goes out with it): the run is tagged and gets the params. Refused (the
+start already went out without an id, so the `mlflow` consumer creates the run): the untagged run, which nobody
+knows, is deleted, and the worker adopts the consumer's run, found by tag, for its model artifact (for up to
+ADOPT_WAIT_S). Proved by tests/test_mlflow_identity.py::test_slow_mlflow_gives_one_run_per_trial.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import structlog
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -35,6 +42,15 @@ from producer.emitter import TrialEvents
 from producer.model import state_dict_copy
 from producer.training import TrialOutcome
 from schemas import Event, ProducerInfo, RunStarted, StartPayload
+from schemas.mlflow import (
+    epoch_metrics,
+    experiment_name,
+    run_name,
+    tracking_uri_problem,
+    trial_params,
+    trial_tags,
+)
+from sntrack.settings import ConfigurationError
 
 log = structlog.get_logger("sntrack.worker")
 
@@ -44,6 +60,8 @@ COOLDOWN_S = 30.0
 METRICS_FLUSH_S = 5.0
 QUEUE_LIMIT = 10_000  # MLflow work items waiting; beyond that MLflow logging is dropped, training never waits
 TERMINAL_STATUS = {"completed": "FINISHED", "failed": "FAILED", "pruned": "KILLED"}
+ADOPT_WAIT_S = 120.0  # how long a refused trial's artifact waits for the consumer's run to appear
+ADOPT_RETRY_S = 2.0
 
 
 def bound_mlflow_http(timeout_s: float, max_retries: int) -> None:
@@ -60,19 +78,35 @@ class _Run:
     trial_id: str
     model_run_id: str
     start: StartPayload
-    on_run_id: Callable[[str | None], None]
+    on_run_id: Callable[[str | None], bool]  # True: the start went out with this run id
     run_id: str | None = None
     pending_metrics: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Adoption:
+    """A refused trial's artifact, waiting for the consumer's run to appear."""
+
+    run: _Run
+    state_dict: dict[str, torch.Tensor]
+    give_up_at: float
+    next_try: float = 0.0
 
 
 class MlflowLogger:
     """A daemon thread that owns every MLflow call of the worker."""
 
     def __init__(self, tracking_uri: str, experiment: str):
+        """`experiment` is a name or a template with `{study}` (schemas.mlflow.experiment_name)."""
+        if problem := tracking_uri_problem(tracking_uri):
+            raise ConfigurationError(problem)
+        # MLflow's client prints "🏃 View run …" to stdout after every run; the worker's terminal is for its progress.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self._client = MlflowClient(tracking_uri)
-        self._experiment_id: str | None = None
+        self._experiment_ids: dict[str, str] = {}
+        self._adopting: list[_Adoption] = []
         self._down_until = 0.0
         self._queue: queue.Queue = queue.Queue(QUEUE_LIMIT)
         self._thread = threading.Thread(target=self._main, name="sntrack-mlflow", daemon=True)
@@ -83,13 +117,14 @@ class MlflowLogger:
         return time.monotonic() >= self._down_until
 
     def begin(self, trial_id: str, model_run_id: str, start: StartPayload,
-              on_run_id: Callable[[str | None], None]) -> _Run:
+              on_run_id: Callable[[str | None], bool]) -> _Run:
         run = _Run(trial_id, model_run_id, start, on_run_id)
         if not self._submit(("begin", run)):
             on_run_id(None)
         return run
 
     def metrics(self, run: _Run, epoch: int, values: dict[str, float], timestamp_ms: int) -> None:
+        """One epoch's series (schemas.mlflow.epoch_metrics), logged at step = epoch."""
         self._submit(("metrics", run, epoch, values, timestamp_ms))
 
     def end(self, run: _Run, status: str, state_dict: dict[str, torch.Tensor] | None) -> None:
@@ -101,9 +136,10 @@ class MlflowLogger:
         return self._submit(("sync", done)) and done.wait(timeout)
 
     def close(self, timeout: float) -> bool:
-        """Let the thread finish what is queued, within `timeout`. True when it did."""
+        """Let the thread finish what is queued (artifacts waiting for the consumer's run included, until shortly
+        before `timeout`), within `timeout`. True when it did."""
         try:
-            self._queue.put(("close",), timeout=timeout)
+            self._queue.put(("close", time.monotonic() + 0.9 * timeout), timeout=timeout)
         except queue.Full:
             return False
         self._thread.join(timeout)
@@ -123,11 +159,15 @@ class MlflowLogger:
         waiting: list[_Run] = []  # runs with metrics collected and not yet sent
         flush_at = 0.0
         while True:
+            wake = [flush_at] if waiting else []
+            wake += [a.next_try for a in self._adopting]
             try:
-                item = self._queue.get(timeout=max(0.0, flush_at - time.monotonic()) if waiting else None)
+                item = self._queue.get(timeout=max(0.0, min(wake) - time.monotonic()) if wake else None)
             except queue.Empty:  # time to send what was collected: one call per run, however many epochs
-                self._flush_metrics(waiting)
-                waiting = []
+                if waiting and time.monotonic() >= flush_at:
+                    self._flush_metrics(waiting)
+                    waiting = []
+                self._adopt()
                 continue
             if item[0] == "metrics":
                 run, epoch, values, timestamp_ms = item[1:]
@@ -141,15 +181,23 @@ class MlflowLogger:
             self._flush_metrics(waiting)
             waiting = []
             if item[0] == "close":
+                while self._adopting and time.monotonic() < item[1]:
+                    time.sleep(max(0.0, min(min(a.next_try for a in self._adopting), item[1]) - time.monotonic()))
+                    self._adopt()
+                if self._adopting:
+                    log.warning("closing with model artifacts not uploaded: the consumer's runs did not appear",
+                                trials=[a.run.trial_id for a in self._adopting])
                 return
             if item[0] == "sync":
                 item[1].set()
             elif item[0] == "begin":
-                run = item[1]
-                run.run_id = self._call("create the run", self._create_run, run)
-                run.on_run_id(run.run_id)
+                if not self._call("create the run", self._begin_run, item[1]):
+                    item[1].on_run_id(None)  # MLflow failed or rests: let the start go now (no-op if it went)
             elif item[1].run_id is not None:
                 self._call("finish the run", self._finish_run, *item[1:])
+            elif item[3] is not None:  # the start went out without our run: the consumer's run gets the model
+                self._adopting.append(_Adoption(item[1], item[3], time.monotonic() + ADOPT_WAIT_S))
+                self._adopt()
 
     def _flush_metrics(self, runs: list[_Run]) -> None:
         for run in runs:
@@ -168,37 +216,72 @@ class MlflowLogger:
                         cooldown_s=COOLDOWN_S, error=f"{type(exc).__name__}: {exc}"[:300])
             return None
 
-    def _experiment_id_for_runs(self) -> str:
-        if self._experiment_id is None:
-            found = self._client.get_experiment_by_name(self.experiment)
+    def _experiment_id(self, model_run_id: str) -> str:
+        name = experiment_name(self.experiment, model_run_id)
+        if name not in self._experiment_ids:
+            found = self._client.get_experiment_by_name(name)
             if found is None:
                 try:
-                    self._experiment_id = self._client.create_experiment(self.experiment)
-                except Exception:  # another worker created it first
-                    found = self._client.get_experiment_by_name(self.experiment)
+                    self._experiment_ids[name] = self._client.create_experiment(name)
+                except Exception:  # another worker (or the consumer) created it first
+                    found = self._client.get_experiment_by_name(name)
                     if found is None:
                         raise
-            self._experiment_id = self._experiment_id or found.experiment_id
-        return self._experiment_id
+            self._experiment_ids.setdefault(name, found.experiment_id if found else "")
+        return self._experiment_ids[name]
 
-    def _create_run(self, run: _Run) -> str:
-        tags = {"trial_id": run.trial_id, "model_run_id": run.model_run_id,
-                "spectral_norm": str(run.start.spectral_norm).lower()}
-        created = self._client.create_run(self._experiment_id_for_runs(), tags=tags, run_name=run.trial_id)
-        run_id = created.info.run_id
-        params = {**run.start.hyperparams, "spectral_norm": run.start.spectral_norm, "dataset": run.start.dataset,
-                  "model": run.start.model, "seed": run.start.seed,
-                  "optuna_trial_number": run.start.optuna_trial_number, "paired_with": run.start.paired_with}
-        self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None])
-        return run_id
+    def _begin_run(self, run: _Run) -> bool:
+        """Create the run untagged, offer it to the start event; tag it when accepted, delete it when refused."""
+        start = run.start
+        created = self._client.create_run(self._experiment_id(run.model_run_id),
+                                          run_name=run_name(run.trial_id, start.spectral_norm))
+        if not run.on_run_id(created.info.run_id):
+            self._client.delete_run(created.info.run_id)  # untagged and never announced: nobody else holds it
+            log.info("the trial's start went out without a run id; its MLflow run is the consumer's",
+                     trial_id=run.trial_id)
+            return True
+        run.run_id = created.info.run_id
+        # No status tag yet: the consumer may already have set the final one (it is set again when the run ends).
+        tags = trial_tags(run.trial_id, run.model_run_id, start.spectral_norm, None)
+        self._client.log_batch(run.run_id, params=[Param(k, v) for k, v in trial_params(start).items()],
+                               tags=[RunTag(k, v) for k, v in tags.items()])
+        return True
+
+    def _find_run(self, run: _Run) -> str | None:
+        runs = self._client.search_runs([self._experiment_id(run.model_run_id)], f"tags.trial_id = '{run.trial_id}'")
+        return runs[0].info.run_id if runs else None
+
+    def _adopt(self) -> None:
+        """Upload waiting artifacts to the consumer's runs that have appeared; give up on the overdue ones."""
+        now, still = time.monotonic(), []
+        for adoption in self._adopting:
+            if adoption.next_try > now:
+                still.append(adoption)
+                continue
+            run = adoption.run
+            found = self._call("find the consumer's run", self._find_run, run)
+            if found:
+                run.run_id = found
+                self._call("upload the model", self._log_model, run.run_id, adoption.state_dict)
+            elif now < adoption.give_up_at:
+                adoption.next_try = now + ADOPT_RETRY_S
+                still.append(adoption)
+            else:
+                log.warning("no MLflow run appeared for the trial; its model artifact is not uploaded",
+                            trial_id=run.trial_id, waited_s=ADOPT_WAIT_S)
+        self._adopting = still
 
     def _finish_run(self, run: _Run, status: str, state_dict: dict[str, torch.Tensor] | None) -> None:
         if state_dict is not None:
-            with tempfile.TemporaryDirectory(prefix="sntrack-") as folder:
-                path = Path(folder) / "state_dict.pt"
-                torch.save(state_dict, path)
-                self._client.log_artifact(run.run_id, str(path), artifact_path="model")
+            self._log_model(run.run_id, state_dict)
+        self._client.set_tag(run.run_id, "status", status)
         self._client.set_terminated(run.run_id, TERMINAL_STATUS[status])
+
+    def _log_model(self, run_id: str, state_dict: dict[str, torch.Tensor]) -> None:
+        with tempfile.TemporaryDirectory(prefix="sntrack-") as folder:
+            path = Path(folder) / "state_dict.pt"
+            torch.save(state_dict, path)
+            self._client.log_artifact(run_id, str(path), artifact_path="model")
 
 
 class _EventRecorder:
@@ -234,7 +317,7 @@ class _EventRecorder:
         self._emit(event)
         if self._run is not None:
             millis = int(event.occurred_at.timestamp() * 1000)
-            self._tracker.mlflow.metrics(self._run, epoch, measurements, millis)
+            self._tracker.mlflow.metrics(self._run, epoch, epoch_metrics(event.payload), millis)
 
     def stopped(self, outcome: TrialOutcome, model: nn.Module | None) -> None:
         self._emit(self._events.stop(outcome.status, self._spectral_norm, outcome.measurements, outcome.error))
@@ -242,11 +325,12 @@ class _EventRecorder:
             state = state_dict_copy(model) if model is not None else None
             self._tracker.mlflow.end(self._run, outcome.status, state)
 
-    def release(self, run_id: str | None) -> None:
-        """Publish the held events, the start with `run_id`; the first call wins (run created, or time is up)."""
+    def release(self, run_id: str | None) -> bool:
+        """Publish the held events, the start with `run_id`; the first call wins (run created, or time is up).
+        True when this call published them."""
         with self._lock:
             if self._held is None:
-                return
+                return False
             start, *rest = self._held
             self._held = None
             if self._timer is not None:
@@ -258,6 +342,7 @@ class _EventRecorder:
             self._released.set()
         if run_id is None:
             log.info("trial started without an MLflow run id", trial_id=self._events.trial_id)
+        return True
 
     def settle(self) -> None:
         """Wait until this trial's events are confirmed or spooled (held ones first go out, within start_wait_s)."""

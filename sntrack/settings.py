@@ -23,7 +23,7 @@ class Settings(BaseModel):
 
     mlflow_enabled: bool = True
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"
-    mlflow_experiment: str = "sntrack"
+    mlflow_experiment: str = "sntrack/{study}"  # a name, or a template: {study} = the model_run_id
     mlflow_timeout_s: float = Field(default=10.0, gt=0)
     mlflow_max_attempts: int = Field(default=8, ge=1)
     mlflow_start_wait_s: float = Field(default=2.0, gt=0)  # a trial's start event waits this long for its run id

@@ -4,6 +4,7 @@
     settings = settings.model_copy(update={"amqp_url": proxy.url_for(settings.amqp_url)})
     ...                                                 # clients connect through the proxy
     proxy.cut()                                         # server unreachable: connections dropped, new ones reset
+    proxy.delay_s = 0.5                                 # a slow server: every answer chunk waits 0.5 s
     proxy.restore()                                     # reachable again; clients must reconnect by themselves
     proxy.close()                                       # or use it as a context manager
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -32,6 +34,7 @@ class TcpProxy:
         self._cut = False
         self._closed = False
         self.connections = 0  # connections forwarded so far
+        self.delay_s = 0.0  # added before forwarding each chunk the server sends
         self._acceptor = threading.Thread(target=self._accept_loop, name=f"tcpproxy-{self.port}", daemon=True)
         self._acceptor.start()
 
@@ -94,12 +97,14 @@ class TcpProxy:
                     continue
                 self._sockets.update((client, upstream))
                 self.connections += 1
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, slow in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pump, args=(source, sink, slow), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
             while data := source.recv(65536):
+                if slow and self.delay_s:
+                    time.sleep(self.delay_s)
                 sink.sendall(data)
         except OSError:
             pass

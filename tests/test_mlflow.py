@@ -86,7 +86,7 @@ async def test_study_runs_carry_tags_and_final_metrics(env, mlflow_server):  # n
             "trial_id": start.trial_id, "model_run_id": start.model_run_id, "spectral_norm": str(flag).lower(),
             "constraint_method": "spectral_norm" if flag else "none", "status": stop.payload.status,
         }.items()
-        assert metrics_of(run) == stop.payload.measurements
+        assert metrics_of(run).items() >= stop.payload.measurements.items()
         assert run["info"]["end_time"] == int(stop.occurred_at.timestamp() * 1000)
         assert links[start.trial_id] == run["info"]["run_id"]  # the read model shows the run
 

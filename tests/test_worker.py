@@ -169,8 +169,8 @@ def test_events_wait_for_the_mlflow_run_id_in_order():
     tracker = Tracker(publisher, producer_info("test"), mlflow, start_wait_s=30)
     run_trial(dataclasses.replace(BASE, epochs=2), tracker.trial("t-1", "study"))
     assert publisher.events == [] and mlflow.calls[-1][:2] == ("end", "completed")
-    mlflow.on_run_id("run-123")
-    mlflow.on_run_id("late")  # a second release changes nothing
+    assert mlflow.on_run_id("run-123") is True  # the start goes out with the run: the worker owns it
+    assert mlflow.on_run_id("late") is False  # a second release changes nothing; the worker drops that run
     kinds = [type(e) for e in publisher.events]
     assert kinds == [RunStarted, RunMetric, RunMetric, RunStopped]
     assert [e.seq for e in publisher.events] == [0, 1, 2, 3]
@@ -178,11 +178,12 @@ def test_events_wait_for_the_mlflow_run_id_in_order():
 
 
 def test_events_go_out_with_a_null_run_id_when_mlflow_is_late():
-    publisher = ListPublisher()
-    tracker = Tracker(publisher, producer_info("test"), FakeMlflow(), start_wait_s=0.05)
+    publisher, mlflow = ListPublisher(), FakeMlflow()
+    tracker = Tracker(publisher, producer_info("test"), mlflow, start_wait_s=0.05)
     recorder = tracker.trial("t-2", "study")
     run_trial(dataclasses.replace(BASE, epochs=1), recorder)
     threading.Event().wait(0.3)
     assert [e.seq for e in publisher.events] == [0, 1, 2]
     assert publisher.events[0].payload.mlflow_run_id is None
+    assert mlflow.on_run_id("too-late") is False  # refused: the run is the consumer's
     tracker.close(1)

@@ -55,12 +55,13 @@ def worker_command(env, storage: str, study: str, *args: str) -> tuple[list[str]
 
 
 def run_study_in_process(env, storage: str, study_name: str, plan: WorkerPlan, *, settings=None,
-                         overrides: dict | None = None, on_trial=None, mlflow: MlflowLogger | None = None):
+                         overrides: dict | None = None, on_trial=None, mlflow: MlflowLogger | None = None,
+                         start_wait_s: float = 5):
     settings = settings or env.settings
     study = open_study(storage, study_name, dataset="wine", split_seed=0)
     space = SearchSpace.load(overrides={**FAST, **(overrides or {})})
     with EventPublisher(settings) as publisher:
-        tracker = Tracker(publisher, producer_info("test-worker"), mlflow, start_wait_s=5)
+        tracker = Tracker(publisher, producer_info("test-worker"), mlflow, start_wait_s=start_wait_s)
         result = Worker(study, space, plan, lambda trial_id: tracker.trial(trial_id, study_name),
                         on_trial=on_trial).run()
         tracker.close(30)

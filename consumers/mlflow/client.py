@@ -16,15 +16,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import aiohttp
 
-from sntrack.settings import ConfigurationError, redact
+from schemas.mlflow import tracking_uri_problem
+from sntrack.settings import ConfigurationError
 
 API = "/api/2.0/mlflow"
 MAX_RESULTS = 1000  # runs/search page size (the server's maximum for one page)
-TAG_BATCH = 100  # log-batch limits: 100 tags, 1000 metrics per request
+TAG_BATCH = 100  # log-batch limits: 100 tags, 100 params, 1000 metrics, 1000 items in all per request
+METRIC_BATCH = 1000
 
 
 class MlflowError(Exception):
@@ -56,7 +57,7 @@ class RunRecord:
     start_time: int
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    params: int = 0
+    params: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, run: Mapping) -> RunRecord:
@@ -66,7 +67,7 @@ class RunRecord:
             lifecycle_stage=info.get("lifecycle_stage", "active"), start_time=int(info.get("start_time") or 0),
             tags={t["key"]: t.get("value", "") for t in data.get("tags", [])},
             metrics={m["key"]: float(m["value"]) for m in data.get("metrics", [])},
-            params=len(data.get("params", [])),
+            params={p["key"]: p.get("value", "") for p in data.get("params", [])},
         )
 
     @property
@@ -94,15 +95,18 @@ def _basic_auth() -> aiohttp.BasicAuth | None:
     return aiohttp.BasicAuth(user, password or "") if user else None
 
 
+def check_tracking_uri(uri: str) -> None:
+    """A configuration error, before any work starts, for a tracking URI that is not http(s)
+    (tests/test_mlflow_identity.py::test_consumer_refuses_a_tracking_uri_without_scheme)."""
+    if problem := tracking_uri_problem(uri):
+        raise ConfigurationError(problem)
+
+
 class MlflowRest:
     """Async MLflow REST client with one shared keep-alive session; create inside a running event loop."""
 
     def __init__(self, tracking_uri: str, timeout_s: float, *, connections: int = 8):
-        parts = urlsplit(tracking_uri)
-        if parts.scheme not in ("http", "https"):
-            raise ConfigurationError(
-                f"SNTRACK_MLFLOW_TRACKING_URI must be an http(s) URL of an MLflow tracking server, not "
-                f"{redact(tracking_uri)!r} (start one with infra/mlflow/serve.sh)")
+        check_tracking_uri(tracking_uri)
         self.base_url = tracking_uri.rstrip("/")
         self.timeout_s = timeout_s
         self._session = aiohttp.ClientSession(
@@ -168,19 +172,33 @@ class MlflowRest:
     async def get_run(self, run_id: str) -> RunRecord:
         return RunRecord.from_json((await self._call("GET", "runs/get", params={"run_id": run_id}))["run"])
 
-    async def create_run(self, experiment_id: str, name: str, start_time_ms: int, tags: Mapping[str, str]) -> str:
+    async def create_run(self, experiment_id: str, name: str, start_time_ms: int,
+                         tags: Mapping[str, str] | None = None) -> str:
         body = {"experiment_id": experiment_id, "run_name": name, "start_time": start_time_ms,
-                "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+                "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]}
         return (await self._call("POST", "runs/create", json=body))["run"]["info"]["run_id"]
 
     async def log_batch(self, run_id: str, *, tags: Mapping[str, str] | None = None,
+                        params: Mapping[str, str] | None = None,
                         metrics: Iterable[tuple[str, float, int, int]] = ()) -> None:
-        """Tags and metrics (key, value, timestamp_ms, step) in one request."""
+        """Tags, params and metrics (key, value, timestamp_ms, step), in as few requests as MLflow's limits allow
+        (1000 items, 100 params, 1000 metrics per request): params and tags go with the first."""
+        points = [{"key": k, "value": v, "timestamp": ts, "step": step} for k, v, ts, step in metrics]
         body = {"run_id": run_id, "tags": [{"key": k, "value": v} for k, v in (tags or {}).items()],
-                "metrics": [{"key": k, "value": v, "timestamp": ts, "step": step} for k, v, ts, step in metrics]}
-        if len(body["tags"]) > TAG_BATCH:
-            raise ValueError(f"log_batch takes at most {TAG_BATCH} tags")
-        await self._call("POST", "runs/log-batch", json=body)
+                "params": [{"key": k, "value": v} for k, v in (params or {}).items()]}
+        if len(body["tags"]) > TAG_BATCH or len(body["params"]) > TAG_BATCH:
+            raise ValueError(f"log_batch takes at most {TAG_BATCH} tags and {TAG_BATCH} params")
+        first = METRIC_BATCH - len(body["tags"]) - len(body["params"])
+        await self._call("POST", "runs/log-batch", json={**body, "metrics": points[:first]})
+        for start in range(first, len(points), METRIC_BATCH):
+            chunk = points[start:start + METRIC_BATCH]
+            await self._call("POST", "runs/log-batch", json={"run_id": run_id, "metrics": chunk})
+
+    async def metric_history(self, run_id: str, key: str) -> dict[int, float]:
+        """A metric's value by step (the last value logged at each step)."""
+        request = {"run_id": run_id, "metric_key": key, "max_results": 25000}
+        history = (await self._call("GET", "metrics/get-history", params=request)).get("metrics", [])
+        return {int(m.get("step", 0)): float(m["value"]) for m in sorted(history, key=lambda m: m["timestamp"])}
 
     async def set_tag(self, run_id: str, key: str, value: str) -> None:
         await self._call("POST", "runs/set-tag", json={"run_id": run_id, "key": key, "value": value})

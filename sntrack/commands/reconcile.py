@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 
-from consumers.mlflow.client import MlflowRest, MlflowUnavailable
-from consumers.mlflow.reconcile import Divergence, reconcile
+from consumers.mlflow.client import MlflowRest, MlflowUnavailable, check_tracking_uri
+from consumers.mlflow.reconcile import Divergence, reconcile, studies
 from consumers.persistence import create_pool
 from sntrack.settings import ConfigurationError, Settings
 
@@ -14,10 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "reconcile", help="compare trials with their MLflow runs; --repair fixes them",
         description="For every trial in the read model, find its MLflow run(s) by the trial_id tag in the "
-        "configured experiment and report: missing or deleted run, duplicate runs, wrong or missing tags "
-        "(trial_id, model_run_id, spectral_norm, constraint_method, status), final metric and run state "
-        "mismatches, and a read model linking another run. Exits 1 when anything diverges (with --repair: "
-        "when anything could not be repaired). See docs/mlflow.md.")
+        "study's experiment (SNTRACK_MLFLOW_EXPERIMENT, default sntrack/{study}) and report: missing or deleted "
+        "run, duplicate runs, wrong or missing tags (trial_id, model_run_id, spectral_norm, constraint_method, "
+        "status), params, learning curves (measurements and singular values by epoch), final metrics, run state, "
+        "and a read model linking another run. Exits 1 when anything diverges (with --repair: when anything "
+        "could not be repaired), 2 for an unknown --run. See docs/mlflow.md.\n\n"
+        "example: sntrack reconcile --run wine-sn --repair",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", dest="model_run_id", metavar="ID",
                         help="only this search (model_run_id); default: every trial")
     parser.add_argument("--repair", action="store_true",
@@ -36,10 +40,14 @@ def _table(rows: list[Divergence], last: str, values: list[str]) -> str:
 async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.mlflow_enabled:
         raise ConfigurationError("MLflow is disabled (SNTRACK_MLFLOW_ENABLED=false); nothing to reconcile")
+    check_tracking_uri(settings.mlflow_tracking_uri)
     pool = await create_pool(settings.database_url, max_size=1)
     client = MlflowRest(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
     try:
         async with pool.acquire() as conn:
+            known = await studies(conn)
+            if args.model_run_id is not None and args.model_run_id not in known:
+                raise ConfigurationError(_unknown(args.model_run_id, known))
             outcome = await reconcile(conn, client, settings.mlflow_experiment, model_run_id=args.model_run_id,
                                       fix=args.repair)
     except MlflowUnavailable as exc:
@@ -48,8 +56,12 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
         await client.close()
         await pool.close()
     where = f"experiment {settings.mlflow_experiment!r} at {settings.mlflow_tracking_uri}"
+    if outcome.checked == 0:
+        print("no trials in the read model: nothing to check (are the journal and trials consumers running?)")
+        return 0
     if not outcome.divergences:
-        print(f"{outcome.checked} trials checked against {where}: MLflow matches the read model")
+        print(f"{outcome.checked} trials checked against {where} (tags, params, curves, final metrics, state): "
+              "MLflow matches the read model")
         return 0
     trials = len({d.trial_id for d in outcome.divergences})
     if not args.repair:
@@ -63,3 +75,9 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{len(outcome.divergences)} divergences in {trials} of {outcome.checked} trials ({where}): "
           f"{len(outcome.repaired)} repaired, {len(outcome.unrepaired)} not")
     return 1 if outcome.unrepaired else 0
+
+
+def _unknown(study: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(study, known, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known[:10]) or 'none'}"
+    return f"no trials of study {study!r} in the read model; {hint}"
