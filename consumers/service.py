@@ -92,12 +92,12 @@ async def running_handlers(settings: Settings, make_handlers: HandlerFactory) ->
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
-            done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task in done:
-                    ready.cancel()
-                    task.result()  # a consumer that could not start at all raises here
             try:
+                done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    if task in done:
+                        ready.cancel()
+                        task.result()  # a consumer that could not start after its restarts raises here
                 yield runtimes
             finally:
                 for runtime in runtimes:
