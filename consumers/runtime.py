@@ -112,11 +112,14 @@ class ConsumerRuntime:
         spec = self.handler.queue
         self._inbox = asyncio.Queue()  # deliveries of an earlier channel can no longer be acked
         self.finished.clear()
-        channel = await connection.channel()
-        # Dead letters go out on their own channel, confirmed, mandatory, and a return raises: a dead letter the
-        # broker cannot place never counts as sent.
-        dead_letters = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channels: list[aio_pika.abc.AbstractChannel] = []
         try:
+            channel = await connection.channel()
+            channels.append(channel)
+            # Dead letters go out on their own channel, confirmed, mandatory, and a return raises: a dead letter
+            # the broker cannot place never counts as sent.
+            dead_letters = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channels.append(dead_letters)
             await channel.set_qos(prefetch_count=self.prefetch)
             # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
             queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
@@ -138,7 +141,7 @@ class ConsumerRuntime:
                 with contextlib.suppress(Exception):
                     await queue.cancel(consumer_tag)
         finally:
-            for each in (channel, dead_letters):
+            for each in channels:
                 with contextlib.suppress(Exception):
                     await each.close()
             self.finished.set()

@@ -3,9 +3,11 @@
 import asyncio
 
 import aio_pika
+import pytest
 
 from consumers.service import running_consumers
-from schemas.topology import REASON_HEADER
+from consumers.topology import QueueSpec
+from schemas.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER
 from sntrack.broker import apply_topology
 from tests.conftest import wait_until
 
@@ -60,5 +62,32 @@ async def _fill(env) -> None:
                 return
             await asyncio.sleep(0.2)
         raise AssertionError("the DLQ never refused a message")
+    finally:
+        await connection.close()
+
+
+@pytest.mark.slow  # about 3 minutes: the broker's retry timer
+async def test_the_brokers_own_dead_letters_wait_for_a_missing_dlq_and_carry_delivery_limit(env):
+    # The same arguments as every consumer queue, with a delivery limit of 1 to trip it at once.
+    spec = QueueSpec("sntrack.backstop", delivery_limit=1)
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        await channel.default_exchange.publish(aio_pika.Message(b"crashes everything"), routing_key=spec.name)
+        for _ in range(2):  # two deliveries returned unacked: beyond the limit of 1
+            message = await queue.get(timeout=5)
+            await message.nack(requeue=True)
+        # No DLQ yet: at-least-once dead-lettering keeps the message instead of dropping it.
+        await wait_until(lambda: (env.api.request("GET", f"queues/{env.vhost}/{spec.name}") or {})
+                         .get("messages_dlx") == 1, what="the broker to hold the undeliverable dead letter")
+        dlq = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
+        await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
+        # The broker retries undelivered dead letters on a timer (dead_letter_worker_publisher_confirm_timeout_ms,
+        # 2 minutes by default).
+        letter = await wait_until(lambda: dlq.get(fail=False, timeout=5), timeout=240, interval=2,
+                                  what="the dead letter")
+        assert letter.body == b"crashes everything"
+        assert letter.headers["x-first-death-reason"] == "delivery_limit"
     finally:
         await connection.close()
