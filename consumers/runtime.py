@@ -1,12 +1,18 @@
 """The consumer runtime: queue → gate → batch → handler → ack, for any Handler.
 
 - prefetch and natural batching: a batch is whatever has arrived, up to `batch_size`, so latency stays low at
-  low rates and throughput high at high rates;
+  low rates and throughput high at high rates; prefetch is capped by a memory budget (`effective_prefetch`);
 - the gate: invalid messages are published to the dead-letter exchange with the reason in a header, then
   acked; the consumer never crashes or loops on them;
 - ack only after the handler committed; transient failures keep the batch unacked and retry with backoff;
   a batch that fails otherwise is split to find the culprit, which is dead-lettered as handler_error after
   HANDLER_ATTEMPTS tries, so one bad event never holds up the others;
+- a message that crashes the process itself: with an AttemptLedger, every redelivered message is counted
+  durably before it is handled and forgotten once settled. One in hand at CRASH_ATTEMPTS crashes is handled
+  alone; alone for CRASH_ATTEMPTS more, it is dead-lettered as crashed_consumer. Restarts age nothing
+  (tests/test_crash_loop.py);
+- dead letters are published with confirms and mandatory: a missing, unbound or full dead-letter queue keeps
+  the original unacked, retried with a backoff, logged and counted (tests/test_dead_letter_safety.py);
 - graceful stop: stop consuming, finish the batch in hand, ack, close. Unprocessed prefetched messages go back
   to the queue when the channel closes. A kill -9 loses nothing either: unacked messages are redelivered and
   the handler's bookkeeping turns the duplicates into no-ops.
@@ -23,6 +29,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
+from consumers.attempts import AttemptLedger, message_key
 from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, Event, GateRejection, parse_event
@@ -32,7 +39,12 @@ from sntrack.settings import ConfigurationError, Settings, redact
 log = structlog.get_logger("sntrack.consumer")
 
 MAX_BACKOFF_S = 5.0
+DEAD_LETTER_MAX_BACKOFF_S = 10.0
 HANDLER_ATTEMPTS = 3  # an event whose handler fails this often in a row is dead-lettered as handler_error
+CRASH_ATTEMPTS = 3  # crashes with a message in hand before it is handled alone, and again before it is dead-lettered
+CRASHED = "crashed_consumer"
+MIB = 1024 * 1024
+STOPPED = object()  # what a retried operation returns when the consumer is told to stop first
 
 
 @dataclass
@@ -41,7 +53,14 @@ class ConsumerStats:
     handled: int = 0
     dead_lettered: int = 0
     retries: int = 0
+    dead_letter_failures: int = 0  # dead-letter publishes refused (queue missing, unbound or full) and retried
     reasons: dict[str, int] = field(default_factory=dict)
+
+
+def effective_prefetch(settings: Settings) -> int:
+    """Messages a consumer may hold unacked: `prefetch`, capped so that as many maximum-size bodies fit in
+    `consumer_memory_mb` (tests/test_memory_bound.py measures the resulting RSS)."""
+    return max(1, min(settings.prefetch, settings.consumer_memory_mb * MIB // settings.max_message_bytes))
 
 
 async def connect(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
@@ -62,43 +81,69 @@ def _event_fields(event: Event) -> dict:
 
 
 class ConsumerRuntime:
-    def __init__(self, handler: Handler, settings: Settings):
+    def __init__(self, handler: Handler, settings: Settings, ledger: AttemptLedger | None = None):
         self.handler = handler
         self.settings = settings
+        self.ledger = ledger
+        self.prefetch = effective_prefetch(settings)
+        self.batch_size = min(settings.batch_size, self.prefetch)
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=handler.name, queue=handler.queue.name)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
+        self.gave_up = asyncio.Event()  # set by consumers.service.supervise when restarts did not help
 
     def stop(self) -> None:
         self._stopping.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when told to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
     async def run(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+        """Consume until stopped. May be called again after it raised: it starts on a fresh channel."""
         spec = self.handler.queue
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
-        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-        dead = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
-        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
-        for pattern in spec.bindings:
-            await queue.bind(EXCHANGE, routing_key=pattern)
-        dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
-        consumer_tag = await queue.consume(self._inbox.put)
-        self.ready.set()
-        self.log.info("consumer started", prefetch=self.settings.prefetch, batch_size=self.settings.batch_size)
+        self._inbox = asyncio.Queue()  # deliveries of an earlier channel can no longer be acked
+        self.finished.clear()
+        channels: list[aio_pika.abc.AbstractChannel] = []
         try:
-            while not self._stopping.is_set():
-                batch = await self._next_batch()
-                if batch:
-                    await self._process(batch, dlx)
+            channel = await connection.channel()
+            channels.append(channel)
+            # Dead letters go out on their own channel, confirmed, mandatory, and a return raises: a dead letter
+            # the broker cannot place never counts as sent.
+            dead_letters = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channels.append(dead_letters)
+            await channel.set_qos(prefetch_count=self.prefetch)
+            # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
+            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+            dead = await channel.declare_queue(spec.dead_letter_queue, durable=True,
+                                               arguments=spec.dead_letter_arguments)
+            await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
+            for pattern in spec.bindings:
+                await queue.bind(EXCHANGE, routing_key=pattern)
+            dlx = await dead_letters.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+            consumer_tag = await queue.consume(self._inbox.put)
+            self.ready.set()
+            self.log.info("consumer started", prefetch=self.prefetch, batch_size=self.batch_size)
+            try:
+                while not self._stopping.is_set():
+                    batch = await self._next_batch()
+                    if batch:
+                        await self._process(batch, dlx)
+            finally:
+                with contextlib.suppress(Exception):
+                    await queue.cancel(consumer_tag)
         finally:
-            with contextlib.suppress(Exception):
-                await queue.cancel(consumer_tag)
-            with contextlib.suppress(Exception):
-                await channel.close()
+            for each in channels:
+                with contextlib.suppress(Exception):
+                    await each.close()
             self.finished.set()
             self.log.info("consumer stopped", **vars(self.stats))
 
@@ -111,32 +156,96 @@ class ConsumerRuntime:
             getter.cancel()
             return []
         batch = [getter.result()]
-        while len(batch) < self.settings.batch_size and not self._inbox.empty():
+        while len(batch) < self.batch_size and not self._inbox.empty():
             batch.append(self._inbox.get_nowait())
         return batch
 
     async def _process(self, batch: list[AbstractIncomingMessage], dlx: aio_pika.abc.AbstractExchange) -> None:
+        crashes = await self._crash_counts(batch)
+        if crashes is None:
+            return  # stopping with the database away: everything stays unacked
+        doomed = [m for m in batch if crashes.get(id(m), 0) >= 2 * CRASH_ATTEMPTS]
+        suspects = [m for m in batch if CRASH_ATTEMPTS <= crashes.get(id(m), 0) < 2 * CRASH_ATTEMPTS]
+        normal = [m for m in batch if crashes.get(id(m), 0) < CRASH_ATTEMPTS]
+        for message in doomed:
+            await self._dead_letter(message, dlx, CRASHED,
+                                    f"the consumer died {crashes[id(message)]} times with this message in hand, "
+                                    f"the last {CRASH_ATTEMPTS} times with it alone")
+        if normal:
+            await self._attempt(normal, dlx, ack_multiple=not doomed and not suspects)
+        for message in suspects:  # one at a time, each counted only when its turn comes
+            if self._stopping.is_set():
+                return
+            await self._attempt([message], dlx, ack_multiple=False)
+
+    async def _crash_counts(self, batch: list[AbstractIncomingMessage]) -> dict[int, int] | None:
+        """id(message) → crashes it was in hand for, for the redelivered messages of the batch."""
+        redelivered = [m for m in batch if m.redelivered]
+        if not redelivered or self.ledger is None:
+            return {}
+        counts = await self._durably(self.ledger.counts, [message_key(m) for m in redelivered])
+        if counts is STOPPED:
+            return None
+        return {id(m): counts.get(message_key(m), 0) for m in redelivered}
+
+    async def _durably(self, operation, *args):
+        """Run a ledger operation, retrying while the database is away; STOPPED when stopping meanwhile."""
+        backoff = 0.1
+        while True:
+            try:
+                return await operation(*args)
+            except TRANSIENT_ERRORS as exc:
+                if self._stopping.is_set():
+                    return STOPPED
+                self.stats.retries += 1
+                self.log.warning("database unavailable for the attempt ledger, retrying", error=repr(exc))
+                await self.pause(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _attempt(self, batch: list[AbstractIncomingMessage], dlx, ack_multiple: bool) -> None:
+        """Gate, handle and settle `batch`. A redelivered message is counted in the ledger before it is touched."""
+        keys = [message_key(m) for m in batch if m.redelivered]
+        if keys and self.ledger is not None and await self._durably(self.ledger.record, keys) is STOPPED:
+            return
         accepted: list[tuple[AbstractIncomingMessage, Event]] = []
         for message in batch:
             try:
                 accepted.append((message, parse_event(message.body, max_bytes=self.settings.max_message_bytes)))
             except GateRejection as rejection:
-                await self._dead_letter(message, dlx, rejection.reason, rejection.detail)
+                if not await self._dead_letter(message, dlx, rejection.reason, rejection.detail):
+                    ack_multiple = False  # it stays unacked: a multiple ack must not settle it
         if not accepted:
             return
         if await self._handle(accepted, dlx):
             self.stats.batches += 1
             self.stats.handled += len(accepted)
-            # One ack per open channel (a reconnect can mix two in a batch): multiple=True also settles the
-            # channel's earlier deliveries, all of which this batch or an earlier one has already settled.
-            # Deliveries of a closed channel are not acked: the broker redelivers them, bookkeeping dedupes.
-            last_per_channel = {}
-            for message, _ in accepted:
-                with contextlib.suppress(ChannelInvalidStateError):
-                    last_per_channel[id(message.channel)] = message
-            for message in last_per_channel.values():
-                await self._ack(message, multiple=True)
+            await self._forget([m for m, _ in accepted if m.redelivered])
+            await self._ack_batch([m for m, _ in accepted], multiple=ack_multiple)
             self.log.debug("batch applied", events=len(accepted))
+
+    async def _ack_batch(self, messages: list[AbstractIncomingMessage], multiple: bool) -> None:
+        if not multiple:
+            for message in messages:
+                await self._ack(message)
+            return
+        # One ack per open channel (a reconnect can mix two in a batch): multiple=True also settles the
+        # channel's earlier deliveries, all of which this batch or an earlier one has already settled.
+        # Deliveries of a closed channel are not acked: the broker redelivers them, bookkeeping dedupes.
+        last_per_channel = {}
+        for message in messages:
+            with contextlib.suppress(ChannelInvalidStateError):
+                last_per_channel[id(message.channel)] = message
+        for message in last_per_channel.values():
+            await self._ack(message, multiple=True)
+
+    async def _forget(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Drop the ledger rows of settled messages (best effort: a row left behind names an acked message)."""
+        if not messages or self.ledger is None:
+            return
+        try:
+            await self.ledger.forget([message_key(m) for m in messages])
+        except Exception as exc:  # noqa: BLE001 - the message is settled either way
+            self.log.warning("could not clear attempt records", error=repr(exc))
 
     async def _handle(self, accepted: list[tuple[AbstractIncomingMessage, Event]], dlx) -> bool:
         """True when the whole batch is durable; False when it was settled otherwise (or must be left)."""
@@ -179,6 +288,8 @@ class ConsumerRuntime:
         for item in accepted:
             if await self._handle([item], dlx):
                 self.stats.handled += 1
+                if item[0].redelivered:
+                    await self._forget([item[0]])
                 await self._ack(item[0])
 
     async def _ack(self, message: AbstractIncomingMessage, multiple: bool = False) -> None:
@@ -188,7 +299,9 @@ class ConsumerRuntime:
             self.log.warning("ack failed; the message will be redelivered", error=repr(exc))
 
     async def _dead_letter(self, message: AbstractIncomingMessage, dlx, reason: str, detail: str,
-                           event: Event | None = None) -> None:
+                           event: Event | None = None) -> bool:
+        """Publish a copy to the dead-letter exchange, confirmed and routed, then ack the original. True once
+        settled; False when stopping first (the original stays unacked and comes back)."""
         headers = dict(message.headers or {})
         headers.update({REASON_HEADER: str(reason), DETAIL_HEADER: detail[:1000],
                         "x-sntrack-consumer": self.handler.name,
@@ -198,15 +311,27 @@ class ConsumerRuntime:
             content_type=message.content_type, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=message.timestamp,
         )
-        try:
-            await dlx.publish(copy, routing_key=self.handler.queue.name)
-        except Exception as exc:  # noqa: BLE001 - keep the original; it is redelivered and judged again
-            self.log.error("could not dead-letter; leaving the message in the queue", error=repr(exc))
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
-            return
+        ids = _event_fields(event) if event else {"message_id": message.message_id}
+        backoff = 0.5
+        while True:
+            try:
+                await dlx.publish(copy, routing_key=self.handler.queue.name, mandatory=True, timeout=30)
+                break
+            except Exception as exc:  # noqa: BLE001 - returned, nacked, or channel error: keep the original
+                self.stats.dead_letter_failures += 1
+                self.log.error("dead-letter queue refused the message; keeping the original unacked and retrying "
+                               f"(is {self.handler.queue.dead_letter_queue} missing, unbound or full?)",
+                               reason=str(reason), error=repr(exc), retry_in_s=backoff, **ids)
+                if self._stopping.is_set():
+                    return False
+                await self.pause(backoff)
+                if self._stopping.is_set():
+                    return False
+                backoff = min(backoff * 2, DEAD_LETTER_MAX_BACKOFF_S)
         self.stats.dead_lettered += 1
         self.stats.reasons[str(reason)] = self.stats.reasons.get(str(reason), 0) + 1
-        ids = _event_fields(event) if event else {"message_id": message.message_id}
         self.log.warning("message dead-lettered", reason=str(reason), detail=detail[:300], **ids)
+        if message.redelivered:
+            await self._forget([message])
         await self._ack(message)
+        return True

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
+import aio_pika
 import structlog
 
+from consumers.attempts import AttemptLedger
 from consumers.handler import Handler, ProjectionHandler
 from consumers.persistence import Store, create_pool
 from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
@@ -17,35 +19,85 @@ from sntrack.settings import ConfigurationError, Settings
 log = structlog.get_logger("sntrack.consumer")
 
 
-def build_handlers(names: Sequence[str], store: Store, settings: Settings) -> list[Handler]:
+def resolve_names(names: Sequence[str]) -> list[str]:
+    """The consumer names meant (`all` expanded, duplicates dropped); a one-line error for unknown ones."""
     if "all" in names:
         names = list(CONSUMER_NAMES)
     unknown = [n for n in names if n not in CONSUMER_NAMES]
     if unknown:
         choices = ", ".join(CONSUMER_NAMES)
         raise ConfigurationError(f"unknown consumer(s) {', '.join(unknown)}; choose from {choices}, all")
+    return list(dict.fromkeys(names))
+
+
+def build_handlers(names: Sequence[str], store: Store, settings: Settings) -> list[Handler]:
     return [
         ProjectionHandler(PROJECTIONS[name], store) if name in PROJECTIONS else SIDE_EFFECTS[name](store, settings)
-        for name in dict.fromkeys(names)
+        for name in resolve_names(names)
     ]
+
+
+RESTART_LIMIT = 8  # failures in a row (no batch applied in between) before the daemon gives up with exit 1
+RESTART_MAX_BACKOFF_S = 5.0
+
+
+async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractRobustConnection) -> None:
+    """Run `runtime` until stopped. When it fails, log it loudly and start it again after a backoff, so its
+    siblings in the daemon keep running; after RESTART_LIMIT failures without progress, raise the last error
+    (tests/test_consumer_restart.py)."""
+    failures, backoff = 0, 0.5
+    while True:
+        progress = runtime.stats.batches
+        try:
+            await runtime.run(connection)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of one consumer must spare its siblings
+            if runtime.stopping:
+                return
+            if runtime.stats.batches > progress:
+                failures, backoff = 0, 0.5
+            failures += 1
+            if failures >= RESTART_LIMIT:
+                log.error("consumer keeps failing; giving up", consumer=runtime.handler.name, error=repr(exc),
+                          failures=failures)
+                runtime.gave_up.set()
+                raise
+            log.error("consumer failed; restarting it", consumer=runtime.handler.name, error=repr(exc),
+                      failures=failures, restart_in_s=backoff)
+            await runtime.pause(backoff)
+            if runtime.stopping:
+                return
+            backoff = min(backoff * 2, RESTART_MAX_BACKOFF_S)
+
+
+HandlerFactory = Callable[[Store], Sequence[Handler]]
 
 
 @contextlib.asynccontextmanager
 async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIterator[list[ConsumerRuntime]]:
     """Start the named consumers; on exit stop them gracefully (finish the batch in hand, ack, close)."""
-    pool = await create_pool(settings.database_url, max_size=max(2, len(names) + 1))
+    resolve_names(names)  # unknown names fail before any connection is made
+    async with running_handlers(settings, lambda store: build_handlers(names, store, settings)) as runtimes:
+        yield runtimes
+
+
+@contextlib.asynccontextmanager
+async def running_handlers(settings: Settings, make_handlers: HandlerFactory) -> AsyncIterator[list[ConsumerRuntime]]:
+    """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns."""
+    pool = await create_pool(settings.database_url, max_size=8)
     try:
         connection = await connect(settings)
         try:
-            runtimes = [ConsumerRuntime(h, settings) for h in build_handlers(names, Store(pool), settings)]
-            tasks = [asyncio.create_task(r.run(connection), name=f"consumer-{r.handler.name}") for r in runtimes]
+            runtimes = [ConsumerRuntime(h, settings, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
+            tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
+                     for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
-            done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task in done:
-                    ready.cancel()
-                    task.result()  # a consumer that failed to start raises here
             try:
+                done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    if task in done:
+                        ready.cancel()
+                        task.result()  # a consumer that could not start after its restarts raises here
                 yield runtimes
             finally:
                 for runtime in runtimes:
@@ -64,15 +116,22 @@ async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIt
 
 
 async def serve(settings: Settings, names: Sequence[str], stop: asyncio.Event) -> int:
-    """Run until `stop` is set (0), or until a consumer dies unexpectedly (1: let a supervisor restart us)."""
-    async with running_consumers(settings, names) as runtimes:
+    """Run the named consumers until `stop` is set (0)."""
+    resolve_names(names)
+    return await serve_handlers(settings, lambda store: build_handlers(names, store, settings), stop)
+
+
+async def serve_handlers(settings: Settings, make_handlers: HandlerFactory, stop: asyncio.Event) -> int:
+    """Run until `stop` is set (0), or until a consumer keeps failing after restarts (1: let a supervisor
+    restart us). A consumer that fails is restarted in-process; its siblings keep running."""
+    async with running_handlers(settings, make_handlers) as runtimes:
         log.info("consumers running", consumers=[r.handler.name for r in runtimes])
-        waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.finished.wait()) for r in runtimes)]
+        waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.gave_up.wait()) for r in runtimes)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
             wait.cancel()
-        crashed = [r.handler.name for r in runtimes if r.finished.is_set()]
-        if crashed and not stop.is_set():
-            log.error("consumer stopped unexpectedly; exiting so that the supervisor restarts us", consumers=crashed)
+        failed = [r.handler.name for r in runtimes if r.gave_up.is_set()]
+        if failed and not stop.is_set():
+            log.error("consumer keeps failing; exiting so that the supervisor restarts us", consumers=failed)
             return 1
     return 0

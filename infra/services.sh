@@ -58,5 +58,26 @@ ensure_rabbitmq() {
   fi
 }
 
+# RabbitMQ refuses bodies larger than the consumers' gate accepts (SNTRACK_MAX_MESSAGE_BYTES, default 1 MiB), so an
+# oversized message is refused at publish rather than stored, carried and held in a consumer's memory. Set at run
+# time (new channels obey at once, no restart) and in rabbitmq.conf for the next start. Idempotent.
+limit_rabbitmq_message_size() {
+  local bytes="${SNTRACK_MAX_MESSAGE_BYTES:-1048576}" conf="${RABBITMQ_CONFIG_FILE:-/etc/rabbitmq/rabbitmq.conf}"
+  [[ "$bytes" =~ ^[0-9]+$ ]] || die "SNTRACK_MAX_MESSAGE_BYTES must be a number of bytes, not '$bytes'"
+  local current
+  current=$(as_root rabbitmqctl eval 'application:get_env(rabbit, max_message_size).' 2>/dev/null | tr -d '[:space:]') \
+    || { log "WARNING: cannot run rabbitmqctl; set max_message_size = $bytes in rabbitmq.conf yourself"; return; }
+  if [ "$current" != "{ok,$bytes}" ]; then
+    as_root rabbitmqctl eval "application:set_env(rabbit, max_message_size, $bytes)." >/dev/null
+    log "RabbitMQ max_message_size set to $bytes bytes (was $current)"
+  fi
+  if [ -f "$conf" ] && ! grep -qx "max_message_size = $bytes" "$conf"; then
+    as_root sed -i '/^max_message_size[[:space:]]*=/d' "$conf"
+    printf 'max_message_size = %s\n' "$bytes" | as_root tee -a "$conf" >/dev/null
+    log "wrote max_message_size = $bytes to $conf"
+  fi
+}
+
 ensure_postgres
 ensure_rabbitmq
+limit_rabbitmq_message_size

@@ -11,6 +11,7 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from consumers.registry import QUEUES
+from consumers.topology import DLQ_MAX_BYTES, DLQ_MAX_LENGTH
 from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE
 from sntrack.settings import ConfigurationError, redact
 
@@ -18,6 +19,13 @@ DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq"
 DEFAULT_VHOST = "sntrack"
 WORKER_USER = "sntrack-worker"
 CONSUMER_USER = "sntrack-consumer"
+
+# ml.events' alternate exchange: an event no binding matches lands in this bounded queue instead of being dropped
+# or returned. Set by a policy, so that an existing ml.events gets it without being re-declared.
+UNROUTED = "ml.events.unrouted"
+UNROUTED_POLICY = "sntrack-ml-events-alternate-exchange"
+UNROUTED_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": DLQ_MAX_LENGTH, "x-max-length-bytes": DLQ_MAX_BYTES,
+                      "x-overflow": "reject-publish"}
 
 # Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues
 # (binding needs read on the exchange) and may publish only to the dead-letter exchange (gate rejections carry
@@ -46,6 +54,10 @@ def build_definitions(vhost: str = DEFAULT_VHOST) -> dict:
                              "destination_type": "queue", "routing_key": pattern, "arguments": {}})
         bindings.append({"source": DEAD_LETTER_EXCHANGE, "vhost": vhost, "destination": spec.dead_letter_queue,
                          "destination_type": "queue", "routing_key": spec.name, "arguments": {}})
+    queues.append({"name": UNROUTED, "vhost": vhost, "durable": True, "auto_delete": False,
+                   "arguments": UNROUTED_ARGUMENTS})
+    bindings.append({"source": UNROUTED, "vhost": vhost, "destination": UNROUTED, "destination_type": "queue",
+                     "routing_key": "", "arguments": {}})
     return {
         "vhosts": [{"name": vhost}],
         "users": [
@@ -58,9 +70,15 @@ def build_definitions(vhost: str = DEFAULT_VHOST) -> dict:
              "internal": False, "arguments": {}},
             {"name": DEAD_LETTER_EXCHANGE, "vhost": vhost, "type": "direct", "durable": True,
              "auto_delete": False, "internal": False, "arguments": {}},
+            {"name": UNROUTED, "vhost": vhost, "type": "fanout", "durable": True, "auto_delete": False,
+             "internal": True, "arguments": {}},
         ],
         "queues": queues,
         "bindings": bindings,
+        "policies": [
+            {"vhost": vhost, "name": UNROUTED_POLICY, "pattern": r"^ml\.events$", "apply-to": "exchanges",
+             "priority": 0, "definition": {"alternate-exchange": UNROUTED}},
+        ],
     }
 
 
@@ -139,8 +157,7 @@ def apply_topology(api: ManagementApi, vhost: str, passwords: dict[str, str] | N
                     {k: exchange[k] for k in ("type", "durable", "auto_delete", "internal", "arguments")})
         done.append(f"exchange {exchange['name']}")
     for queue in definitions["queues"]:
-        api.request("PUT", f"queues/{_q(vhost)}/{_q(queue['name'])}",
-                    {k: queue[k] for k in ("durable", "auto_delete", "arguments")})
+        _declare_queue(api, vhost, queue)
         done.append(f"queue {queue['name']}")
     for binding in definitions["bindings"]:
         path = f"bindings/{_q(vhost)}/e/{_q(binding['source'])}/q/{_q(binding['destination'])}"
@@ -148,7 +165,22 @@ def apply_topology(api: ManagementApi, vhost: str, passwords: dict[str, str] | N
         if not any(b["routing_key"] == binding["routing_key"] for b in existing):
             api.request("POST", path, {"routing_key": binding["routing_key"], "arguments": {}})
         done.append(f"binding {binding['source']} -[{binding['routing_key']}]-> {binding['destination']}")
+    for policy in definitions["policies"]:
+        api.request("PUT", f"policies/{_q(vhost)}/{_q(policy['name'])}",
+                    {k: policy[k] for k in ("pattern", "apply-to", "priority", "definition")})
+        done.append(f"policy {policy['name']} ({policy['pattern']}: {policy['definition']})")
     return done
+
+
+def _declare_queue(api: ManagementApi, vhost: str, queue: dict) -> None:
+    existing = api.request("GET", f"queues/{_q(vhost)}/{_q(queue['name'])}")
+    if existing is not None and existing.get("arguments") != queue["arguments"]:
+        raise ConfigurationError(
+            f"queue {queue['name']} exists with other arguments ({existing.get('arguments')}; this version declares "
+            f"{queue['arguments']}); RabbitMQ cannot change them in place: stop its consumer, let it drain, delete "
+            "the queue, and run `sntrack topology apply` again")
+    api.request("PUT", f"queues/{_q(vhost)}/{_q(queue['name'])}",
+                {k: queue[k] for k in ("durable", "auto_delete", "arguments")})
 
 
 def delete_vhost(api: ManagementApi, vhost: str) -> None:

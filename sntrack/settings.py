@@ -39,6 +39,9 @@ class Settings(BaseModel):
     batch_size: int = Field(default=500, ge=1)
     prefetch: int = Field(default=1000, ge=1)
     max_message_bytes: int = Field(default=1_048_576, ge=1024)
+    # Bodies a consumer may hold at once (prefetched, in the batch): the effective prefetch is at most
+    # consumer_memory_mb MiB / max_message_bytes messages (consumers.runtime.effective_prefetch).
+    consumer_memory_mb: int = Field(default=512, ge=1)
 
     worker_id: str | None = None
     log_json: bool | None = None  # None: JSON when stderr is not a terminal

@@ -2,15 +2,30 @@
 
 import asyncio
 import json
+import re
 import secrets
+import subprocess
+import sys
 
 import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from consumers.registry import QUEUES
+from consumers.topology import subscriber_queue
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.broker import CONSUMER_USER, DEFINITIONS_FILE, WORKER_USER, apply_topology, build_definitions
+from sntrack.broker import (
+    CONSUMER_USER,
+    DEFINITIONS_FILE,
+    UNROUTED,
+    UNROUTED_POLICY,
+    WORKER_USER,
+    apply_topology,
+    build_definitions,
+)
+from sntrack.settings import ConfigurationError
+from tests.conftest import wait_until
+from tests.test_end_to_end import cli_env
 
 
 def test_definitions_file_matches_code():
@@ -18,11 +33,62 @@ def test_definitions_file_matches_code():
 
 
 def test_every_queue_is_quorum_with_delivery_limit_and_dead_letters():
+    consumer_queues = {spec.name for spec in QUEUES}
     for queue in build_definitions()["queues"]:
         assert queue["durable"] and queue["arguments"]["x-queue-type"] == "quorum"
-        if not queue["name"].endswith(".dlq"):
-            assert queue["arguments"]["x-delivery-limit"] >= 1
+        if queue["name"] in consumer_queues:
+            # A backstop high above any number of restarts; the runtime dead-letters crash loops itself.
+            assert queue["arguments"]["x-delivery-limit"] >= 100
             assert queue["arguments"]["x-dead-letter-exchange"] == DEAD_LETTER_EXCHANGE
+            assert queue["arguments"]["x-dead-letter-strategy"] == "at-least-once"
+        else:  # dead-letter queues and ml.events.unrouted: bounded, and full means refused, never dropped
+            assert queue["name"].endswith(".dlq") or queue["name"] == UNROUTED
+            assert queue["arguments"]["x-max-length"] > 0 and queue["arguments"]["x-max-length-bytes"] > 0
+            assert queue["arguments"]["x-overflow"] == "reject-publish"
+
+
+def test_subscriber_queues_are_bounded_and_drop_their_oldest():
+    arguments = subscriber_queue("x", ("ml.run.#",)).arguments
+    assert arguments["x-max-length"] > 0 and arguments["x-max-length-bytes"] > 0
+    assert arguments["x-overflow"] == "drop-head"
+
+
+async def test_unroutable_events_land_in_the_unrouted_queue(env, passwords):
+    # As the worker, who may only publish to ml.events: a routing key no queue binds is neither returned nor lost.
+    connection = await _connect(env, WORKER_USER, passwords[WORKER_USER])
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+        for key in ("ml.nobody.listens", "ml.trial.started"):
+            await exchange.publish(aio_pika.Message(key.encode()), routing_key=key, mandatory=True)
+    finally:
+        await connection.close()
+    policy = env.api.request("GET", f"policies/{env.vhost}/{UNROUTED_POLICY}")
+    assert policy["definition"] == {"alternate-exchange": UNROUTED}
+    await wait_until(lambda: env.queue_depth(UNROUTED) == 2, what="the management API to count them")
+    status = subprocess.run([sys.executable, "-m", "sntrack", "status"], env=cli_env(env), capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"ml\.events\.unrouted\s+ready=2\b", status.stdout), status.stdout
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(UNROUTED, ensure=False)
+        bodies = []
+        while (message := await queue.get(fail=False, timeout=5)) is not None:
+            bodies.append(message.body)
+            await message.ack()
+    finally:
+        await connection.close()
+    assert sorted(bodies) == [b"ml.nobody.listens", b"ml.trial.started"]
+
+
+def test_apply_refuses_to_silently_keep_a_queue_with_other_arguments(env):
+    name = QUEUES[0].dead_letter_queue
+    env.api.request("DELETE", f"queues/{env.vhost}/{name}")
+    env.api.request("PUT", f"queues/{env.vhost}/{name}", {"durable": True, "arguments": {"x-queue-type": "quorum"}})
+    with pytest.raises(ConfigurationError, match=f"queue {name} exists with other arguments"):
+        apply_topology(env.api, env.vhost)
 
 
 def test_definitions_import_into_a_vhost(env):

@@ -10,14 +10,15 @@ from urllib.parse import quote
 
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
-from sntrack.broker import ManagementApi
+from sntrack.broker import UNROUTED, ManagementApi
 from sntrack.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("status", help="journal, read model and queue depths at a glance",
                             description="Counts of journal events, trials by status, and each consumer queue's "
-                            "ready/unacked messages and dead letters.")
+                            "ready/unacked messages and dead letters, and ml.events.unrouted (events no queue was "
+                            "bound for). Example: sntrack status --wait-idle 60")
     parser.add_argument("--wait-idle", type=float, metavar="SECONDS",
                         help="first wait (up to SECONDS) until every consumer queue is empty: consumers caught up")
     parser.set_defaults(run=_status)
@@ -55,9 +56,8 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     for row in trials:
         print(f"  spectral_norm={str(row['spectral_norm']).lower():5}  {row['status']:9} {row['n']}")
     print(f"queues (vhost {settings.amqp_vhost}):")
-    for spec in QUEUES:
-        for name in (spec.name, spec.dead_letter_queue):
-            info = api.request("GET", f"queues/{vhost}/{quote(name, safe='')}") or {}
-            print(f"  {name:28} ready={info.get('messages_ready', '?'):<7} "
-                  f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
+    for name in [n for spec in QUEUES for n in (spec.name, spec.dead_letter_queue)] + [UNROUTED]:
+        info = api.request("GET", f"queues/{vhost}/{quote(name, safe='')}") or {}
+        print(f"  {name:28} ready={info.get('messages_ready', '?'):<7} "
+              f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
     return 0
