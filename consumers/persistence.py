@@ -45,8 +45,9 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
             f"database in {redact(database_url)} does not exist; create it (createdb) or run `sntrack db migrate "
             "--create`"
         ) from None
-    except asyncpg.InvalidPasswordError:
-        raise ConfigurationError(f"PostgreSQL refused the credentials in {redact(database_url)}") from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:  # wrong password, unknown role, pg_hba refusal
+        raise ConfigurationError(
+            f"PostgreSQL refused the login in {redact(database_url)}: {exc}; check SNTRACK_DATABASE_URL") from None
     except (TimeoutError, OSError) as exc:
         raise ConfigurationError(
             f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set SNTRACK_DATABASE_URL"

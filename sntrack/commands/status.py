@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
+from sntrack.argtypes import seconds
 from sntrack.broker import ManagementApi
 from sntrack.settings import Settings
 
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("status", help="journal, read model and queue depths at a glance",
                             description="Counts of journal events, trials by status, and each consumer queue's "
                             "ready/unacked messages and dead letters.")
-    parser.add_argument("--wait-idle", type=float, metavar="SECONDS",
+    parser.add_argument("--wait-idle", type=seconds, metavar="SECONDS",
                         help="first wait (up to SECONDS) until every consumer queue is empty: consumers caught up")
     parser.set_defaults(run=_status)
 

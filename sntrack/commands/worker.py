@@ -7,12 +7,13 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from producer.config import DATASETS
-from producer.search_space import SEARCHABLE, SearchSpace, SearchSpaceError
+from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
 from sntrack.progress import Progress
 from sntrack.settings import ConfigurationError, Settings, redact
@@ -20,6 +21,17 @@ from sntrack.settings import ConfigurationError, Settings, redact
 log = structlog.get_logger("sntrack.worker")
 
 CLOSE_TIMEOUT_S = 30.0
+
+
+def _spec_of(dimension: Dimension) -> Callable[[str], str]:
+    """An argparse type checking a SPEC for `dimension` at parse time; the SPEC itself is kept."""
+    def check(spec: str) -> str:
+        try:
+            dimension.override(spec)
+        except SearchSpaceError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return spec
+    return check
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     space = parser.add_argument_group("search-space overrides", "SPEC: V | A,B,C | LOW:HIGH[:log|:linear]")
     for name, dimension in SearchSpace.load().dimensions.items():
         space.add_argument(f"--{name.replace('_', '-')}", metavar="SPEC", dest=f"space_{name}",
-                           help=f"default {dimension.spec}")
+                           type=_spec_of(dimension), help=f"default {dimension.spec}")
     parser.set_defaults(run=_worker)
 
 
@@ -88,11 +100,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(sig, on_signal)
 
     use_mlflow = settings.mlflow_enabled and not args.no_mlflow
-    log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-             dataset=args.dataset, n_trials=args.n_trials, mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
     with EventPublisher(settings) as publisher:
         if refusal := publisher.first_contact():
             raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
+        log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
+                 dataset=args.dataset, n_trials=args.n_trials,
+                 mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
         mlflow = None
         if use_mlflow:
             bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
