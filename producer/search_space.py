@@ -117,6 +117,15 @@ class Dimension:
             return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
         return f"{self.low}:{self.high}" + (":log" if self.log else "")
 
+    @property
+    def table(self) -> dict[str, Any]:
+        """This dimension as its TOML table."""
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        if self.low is None:
+            return {"value": self.value}
+        return {"low": self.low, "high": self.high, "log": self.log} | ({"step": self.step} if self.step else {})
+
     def suggest(self, trial: optuna.Trial) -> Scalar:
         if self.choices is not None:
             return trial.suggest_categorical(self.name, list(self.choices))
@@ -146,6 +155,14 @@ class SearchSpace:
             if spec is not None:
                 dimensions[name] = dimensions[name].override(spec)
         return cls(dimensions)
+
+    def to_tables(self) -> dict[str, dict[str, Any]]:
+        """The space as TOML-like tables (JSON-able): what a study stores at creation."""
+        return {name: d.table for name, d in self.dimensions.items()}
+
+    @classmethod
+    def from_tables(cls, tables: dict[str, dict[str, Any]]) -> SearchSpace:
+        return cls({name: Dimension.from_table(name, table) for name, table in tables.items()})
 
     @property
     def searches_the_flag(self) -> bool:

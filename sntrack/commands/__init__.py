@@ -9,11 +9,12 @@ from sntrack.commands import (
     report,
     spool,
     status,
+    studies,
     subscribe,
     topology,
     worker,
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
+    worker, consume, report, reconcile, replay, subscribe, status, studies, publish_sample, spool, topology, db,
 )

@@ -49,10 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", type=int, help="stop when the study as a whole has this many trials")
     parser.add_argument("--design", choices=("independent", "paired"), default="independent",
                         help="paired: every sampled configuration also runs with the other flag, same seed")
-    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="scikit-learn dataset; a new study defaults to digits, an existing one keeps its own")
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed (default 0): the study's train/val split; trial n's seed is SEED + n")
-    parser.add_argument("--pruner", choices=("none", "median"), default="none")
+    parser.add_argument("--pruner", choices=("none", "median"), default="none",
+                        help="median: stop a trial whose validation accuracy is below the median of earlier trials "
+                        "at the same epoch (default none)")
     parser.add_argument("--storage", help="Optuna RDB storage URL (default: $SNTRACK_OPTUNA_STORAGE)")
     parser.add_argument("--no-mlflow", action="store_true", help="no MLflow logging (start events: null run id)")
     parser.add_argument("--threads", type=int, default=1,
@@ -73,7 +76,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from producer.emitter import producer_info
     from producer.publisher import EventPublisher
-    from producer.study import StudyError, Worker, WorkerPlan, open_study
+    from producer.study import StudyError, Worker, WorkerPlan, adopt_space, open_study
     from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
 
     optuna.logging.set_verbosity(logging.WARNING)
@@ -86,6 +89,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         space = SearchSpace.load(args.search_space, overrides)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if args.pruner == "median" else None
         study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner)
+        given = set(SEARCHABLE) if args.search_space else {n for n, spec in overrides.items() if spec is not None}
+        space = adopt_space(study, space, given)
     except (SearchSpaceError, StudyError) as exc:
         raise ConfigurationError(str(exc)) from None
     stop = threading.Event()
@@ -104,7 +109,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         if refusal := publisher.first_contact():
             raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
         log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-                 dataset=args.dataset, n_trials=args.n_trials,
+                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials,
                  mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
         mlflow = None
         if use_mlflow:
