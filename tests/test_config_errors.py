@@ -55,6 +55,12 @@ CASES = [
     ("worker --lr abc", lambda e, b: {}, ["worker", "--study", "s", "--lr", "abc"], ["--lr", "abc is not a number"]),
     ("worker --epochs 0", lambda e, b: {}, ["worker", "--study", "s", "--epochs", "0"], ["0 is below 1"]),
     ("status --wait-idle -3", lambda e, b: {}, ["status", "--wait-idle", "-3"], ["--wait-idle", "'-3'"]),
+    ("export to a missing folder", lambda e, b: {}, ["export", "--run", "s", "--output", "/nonexistent/dir/x.csv"],
+     ["folder '/nonexistent/dir' does not exist"]),
+    ("export of an unknown study", lambda e, b: {}, ["export", "--run", "no-such-study"],
+     ["no study named 'no-such-study'"]),
+    ("trial show of an unknown trial", lambda e, b: {}, ["trial", "show", "no-such-trial"],
+     ["no trial 'no-such-trial'"]),
     ("an unknown command", lambda e, b: {}, ["stauts"], ["invalid choice: 'stauts'"]),
 ]
 

@@ -3,6 +3,7 @@
 from sntrack.commands import (
     consume,
     db,
+    export,
     publish_sample,
     reconcile,
     replay,
@@ -12,9 +13,11 @@ from sntrack.commands import (
     studies,
     subscribe,
     topology,
+    trial,
     worker,
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, studies, publish_sample, spool, topology, db,
+    worker, consume, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample, spool,
+    topology, db,
 )
