@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -15,7 +16,7 @@ import structlog
 from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
-from sntrack.progress import Progress
+from sntrack.progress import EpochCounter, Progress
 from sntrack.settings import ConfigurationError, Settings, redact
 
 log = structlog.get_logger("sntrack.worker")
@@ -32,6 +33,12 @@ def _spec_of(dimension: Dimension) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return spec
     return check
+
+
+def _most_epochs(space: SearchSpace) -> int:
+    """The epochs a trial trains at most, for the progress bar's total."""
+    d = space.dimensions["epochs"]
+    return int(d.value if d.value is not None else d.high if d.high is not None else max(d.choices or (1,)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,15 +120,26 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
                  mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
         mlflow = None
         if use_mlflow:
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "🏃 View run" per trial
             bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
             mlflow = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
         tracker = Tracker(publisher, producer_info(settings.worker_id), mlflow, settings.mlflow_start_wait_s)
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
-            with Progress(f"study {args.study}", unit="trials") as progress:
-                worker = Worker(study, space, plan, lambda trial_id: tracker.trial(trial_id, args.study),
-                                stop=stop, pruning=pruner is not None,
-                                on_trial=lambda result: progress.update(result.trials, args.n_trials))
+            epochs = _most_epochs(space)
+            finished = [0]
+            with Progress(f"study {args.study}", unit="epochs", total=args.n_trials * epochs) as progress:
+                def recorder(trial_id: str) -> EpochCounter:
+                    return EpochCounter(progress, tracker.trial(trial_id, args.study), epochs,
+                                        lambda: f"trial {finished[0] + 1}/{args.n_trials}")
+
+                def on_trial(result) -> None:
+                    finished[0] = result.trials
+                    if result.trials > args.n_trials:  # a paired worker finishing a twin it owes
+                        progress.update(progress.bar.n, result.trials * epochs)
+
+                worker = Worker(study, space, plan, recorder, stop=stop, pruning=pruner is not None,
+                                on_trial=on_trial)
                 result = worker.run()
         except StudyError as exc:
             raise ConfigurationError(str(exc)) from None
