@@ -27,8 +27,6 @@ from pathlib import Path
 
 import structlog
 import torch
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from producer.emitter import TrialEvents
@@ -71,6 +69,8 @@ class MlflowLogger:
     def __init__(self, tracking_uri: str, experiment: str):
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        from mlflow.tracking import MlflowClient  # here: a worker without MLflow never pays its ~2 s import
+
         self._client = MlflowClient(tracking_uri)
         self._experiment_id: str | None = None
         self._down_until = 0.0
@@ -132,6 +132,8 @@ class MlflowLogger:
             if item[0] == "metrics":
                 run, epoch, values, timestamp_ms = item[1:]
                 if run.run_id is not None:
+                    from mlflow.entities import Metric
+
                     run.pending_metrics.extend(Metric(k, v, timestamp_ms, epoch) for k, v in values.items())
                     if not waiting:
                         flush_at = time.monotonic() + METRICS_FLUSH_S
@@ -189,6 +191,8 @@ class MlflowLogger:
         params = {**run.start.hyperparams, "spectral_norm": run.start.spectral_norm, "dataset": run.start.dataset,
                   "model": run.start.model, "seed": run.start.seed,
                   "optuna_trial_number": run.start.optuna_trial_number, "paired_with": run.start.paired_with}
+        from mlflow.entities import Param
+
         self._client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items() if v is not None])
         return run_id
 
