@@ -10,6 +10,7 @@ import typing
 from sntrack import __version__
 from sntrack.commands import COMMAND_MODULES
 from sntrack.errors import configuration_message
+from sntrack.examples import add_examples
 from sntrack.logging import configure_logging
 from sntrack.settings import ConfigurationError, Settings
 
@@ -24,7 +25,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="sntrack", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="sntrack",
         epilog="example:\n  sntrack worker --study demo --n-trials 4 --epochs 5\n  sntrack report --run demo",
         description="Spectral-norm experiment tracking on RabbitMQ + PostgreSQL + MLflow. "
         "Configuration comes from SNTRACK_* environment variables (see README).",
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
+    add_examples(parser)
     return parser
 
 

@@ -25,8 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="One row per trial: identity, flag, status, pair, hyper-parameters as hp.NAME and final "
         "measurements as final.NAME. With --curves: one row per trial and epoch, with the epoch's measurements.",
         epilog="examples:\n  sntrack export --run demo > demo.csv\n"
-        "  sntrack export --run demo --curves --format parquet --output curves.parquet",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  sntrack export --run demo --curves --format parquet --output curves.parquet")
     parser.add_argument("--run", dest="model_run_id", metavar="STUDY", required=True, help="the study to export")
     parser.add_argument("--curves", action="store_true", help="one row per trial and epoch")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="default csv")

@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "report", help="spectral norm vs baseline: statistics, power and a plain verdict",
         description="Compare the final validation accuracy of completed trials with spectral normalization against "
-        "the baseline: per-arm summaries, the difference with its 95%% CI, Welch's t and Mann-Whitney U (paired "
+        "the baseline: per-arm summaries, the difference with its 95% CI, Welch's t and Mann-Whitney U (paired "
         "t and Wilcoxon signed-rank over complete pairs), effect sizes, train-val gap, training-time overhead, "
-        "pruning and confounding warnings, and how many more trials 80%% power needs. JSON output is documented "
+        "pruning and confounding warnings, and how many more trials 80% power needs. JSON output is documented "
         "in docs/report.md.")
     parser.add_argument("--run", dest="model_run_id", metavar="ID",
                         help="only this search (model_run_id); default: all searches")

@@ -31,16 +31,14 @@ EXAMPLES = """examples:
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("studies", help="list, show, archive, restore or remove studies",
                             description="Studies (Optuna searches; the events' model_run_id) as objects.",
-                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=EXAMPLES)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     ls = actions.add_parser("list", help="name, dataset, trials by arm and status, created, last activity",
-                            epilog="example:\n  sntrack studies list --all",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog="example:\n  sntrack studies list --all")
     ls.add_argument("--all", action="store_true", help="include archived studies")
     ls.set_defaults(run=_list)
     show = actions.add_parser("show", help="a study's stored settings, search space and trials",
-                              epilog="example:\n  sntrack studies show demo",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog="example:\n  sntrack studies show demo")
     show.add_argument("name")
     show.add_argument("--storage", help="Optuna RDB storage URL (default: $SNTRACK_OPTUNA_STORAGE)")
     show.set_defaults(run=_show)
@@ -50,15 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--hard: remove its events from the journal and every projection's rows in one transaction, leave a "
         "tombstone so late events are ignored, delete its Optuna study and its MLflow runs, and record it all in "
         "study_audit. A hard delete cannot be undone and the name cannot be reused.",
-        epilog="examples:\n  sntrack studies delete demo\n  sntrack studies delete demo --hard",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog="examples:\n  sntrack studies delete demo\n  sntrack studies delete demo --hard")
     delete.add_argument("name")
     delete.add_argument("--hard", action="store_true", help="remove for good (see above)")
     delete.add_argument("--storage", help="Optuna RDB storage URL (default: $SNTRACK_OPTUNA_STORAGE)")
     delete.set_defaults(run=_delete)
     undo = actions.add_parser("restore", help="bring an archived study back into reports",
-                              epilog="example:\n  sntrack studies restore demo",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog="example:\n  sntrack studies restore demo")
     undo.add_argument("name")
     undo.set_defaults(run=_restore)
 

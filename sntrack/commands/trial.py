@@ -17,12 +17,10 @@ CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("trial", help="inspect one trial", description="Inspect one trial of the read model.",
-                            epilog="example:\n  sntrack trial show demo-3f2a9c81d0e4",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog="example:\n  sntrack trial show demo-3f2a9c81d0e4")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     show = actions.add_parser("show", help="its events, learning curve (sparklines) and singular values",
-                              epilog="example:\n  sntrack trial show demo-3f2a9c81d0e4",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog="example:\n  sntrack trial show demo-3f2a9c81d0e4")
     show.add_argument("trial_id", metavar="ID", help="the trial id (`sntrack export --run STUDY` lists them)")
     show.set_defaults(run=_show)
 
