@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 
+import aio_pika
 import asyncpg
 import optuna
 import pytest
@@ -147,3 +149,44 @@ async def test_study_remembers_its_settings(env, storage):
 
     shown = sntrack(env, "studies", "show", "remember", storage=storage)
     assert shown.returncode == 2 and "no study named 'remember'" in shown.stderr  # not in the read model yet
+
+
+async def test_hard_delete_while_consumers_apply_leaves_nothing(env, storage):
+    """Events of the study keep arriving while it is removed: whatever was applied before goes with it, whatever
+    comes after meets the tombstone; nothing of it remains once the queues are drained."""
+    doomed = [e for t in synthetic_study(300, 5, producer=producer_info(), model_run_id="busy", seed=4) for e in t]
+    deleted = asyncio.Event()
+    after_delete = 0
+
+    async def publish() -> None:
+        nonlocal after_delete
+        for start in range(0, len(doomed), 40):
+            await env.publish_events(doomed[start:start + 40])
+            after_delete += deleted.is_set()
+            await asyncio.sleep(0.05)
+
+    async with running_consumers(env.settings, PROJECTIONS):
+        publishing = asyncio.create_task(publish())
+        await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM trials WHERE model_run_id = 'busy'"),
+                         what="first trials applied")
+        run = await asyncio.to_thread(sntrack, env, "studies", "delete", "busy", "--hard", storage=storage)
+        deleted.set()
+        assert run.returncode == 0, run.stderr
+        await publishing
+        assert after_delete > 0, "the study's events all arrived before the delete: nothing raced it"
+        for queue in ("sntrack.journal", "sntrack.trials", "sntrack.comparison"):
+            await wait_until(lambda q=queue: _drained(env, q), timeout=120, interval=1, what=f"{queue} drained")
+    for table in ("events", "trials", "sn_comparison"):
+        assert await env.fetchval(f"SELECT count(*) FROM {table} WHERE model_run_id = 'busy'") == 0, table
+    assert await env.fetchval("SELECT count(*) FROM trial_metrics WHERE trial_id LIKE 'busy-%'") == 0
+    assert await env.fetchval("SELECT count(*) FROM sn_comparison") == 0  # the '*' rows held only this study
+
+
+async def _drained(env, queue: str) -> bool:
+    """No message ready, asked of the broker itself (a passive declare), not the lagging management API."""
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        declared = await (await connection.channel()).declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count == 0
+    finally:
+        await connection.close()

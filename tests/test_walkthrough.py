@@ -68,6 +68,9 @@ async def test_readme_walkthrough(env, optuna_storage, tmp_path):
     listed = outputs["studies list"].stdout.splitlines()
     assert listed[1].split()[:2] == ["first", "wine"]
     assert listed[1].endswith("sn: 2 completed  baseline: 2 completed"), listed
+    shown = outputs["studies show"].stdout.splitlines()
+    assert shown[0] == "study first" and "  dataset    wine   split seed 0" in shown
+    assert "    --epochs           3" in shown and "    --spectral-norm    true,false" in shown
     assert outputs["report --run"].stdout.strip()
     assert outputs["export --run"].stderr.strip() == "wrote 4 rows to first.csv"
     shown = outputs["trial show"].stdout.splitlines()
