@@ -5,6 +5,7 @@ the bar instead of tearing it (tests/test_progress.py)."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -32,8 +33,9 @@ class Progress:
 
     def __init__(self, label: str, unit: str = "items", stream: IO[str] | None = None, total: int | None = None):
         self.stream = stream or sys.stderr
+        size = shutil.get_terminal_size((100, 24))  # a pty of unknown size (0×0) would hide the bar
         self.bar = tqdm(desc=label, unit=f" {unit}", total=total, file=self.stream,
-                        disable=not self.stream.isatty(), dynamic_ncols=True, leave=True)
+                        disable=not self.stream.isatty(), leave=True, ncols=size.columns, nrows=size.lines)
 
     def __enter__(self) -> Progress:
         if not self.bar.disable:
