@@ -11,14 +11,25 @@ from sntrack.settings import ConfigurationError, Settings, redact
 async def check_amqp_login(settings: Settings) -> None:
     """Log in to RabbitMQ as the daemons do (SNTRACK_AMQP_URL, not the management API's administrator), so a wrong
     password or vhost is reported instead of looking healthy (tests/test_status.py)."""
+    if failure := await _login(settings, timeout_s=10):
+        away = f"cannot reach RabbitMQ at {redact(settings.amqp_url)} ({failure or type(failure).__name__})"
+        raise ConfigurationError(amqp_refusal(failure, settings.amqp_url) or away)
+
+
+async def amqp_refusal_now(settings: Settings, timeout_s: float = 5.0) -> str | None:
+    """Why RabbitMQ refuses this login, or None when it accepts it or cannot be reached (for a worker, which spools
+    while the broker is away, only a refusal is a configuration error)."""
+    failure = await _login(settings, timeout_s)
+    return None if failure is None else amqp_refusal(failure, settings.amqp_url)
+
+
+async def _login(settings: Settings, timeout_s: float) -> Exception | None:
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await aio_pika.connect(settings.amqp_url, timeout=timeout_s)
     except Exception as exc:
-        if refusal := amqp_refusal(exc, settings.amqp_url):
-            raise ConfigurationError(refusal) from None
-        raise ConfigurationError(f"cannot reach RabbitMQ at {redact(settings.amqp_url)} ({exc or type(exc).__name__})"
-                                 ) from None
+        return exc
     await connection.close()
+    return None
 
 
 def warnings(queues: dict[str, dict], journal_trials: int, read_model_trials: int) -> list[str]:

@@ -77,3 +77,6 @@ async def test_configuration_mistake_is_one_line_and_exit_2(env, bare_database, 
     assert "Traceback" not in run.stderr and run.stdout == ""
     for word in words:
         assert word in lines[0], (case, lines[0])
+    if case == "worker with a wrong vhost":  # refused before anything was created
+        assert not await env.fetchval("SELECT 1 FROM pg_database WHERE datname = $1",
+                                      urlsplit(bare_database).path[1:] + "_optuna")

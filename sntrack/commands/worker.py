@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ import structlog
 from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
+from sntrack.health import amqp_refusal_now
 from sntrack.progress import EpochCounter, Progress
 from sntrack.settings import ConfigurationError, Settings, redact
 
@@ -91,6 +93,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {name: getattr(args, f"space_{name}") for name in SEARCHABLE}
     if args.study == ALL_SEARCHES:
         raise ConfigurationError(f"--study {ALL_SEARCHES!r} is reserved (it names the aggregate over all studies)")
+    if refusal := asyncio.run(amqp_refusal_now(settings)):  # before the Optuna study is created
+        raise ConfigurationError(refusal)
     storage = args.storage or settings.optuna_storage
     try:
         space = SearchSpace.load(args.search_space, overrides)
