@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import asyncpg
 
@@ -28,8 +29,8 @@ class StudySummary:
     name: str
     dataset: str | None
     by_arm: dict[str, dict[str, int]]  # "sn" / "baseline" → status → trials
-    created: object
-    last_activity: object
+    created: datetime
+    last_activity: datetime
     archived: bool
 
 
