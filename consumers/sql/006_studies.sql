@@ -1,7 +1,7 @@
 -- Studies as objects a user can archive and remove (issue 16).
 
--- Soft delete: an archived study keeps every row; reports and the dashboard leave it out; `sntrack studies restore`
--- removes the row again.
+-- Soft delete: an archived study keeps every row; `studies list` hides it and reports filter on this table;
+-- `sntrack studies restore` removes the row again.
 CREATE TABLE archived_studies (
     model_run_id text        PRIMARY KEY,
     archived_at  timestamptz NOT NULL DEFAULT now(),

@@ -24,7 +24,7 @@ from sntrack.settings import ConfigurationError, Settings
 EXAMPLES = """examples:
   sntrack studies list
   sntrack studies show demo
-  sntrack studies delete demo           # archive: hidden from reports, undo with `sntrack studies restore demo`
+  sntrack studies delete demo           # archive (nothing removed); undo: sntrack studies restore demo
   sntrack studies delete demo --hard    # remove events, read-model rows, the Optuna study and MLflow runs"""
 
 
@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.set_defaults(run=_show)
     delete = actions.add_parser(
         "delete", help="archive a study (default) or remove it for good (--hard)",
-        description="Without --hard: archive (reports leave it out; `sntrack studies restore` undoes it). With "
+        description="Without --hard: archive (nothing is removed; `studies list` hides it; `sntrack studies "
+        "restore` undoes it). With "
         "--hard: remove its events from the journal and every projection's rows in one transaction, leave a "
         "tombstone so late events are ignored, delete its Optuna study and its MLflow runs, and record it all in "
         "study_audit. A hard delete cannot be undone and the name cannot be reused.",
@@ -168,7 +169,7 @@ async def _delete(args: argparse.Namespace, settings: Settings) -> int:
         async def soft(conn: asyncpg.Connection) -> bool:
             return await archive(conn, await resolve(conn, args.name), actor)
         done = await _connected(settings, soft)
-        print(f"archived {args.name}: reports leave it out; `sntrack studies restore {args.name}` brings it back"
+        print(f"archived {args.name}: `sntrack studies list` hides it; `sntrack studies restore {args.name}` undoes it"
               if done else f"{args.name} was archived already")
         return 0
 
