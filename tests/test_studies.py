@@ -154,15 +154,18 @@ async def test_study_remembers_its_settings(env, storage):
 async def test_hard_delete_while_consumers_apply_leaves_nothing(env, storage):
     """Events of the study keep arriving while it is removed: whatever was applied before goes with it, whatever
     comes after meets the tombstone; nothing of it remains once the queues are drained."""
-    doomed = [e for t in synthetic_study(300, 5, producer=producer_info(), model_run_id="busy", seed=4) for e in t]
+    doomed = [e for t in synthetic_study(1000, 5, producer=producer_info(), model_run_id="busy", seed=4) for e in t]
     deleted = asyncio.Event()
     after_delete = 0
 
     async def publish() -> None:
+        """Chunks until three have gone out after the delete returned (however slow the command starts)."""
         nonlocal after_delete
         for start in range(0, len(doomed), 40):
             await env.publish_events(doomed[start:start + 40])
             after_delete += deleted.is_set()
+            if after_delete >= 3:
+                return
             await asyncio.sleep(0.05)
 
     async with running_consumers(env.settings, PROJECTIONS):
