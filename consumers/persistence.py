@@ -45,8 +45,9 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
             f"database in {redact(database_url)} does not exist; create it (createdb) or run `sntrack db migrate "
             "--create`"
         ) from None
-    except asyncpg.InvalidPasswordError:
-        raise ConfigurationError(f"PostgreSQL refused the credentials in {redact(database_url)}") from None
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:  # wrong password, unknown role, pg_hba refusal
+        raise ConfigurationError(
+            f"PostgreSQL refused the login in {redact(database_url)}: {exc}; check SNTRACK_DATABASE_URL") from None
     except (TimeoutError, OSError) as exc:
         raise ConfigurationError(
             f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set SNTRACK_DATABASE_URL"
@@ -124,21 +125,33 @@ async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statemen
         await conn.executemany(sql, rows)
 
 
+# Studies removed for good are locked out by `studies.hard_delete` taking an EXCLUSIVE lock on applied_events: this
+# statement waits for it, and its snapshot, taken after the lock, then sees the tombstone.
+APPLY_AND_READ_TOMBSTONES = """
+WITH fresh AS (
+    INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[])
+    ON CONFLICT DO NOTHING RETURNING event_id
+)
+SELECT event_id, NULL::text AS deleted FROM fresh
+UNION ALL
+SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[])
+"""
+
+
 async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
     """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
-    those not applied before. Returns how many were new."""
-    fresh = {
-        r["event_id"]
-        for r in await conn.fetch(
-            "INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
-            "ON CONFLICT DO NOTHING RETURNING event_id",
-            projection.name,
-            [e.event_id for e in events],
-        )
-    }
+    those not applied before. Returns how many were new.
+
+    Events of a study removed for good (a tombstone in deleted_studies) are recorded and otherwise ignored, so
+    a late event never brings the study back (tests/test_studies.py::test_late_events_of_a_deleted_study_are_ignored).
+    The same statement reads the tombstones, so the check costs no extra round trip."""
+    rows = await conn.fetch(APPLY_AND_READ_TOMBSTONES, projection.name, [e.event_id for e in events],
+                            list({e.model_run_id for e in events}))
+    fresh = {r["event_id"] for r in rows if r["event_id"] is not None}
+    deleted = {r["deleted"] for r in rows if r["deleted"] is not None}
     new_events = []
     for event in events:
-        if event.event_id in fresh:
+        if event.event_id in fresh and event.model_run_id not in deleted:
             fresh.discard(event.event_id)  # a duplicate inside the same batch is applied once
             new_events.append(event)
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))

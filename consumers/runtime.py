@@ -34,6 +34,7 @@ from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, Event, GateRejection, parse_event
 from schemas.topology import DETAIL_HEADER, REASON_HEADER
+from sntrack.refusal import amqp_refusal
 from sntrack.settings import ConfigurationError, Settings, redact
 
 log = structlog.get_logger("sntrack.consumer")
@@ -67,9 +68,11 @@ async def connect(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
     try:
         return await aio_pika.connect_robust(settings.amqp_url, timeout=10, reconnect_interval=1, client_properties={
             "connection_name": f"sntrack-{settings.worker_id or 'consumer'}"})
-    except aio_pika.exceptions.ProbableAuthenticationError:
-        raise ConfigurationError(f"RabbitMQ refused the credentials in {redact(settings.amqp_url)}") from None
-    except (TimeoutError, OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
+    except Exception as exc:
+        if refusal := amqp_refusal(exc, settings.amqp_url):
+            raise ConfigurationError(refusal) from None
+        if not isinstance(exc, TimeoutError | OSError | aio_pika.exceptions.AMQPConnectionError):
+            raise
         raise ConfigurationError(
             f"cannot reach RabbitMQ at {redact(settings.amqp_url)} ({exc or type(exc).__name__}); is it running, "
             "and does the vhost exist (sntrack topology apply)?"

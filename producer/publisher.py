@@ -47,6 +47,7 @@ import structlog
 from producer.emitter import producer_info
 from producer.spool import REJECTED_DIR, Record, Spool
 from schemas import EXCHANGE, Event
+from sntrack.refusal import amqp_refusal
 from sntrack.settings import Settings, redact
 
 log = structlog.get_logger("sntrack.publisher")
@@ -439,15 +440,13 @@ class EventPublisher:
                 connection = await aio_pika.connect(url, timeout=self.settings.publish_confirm_timeout_s,
                                                     client_properties={"connection_name": name})
             except Exception as exc:
-                refused = isinstance(exc, (aio_pika.exceptions.ProbableAuthenticationError,
-                                           aiormq.exceptions.ConnectionNotAllowed))
                 with self._changed:
                     self._attempts += 1
-                    self._refused = f"RabbitMQ at {redact(url)} refused the connection: {exc}" if refused else None
+                    self._refused = amqp_refusal(exc, url)
                     self._changed.notify_all()
                 self._set_spooling()
                 self._wakeup.set()
-                if not unreachable_logged:
+                if not unreachable_logged and self._refused is None:  # a refusal is the caller's to report
                     log.warning("broker unreachable; spooling events and retrying", url=redact(url),
                                 error=f"{type(exc).__name__}: {exc}"[:300], spool_dir=str(self.settings.spool_dir))
                     unreachable_logged = True

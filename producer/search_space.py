@@ -37,6 +37,23 @@ def _scalar(text: str) -> Scalar:
     return text.strip()
 
 
+KINDS = {f.name: f.type for f in dataclasses.fields(TrialConfig)}  # "bool", "int", "float", "str"
+
+
+def _check_kind(name: str, values: list[Any]) -> None:
+    """Every value of dimension `name` is of the kind TrialConfig declares: `--spectral-norm yes` or `--lr abc`
+    is refused here, before any training (tests/test_config_errors.py)."""
+    kind = KINDS[name]
+    fits = {"bool": lambda v: isinstance(v, bool), "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool)}.get(kind, lambda v: True)
+    if name in MINIMUM and (low := [v for v in values if fits(v) and v < MINIMUM[name]]):
+        raise SearchSpaceError(f"{name}: {low[0]} is below {MINIMUM[name]}")
+    if bad := [v for v in values if not fits(v)]:
+        expected = "true or false" if kind == "bool" else f"{'an integer' if kind == 'int' else 'a number'}"
+        raise SearchSpaceError(f"{name}: {str(bad[0]).lower() if isinstance(bad[0], bool) else bad[0]!s} "
+                               f"is not {expected}")
+
+
 @dataclass(frozen=True)
 class Dimension:
     """One of: `choices` (categorical), `low`/`high` (range; int when both bounds are int), `value` (fixed)."""
@@ -57,6 +74,7 @@ class Dimension:
         kinds = [k for k in ("choices", "value") if k in table] + (["range"] if {"low", "high"} & set(table) else [])
         if unknown or len(kinds) != 1 or (kinds == ["range"] and not {"low", "high"} <= set(table)):
             raise SearchSpaceError(f"{name}: give exactly one of choices = [...], low/high, value (got {table})")
+        _check_kind(name, [table[k] for k in ("value", "low", "high") if k in table] + list(table.get("choices", ())))
         if "choices" in table:
             if not table["choices"]:
                 raise SearchSpaceError(f"{name}: choices is empty")
@@ -88,7 +106,7 @@ class Dimension:
                 raise SearchSpaceError(f"--{self.name.replace('_', '-')} {spec}: scale is log or linear")
             log = scale == ["log"] if scale else self.log
             return Dimension.from_table(self.name, {"low": bounds[0], "high": bounds[1], "log": log})
-        return Dimension(self.name, value=_scalar(spec))
+        return Dimension.from_table(self.name, {"value": _scalar(spec)})
 
     @property
     def spec(self) -> str:
@@ -98,6 +116,15 @@ class Dimension:
         if self.low is None:
             return str(self.value).lower() if isinstance(self.value, bool) else str(self.value)
         return f"{self.low}:{self.high}" + (":log" if self.log else "")
+
+    @property
+    def table(self) -> dict[str, Any]:
+        """This dimension as its TOML table."""
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        if self.low is None:
+            return {"value": self.value}
+        return {"low": self.low, "high": self.high, "log": self.log} | ({"step": self.step} if self.step else {})
 
     def suggest(self, trial: optuna.Trial) -> Scalar:
         if self.choices is not None:
@@ -127,12 +154,15 @@ class SearchSpace:
         for name, spec in (overrides or {}).items():
             if spec is not None:
                 dimensions[name] = dimensions[name].override(spec)
-        for name, minimum in MINIMUM.items():
-            dimension = dimensions[name]
-            values = dimension.choices or (dimension.value, dimension.low, dimension.high)
-            if any(isinstance(v, int | float) and v < minimum for v in values):
-                raise SearchSpaceError(f"{name}: values below {minimum} ({dimension.spec})")
         return cls(dimensions)
+
+    def to_tables(self) -> dict[str, dict[str, Any]]:
+        """The space as TOML-like tables (JSON-able): what a study stores at creation."""
+        return {name: d.table for name, d in self.dimensions.items()}
+
+    @classmethod
+    def from_tables(cls, tables: dict[str, dict[str, Any]]) -> SearchSpace:
+        return cls({name: Dimension.from_table(name, table) for name, table in tables.items()})
 
     @property
     def searches_the_flag(self) -> bool:

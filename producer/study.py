@@ -45,6 +45,7 @@ from schemas import ProducerInfo, RunError, RunStopped
 log = structlog.get_logger("sntrack.worker")
 
 Design = Literal["paired", "independent"]
+DEFAULT_DATASET = "digits"
 OPTUNA_STATE = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "failed": TrialState.FAIL}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -82,12 +83,13 @@ def rdb_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages
                                           heartbeat_stale_trial_callback=heartbeat.on_lost)
 
 
-def open_study(storage_url: str, name: str, *, dataset: str, split_seed: int,
+def open_study(storage_url: str, name: str, *, dataset: str | None, split_seed: int,
                pruner: optuna.pruners.BasePruner | None = None, heartbeat: Heartbeat | None = None) -> optuna.Study:
     """Load or create study `name` (maximising final validation accuracy), creating the database if needed.
 
     A study is bound to one dataset and one train/validation split (recorded as study attributes at creation);
-    a worker that asks for another one is refused rather than mixing incomparable trials."""
+    a worker that asks for another one is refused rather than mixing incomparable trials; `dataset=None` takes the
+    study's own (tests/test_studies.py::test_study_remembers_its_settings)."""
     if not storage_url.startswith("postgres"):
         return _load(rdb_storage(storage_url, heartbeat), name, dataset, split_seed, pruner)
     admin_url, database = _maintenance_url(storage_url)
@@ -110,10 +112,11 @@ def open_study(storage_url: str, name: str, *, dataset: str, split_seed: int,
         admin.close()  # ends the session, which releases the advisory lock
 
 
-def _load(storage: optuna.storages.BaseStorage, name: str, dataset: str, split_seed: int,
+def _load(storage: optuna.storages.BaseStorage, name: str, dataset: str | None, split_seed: int,
           pruner: optuna.pruners.BasePruner | None) -> optuna.Study:
     study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(), pruner=pruner or optuna.pruners.NopPruner())
+    dataset = dataset or study.user_attrs.get("dataset") or DEFAULT_DATASET
     for key, value in (("dataset", dataset), ("split_seed", split_seed)):
         recorded = study.user_attrs.get(key)
         if recorded is None:
@@ -121,6 +124,23 @@ def _load(storage: optuna.storages.BaseStorage, name: str, dataset: str, split_s
         elif recorded != value:
             raise StudyError(f"study {name!r} runs on {key} {recorded!r}, not {value!r}")
     return study
+
+
+def adopt_space(study: optuna.Study, space: SearchSpace, given: set[str]) -> SearchSpace:
+    """The search space the study was created with, stored in its user attrs at creation (this `space` when the
+    study is new). A dimension set explicitly (`given`) that differs from the stored one is refused, naming the
+    stored value, rather than mixing trials of different settings (tests/test_studies.py)."""
+    stored = study.user_attrs.get("search_space")
+    if stored is None:
+        study.set_user_attr("search_space", space.to_tables())
+        return space
+    kept = SearchSpace.from_tables(stored)
+    for name in sorted(given):
+        if name in kept.dimensions and space.dimensions[name] != kept.dimensions[name]:
+            flag = f"--{name.replace('_', '-')}"
+            raise StudyError(f"study {study.study_name!r} was created with {flag} {kept.dimensions[name].spec}, not "
+                             f"{space.dimensions[name].spec}; leave {flag} out or start another study")
+    return kept
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,6 @@ from pathlib import Path
 
 import structlog
 import torch
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from producer.emitter import TrialEvents
@@ -104,6 +102,8 @@ class MlflowLogger:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        from mlflow.tracking import MlflowClient  # here: a worker without MLflow never pays its ~2 s import
+
         self._client = MlflowClient(tracking_uri)
         self._experiment_ids: dict[str, str] = {}
         self._adopting: list[_Adoption] = []
@@ -172,6 +172,8 @@ class MlflowLogger:
             if item[0] == "metrics":
                 run, epoch, values, timestamp_ms = item[1:]
                 if run.run_id is not None:
+                    from mlflow.entities import Metric
+
                     run.pending_metrics.extend(Metric(k, v, timestamp_ms, epoch) for k, v in values.items())
                     if not waiting:
                         flush_at = time.monotonic() + METRICS_FLUSH_S
@@ -241,6 +243,8 @@ class MlflowLogger:
                      trial_id=run.trial_id)
             return True
         run.run_id = created.info.run_id
+        from mlflow.entities import Param, RunTag
+
         # No status tag yet: the consumer may already have set the final one (it is set again when the run ends).
         tags = trial_tags(run.trial_id, run.model_run_id, start.spectral_norm, None)
         self._client.log_batch(run.run_id, params=[Param(k, v) for k, v in trial_params(start).items()],

@@ -5,21 +5,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import typing
 
+from sntrack import __version__
 from sntrack.commands import COMMAND_MODULES
+from sntrack.errors import configuration_message
+from sntrack.examples import add_examples
 from sntrack.logging import configure_logging
 from sntrack.settings import ConfigurationError, Settings
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake is one line on stderr and exit 2, like every other configuration mistake; sub-command
+    parsers inherit the class (tests/test_config_errors.py)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sntrack",
+        epilog="example:\n  sntrack worker --study demo --n-trials 4 --epochs 5\n  sntrack report --run demo",
         description="Spectral-norm experiment tracking on RabbitMQ + PostgreSQL + MLflow. "
         "Configuration comes from SNTRACK_* environment variables (see README).",
     )
+    parser.add_argument("--version", action="version", version=f"sntrack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         module.register(sub)
+    add_examples(parser)
     return parser
 
 
@@ -34,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(result or 0)
     except ConfigurationError as exc:
         print(f"sntrack: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if (message := configuration_message(exc)) is None:
+            raise
+        print(f"sntrack: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from sntrack.progress import write_line
+
 
 def configure_logging(json_lines: bool | None = None, level: int = logging.INFO) -> None:
     if json_lines is None:
@@ -21,9 +23,18 @@ def configure_logging(json_lines: bool | None = None, level: int = logging.INFO)
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: _BarAwareLogger(sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     # aiormq logs every failed connect; sntrack reports unreachable brokers itself, once, with what to do.
     logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
+
+
+class _BarAwareLogger(structlog.PrintLogger):
+    """Prints each rendered line above a progress bar when one is drawn (sntrack.progress)."""
+
+    def msg(self, message: str) -> None:
+        write_line(message, self._file)
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg

@@ -91,9 +91,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Ends a server's process group once the process that started it is gone, however it ended (kill -9 included):
+# the watchdog is that process's child, so it is re-parented when its parent dies.
+WATCHDOG = """
+import os, signal, sys, time
+parent, group = int(sys.argv[1]), int(sys.argv[2])
+while os.getppid() == parent:
+    time.sleep(1)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    time.sleep(5)
+"""
+
+_watchdogs: list[subprocess.Popen] = []  # kept for this process's lifetime: they outlive every server object
+
+
 def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
-          timeout_s: float = START_TIMEOUT_S) -> MlflowServer:
-    """Start `mlflow server` on `port` with artifacts and its log in `folder`; wait for /health."""
+          timeout_s: float = START_TIMEOUT_S, die_with_parent: bool = False) -> MlflowServer:
+    """Start `mlflow server` on `port` with artifacts and its log in `folder`; wait for /health.
+
+    die_with_parent: the server ends when this process ends, even by SIGKILL (test sessions;
+    tests/test_leftovers.py::test_mlflow_server_dies_with_the_process_that_started_it)."""
     url = f"http://{host}:{port}"
     if healthy(url):
         return MlflowServer(url, None)
@@ -107,6 +128,9 @@ def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
     with open(folder / f"server-{port}.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
+    if die_with_parent:
+        _watchdogs.append(subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(process.pid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     (folder / f"server-{port}.pid").write_text(str(process.pid))
     server = MlflowServer(url, process.pid)
     while not healthy(url):

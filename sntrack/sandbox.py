@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
+import re
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -12,7 +15,9 @@ import asyncpg
 
 from consumers.persistence import create_database, drop_database, migrate
 from sntrack.broker import ManagementApi, apply_topology, delete_vhost
-from sntrack.settings import Settings
+from sntrack.settings import ConfigurationError, Settings
+
+STAMP = "%Y%m%d%H%M%S"
 
 
 def with_path(url: str, path: str) -> str:
@@ -21,9 +26,10 @@ def with_path(url: str, path: str) -> str:
 
 @contextlib.asynccontextmanager
 async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) -> AsyncIterator[Settings]:
-    """Settings pointing at a fresh vhost `<prefix>-<id>` and database `<prefix>_<id>`; both removed on exit."""
-    suffix = uuid.uuid4().hex[:12]
-    vhost, database = f"{prefix}-{suffix}", f"{prefix.replace('-', '_')}_{suffix}"
+    """Settings pointing at a fresh vhost `<prefix>-<UTC time>-<id>` and database `<prefix>_<UTC time>_<id>`; both
+    removed on exit. The time in the name tells `remove_stale` their age when an interrupted run left them."""
+    suffix = f"{time.strftime(STAMP, time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    vhost, database = f"{prefix}-{suffix}", f"{prefix.replace('-', '_')}_{suffix.replace('-', '_')}"
     api = ManagementApi(base.rabbitmq_admin_url)
     settings = base.model_copy(update={
         "amqp_url": with_path(base.amqp_url, vhost),
@@ -42,3 +48,36 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) 
     finally:
         await asyncio.to_thread(delete_vhost, api, vhost)
         await drop_database(settings.database_url)
+
+
+async def remove_stale(base: Settings, prefix: str, older_than_s: float = 86_400) -> list[str]:
+    """Drop the databases and vhosts `sandbox(prefix=...)` named more than `older_than_s` ago: what interrupted runs
+    left behind (tests/test_leftovers.py::test_stale_sandboxes_are_removed). Names without a time are left alone:
+    their age is unknown and another run may be using them."""
+    api = ManagementApi(base.rabbitmq_admin_url)
+    pattern = re.compile(rf"^{re.escape(prefix.replace('_', '-'))}-(\d{{14}})-")  # databases use _ for -
+    cutoff = time.time() - older_than_s
+
+    def stale(name: str) -> bool:
+        found = pattern.match(name.replace("_", "-"))
+        return bool(found) and _epoch(found.group(1)) < cutoff
+
+    conn = await asyncpg.connect(with_path(base.database_url, "postgres"))
+    try:
+        databases = [r["datname"] for r in await conn.fetch("SELECT datname FROM pg_database")]
+    finally:
+        await conn.close()
+    vhosts = [v["name"] for v in await asyncio.to_thread(api.request, "GET", "vhosts") or []]
+    removed = []
+    for name in filter(stale, databases):
+        await drop_database(with_path(base.database_url, name))
+        removed.append(name)
+    for name in filter(stale, vhosts):
+        with contextlib.suppress(ConfigurationError):  # removed meanwhile by another session
+            await asyncio.to_thread(delete_vhost, api, name)
+        removed.append(name)
+    return removed
+
+
+def _epoch(stamp: str) -> float:
+    return calendar.timegm(time.strptime(stamp, STAMP))

@@ -7,6 +7,7 @@ variables the tool reads, so the suite can be pointed at other servers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from schemas import EXCHANGE
 from sntrack.broker import ManagementApi
-from sntrack.sandbox import sandbox
-from sntrack.settings import Settings
+from sntrack.sandbox import remove_stale, sandbox
+from sntrack.settings import ConfigurationError, Settings
+
+TEST_PREFIX = "sntrack-test"
 
 
 @dataclass
@@ -117,11 +120,17 @@ class TestEnv:
         return out
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove what interrupted sessions left more than a day ago (sntrack.sandbox.remove_stale)."""
+    with contextlib.suppress(ConfigurationError, OSError):  # services down: the tests will say so themselves
+        asyncio.run(remove_stale(Settings.from_env(), TEST_PREFIX))
+
+
 @pytest.fixture
 async def env(tmp_path) -> TestEnv:
     base = Settings.from_env()
     overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False}
-    async with sandbox(base, prefix="sntrack-test", **overrides) as settings:
+    async with sandbox(base, prefix=TEST_PREFIX, **overrides) as settings:
         yield TestEnv(settings, settings.amqp_vhost, settings.database_name, ManagementApi(base.rabbitmq_admin_url))
 
 

@@ -36,7 +36,7 @@ class LocalMlflow:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> MlflowServer:
-        self.server = start(self.port, f"sqlite:///{self.folder / 'mlflow.db'}", self.folder)
+        self.server = start(self.port, f"sqlite:///{self.folder / 'mlflow.db'}", self.folder, die_with_parent=True)
         return self.server
 
     def kill(self) -> None:

@@ -1,10 +1,12 @@
 """The command line: --help everywhere, and bad configuration ends in one line and exit code 2."""
 
+import argparse
 import subprocess
 import sys
 
 import pytest
 
+from sntrack import __version__
 from sntrack.cli import build_parser, main
 from tests.test_end_to_end import cli_env
 
@@ -17,6 +19,27 @@ def test_every_command_has_help(command, capsys):
         main([command, "--help"])
     assert exit_.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: sntrack {command}")
+
+
+def _all_parsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                yield child
+                yield from _all_parsers(child)
+
+
+@pytest.mark.parametrize("parser", list(_all_parsers(build_parser())), ids=lambda p: p.prog)
+def test_every_help_has_an_example_and_no_stray_percent(parser):
+    text = parser.format_help()
+    assert "\nexample" in text and "  sntrack " in text.split("\nexample", 1)[1], text
+    assert "%%" not in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"sntrack {__version__}"
 
 
 def _run(env_vars: dict, *args: str) -> subprocess.CompletedProcess:

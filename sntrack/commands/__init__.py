@@ -3,17 +3,21 @@
 from sntrack.commands import (
     consume,
     db,
+    export,
     publish_sample,
     reconcile,
     replay,
     report,
     spool,
     status,
+    studies,
     subscribe,
     topology,
+    trial,
     worker,
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
+    worker, consume, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample, spool,
+    topology, db,
 )

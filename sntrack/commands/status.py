@@ -10,7 +10,9 @@ from urllib.parse import quote
 
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
+from sntrack.argtypes import seconds
 from sntrack.broker import UNROUTED, ManagementApi
+from sntrack.health import check_amqp_login, warnings
 from sntrack.settings import Settings
 
 
@@ -18,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("status", help="journal, read model and queue depths at a glance",
                             description="Counts of journal events, trials by status, and each consumer queue's "
                             "ready/unacked messages and dead letters, and ml.events.unrouted (events no queue was "
-                            "bound for). Example: sntrack status --wait-idle 60")
-    parser.add_argument("--wait-idle", type=float, metavar="SECONDS",
+                            "bound for).")
+    parser.add_argument("--wait-idle", type=seconds, metavar="SECONDS",
                         help="first wait (up to SECONDS) until every consumer queue is empty: consumers caught up")
     parser.set_defaults(run=_status)
 
@@ -40,13 +42,13 @@ async def _wait_idle(api: ManagementApi, vhost: str, timeout_s: float) -> bool:
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
     api = ManagementApi(settings.rabbitmq_admin_url)
     vhost = quote(settings.amqp_vhost, safe="")
-    if args.wait_idle is not None and not await _wait_idle(api, vhost, args.wait_idle):
-        print(f"consumers did not catch up within {args.wait_idle:.0f} s", file=sys.stderr)
-        return 1
-    pool = await create_pool(settings.database_url, max_size=1)
+    await check_amqp_login(settings)
+    pool = await create_pool(settings.database_url, max_size=1)  # the daemons' database login, checked first too
     try:
+        caught_up = args.wait_idle is None or await _wait_idle(api, vhost, args.wait_idle)
         async with pool.acquire() as conn:
             events = await conn.fetchval("SELECT count(*) FROM events")
+            started = await conn.fetchval("SELECT count(*) FROM events WHERE event_type = 'ml.run.start'")
             trials = await conn.fetch(
                 "SELECT spectral_norm, status, count(*) AS n FROM trials GROUP BY 1, 2 ORDER BY 1, 2")
     finally:
@@ -56,8 +58,19 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
     for row in trials:
         print(f"  spectral_norm={str(row['spectral_norm']).lower():5}  {row['status']:9} {row['n']}")
     print(f"queues (vhost {settings.amqp_vhost}):")
-    for name in [n for spec in QUEUES for n in (spec.name, spec.dead_letter_queue)] + [UNROUTED]:
-        info = api.request("GET", f"queues/{vhost}/{quote(name, safe='')}") or {}
-        print(f"  {name:28} ready={info.get('messages_ready', '?'):<7} "
-              f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
+    consumed = {}
+    for spec in QUEUES:
+        for name in (spec.name, spec.dead_letter_queue):
+            info = api.request("GET", f"queues/{vhost}/{quote(name, safe='')}") or {}
+            if name == spec.name:
+                consumed[name] = info
+            print(f"  {name:28} ready={info.get('messages_ready', '?'):<7} "
+                  f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
+    unrouted = api.request("GET", f"queues/{vhost}/{quote(UNROUTED, safe='')}") or {}
+    print(f"  {UNROUTED:28} ready={unrouted.get('messages_ready', '?'):<7} (events no queue was bound for)")
+    for line in warnings(consumed, started, sum(r["n"] for r in trials)):
+        print(line)
+    if not caught_up:
+        print(f"consumers did not catch up within {args.wait_idle:.0f} s", file=sys.stderr)
+        return 1
     return 0

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     apply.add_argument("--vhost", help="vhost to declare (default: the one in SNTRACK_AMQP_URL)")
     apply.set_defaults(run=_apply)
     export = actions.add_parser("export", help="write infra/rabbitmq/definitions.json from the code")
-    export.add_argument("--vhost", default="sntrack")
+    export.add_argument("--vhost", default="sntrack", help="vhost named in the file (default sntrack)")
     export.add_argument("--output", default=str(DEFINITIONS_FILE), help="file to write, - for stdout")
     export.set_defaults(run=_export)
     check = actions.add_parser("check", help="exit 1 when definitions.json differs from the code")

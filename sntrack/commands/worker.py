@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
 from producer.config import DATASETS
-from producer.search_space import SEARCHABLE, SearchSpace, SearchSpaceError
+from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
-from sntrack.progress import Progress
+from sntrack.health import amqp_refusal_now
+from sntrack.progress import EpochCounter, Progress
 from sntrack.settings import ConfigurationError, Settings, redact
 
 log = structlog.get_logger("sntrack.worker")
 
 CLOSE_TIMEOUT_S = 30.0
+
+
+def _spec_of(dimension: Dimension) -> Callable[[str], str]:
+    """An argparse type checking a SPEC for `dimension` at parse time; the SPEC itself is kept."""
+    def check(spec: str) -> str:
+        try:
+            dimension.override(spec)
+        except SearchSpaceError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return spec
+    return check
+
+
+def _most_epochs(space: SearchSpace) -> int:
+    """The epochs a trial trains at most, for the progress bar's total."""
+    d = space.dimensions["epochs"]
+    return int(d.value if d.value is not None else d.high if d.high is not None else max(d.choices or (1,)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,10 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", type=int, help="stop when the study as a whole has this many trials")
     parser.add_argument("--design", choices=("independent", "paired"), default="independent",
                         help="paired: every sampled configuration also runs with the other flag, same seed")
-    parser.add_argument("--dataset", choices=DATASETS, default="digits")
+    parser.add_argument("--dataset", choices=DATASETS,
+                        help="scikit-learn dataset; a new study defaults to digits, an existing one keeps its own")
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed (default 0): the study's train/val split; trial n's seed is SEED + n")
-    parser.add_argument("--pruner", choices=("none", "median"), default="none")
+    parser.add_argument("--pruner", choices=("none", "median"), default="none",
+                        help="median: stop a trial whose validation accuracy is below the median of earlier trials "
+                        "at the same epoch (default none)")
     parser.add_argument("--storage", help="Optuna RDB storage URL (default: $SNTRACK_OPTUNA_STORAGE)")
     parser.add_argument("--no-mlflow", action="store_true", help="no MLflow logging (start events: null run id)")
     parser.add_argument("--threads", type=int, default=1,
@@ -50,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     space = parser.add_argument_group("search-space overrides", "SPEC: V | A,B,C | LOW:HIGH[:log|:linear]")
     for name, dimension in SearchSpace.load().dimensions.items():
         space.add_argument(f"--{name.replace('_', '-')}", metavar="SPEC", dest=f"space_{name}",
-                           help=f"default {dimension.spec}")
+                           type=_spec_of(dimension), help=f"default {dimension.spec}")
     parser.set_defaults(run=_worker)
 
 
@@ -61,7 +85,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from producer.emitter import producer_info
     from producer.publisher import EventPublisher, SpoolFull
-    from producer.study import Heartbeat, StudyError, Worker, WorkerPlan, lost_trial_stop, open_study
+    from producer.study import Heartbeat, StudyError, Worker, WorkerPlan, adopt_space, lost_trial_stop, open_study
     from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
 
     optuna.logging.set_verbosity(logging.WARNING)
@@ -69,6 +93,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     overrides = {name: getattr(args, f"space_{name}") for name in SEARCHABLE}
     if args.study == ALL_SEARCHES:
         raise ConfigurationError(f"--study {ALL_SEARCHES!r} is reserved (it names the aggregate over all studies)")
+    if refusal := asyncio.run(amqp_refusal_now(settings)):  # before the Optuna study is created
+        raise ConfigurationError(refusal)
     storage = args.storage or settings.optuna_storage
     producer = producer_info(settings.worker_id)
 
@@ -86,6 +112,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if args.pruner == "median" else None
         study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner,
                            heartbeat=Heartbeat(settings.worker_heartbeat_s, report_lost))
+        given = set(SEARCHABLE) if args.search_space else {n for n, spec in overrides.items() if spec is not None}
+        space = adopt_space(study, space, given)
     except (SearchSpaceError, StudyError) as exc:
         raise ConfigurationError(str(exc)) from None
     stop = threading.Event()
@@ -106,22 +134,34 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(sig, on_signal)
 
     use_mlflow = settings.mlflow_enabled and not args.no_mlflow
-    log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-             dataset=args.dataset, n_trials=args.n_trials, mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
     with EventPublisher(settings) as publisher:
         if refusal := publisher.first_contact():
             raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
+        log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
+                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials,
+                 mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
         mlflow = None
         if use_mlflow:
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "🏃 View run" per trial
             bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
             mlflow = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
         tracker = Tracker(publisher, producer, mlflow, settings.mlflow_start_wait_s)
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
-            with Progress(f"study {args.study}", unit="trials") as progress:
-                worker = Worker(study, space, plan, lambda trial_id: tracker.trial(trial_id, args.study),
-                                stop=stop, pruning=pruner is not None,
-                                on_trial=lambda result: progress.update(result.trials, args.n_trials))
+            epochs = _most_epochs(space)
+            finished = [0]
+            with Progress(f"study {args.study}", unit="epochs", total=args.n_trials * epochs) as progress:
+                def recorder(trial_id: str) -> EpochCounter:
+                    return EpochCounter(progress, tracker.trial(trial_id, args.study), epochs,
+                                        lambda: f"trial {finished[0] + 1}/{args.n_trials}")
+
+                def on_trial(result) -> None:
+                    finished[0] = result.trials
+                    if result.trials > args.n_trials:  # a paired worker finishing a twin it owes
+                        progress.update(progress.bar.n, result.trials * epochs)
+
+                worker = Worker(study, space, plan, recorder, stop=stop, pruning=pruner is not None,
+                                on_trial=on_trial)
                 result = worker.run()
         except StudyError as exc:
             raise ConfigurationError(str(exc)) from None

@@ -1,0 +1,30 @@
+"""argparse types that refuse a bad value at parse time, before any work starts (tests/test_config_errors.py)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+
+def seconds(text: str) -> float:
+    """A duration: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds ≥ 0: {text!r}")
+    return value
+
+
+def output_file(text: str) -> Path:
+    """A file the command will write: its folder must exist and be writable now, not after minutes of work."""
+    path = Path(text).expanduser()
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(folder)!r} does not exist: {text!r}")
+    if not os.access(folder, os.W_OK) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}")
+    return path

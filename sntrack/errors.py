@@ -1,0 +1,15 @@
+"""Library exceptions that are configuration mistakes, turned into the one line the command line prints."""
+
+from __future__ import annotations
+
+
+def configuration_message(exc: BaseException) -> str | None:
+    """What to fix, when `exc` means the setup is wrong rather than the code; None otherwise.
+
+    A database whose schema was never created fails its first query with `relation ... does not exist`, whichever
+    command asks: one place here turns it into the hint (tests/test_config_errors.py)."""
+    import asyncpg  # loaded only on this error path: most commands never touch PostgreSQL
+
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return f"the database has no sntrack schema ({exc}); run `sntrack db migrate`"
+    return None

@@ -1,0 +1,45 @@
+"""An example for every `--help`, kept in one place: commands that set no epilog of their own get theirs here."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = {
+    "sntrack worker": "sntrack worker --study demo --n-trials 4 --design paired --dataset wine --epochs 5",
+    "sntrack consume": "sntrack consume all",
+    "sntrack report": "sntrack report --run demo --plot demo.png",
+    "sntrack reconcile": "sntrack reconcile --run demo --repair",
+    "sntrack replay": "sntrack replay trials --until 2026-11-25T12:00:00Z",
+    "sntrack subscribe": "sntrack subscribe stops --pattern ml.run.stop",
+    "sntrack status": "sntrack status --wait-idle 60",
+    "sntrack publish-sample": "sntrack publish-sample --trials 20 --epochs 10",
+    "sntrack spool": "sntrack spool status",
+    "sntrack spool status": "sntrack spool status",
+    "sntrack spool flush": "sntrack spool flush --timeout 30",
+    "sntrack topology": "sntrack topology apply   # passwords from SNTRACK_WORKER_PASSWORD, SNTRACK_CONSUMER_PASSWORD",
+    "sntrack topology apply": "sntrack topology apply --vhost sntrack",
+    "sntrack topology export": "sntrack topology export --vhost sntrack",
+    "sntrack topology check": "sntrack topology check",
+    "sntrack db": "sntrack db migrate --create",
+    "sntrack db migrate": "sntrack db migrate --create",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual, keeps an epilog's example lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """Give `parser` and every sub-command parser under it the shared formatter and, lacking one, an example."""
+    parser.formatter_class = HelpFormatter
+    if not parser.epilog and parser.prog in EXAMPLES:
+        parser.epilog = f"example:\n  {EXAMPLES[parser.prog]}"
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                add_examples(child)

@@ -1,0 +1,26 @@
+"""Telling a broker that refused us (a setting to fix) from a broker that is away (wait, or spool)."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+
+from sntrack.settings import redact
+
+
+def amqp_refusal(exc: BaseException, url: str) -> str | None:
+    """One line saying why RabbitMQ at `url` refused the connection, or None when `exc` is not a refusal.
+
+    A refusal is wrong credentials, a vhost the user may not open, or a vhost that does not exist. RabbitMQ answers
+    the last two by closing the connection while it is opened, which aiormq reports as an invalid frame
+    (Connection.Close where Connection.OpenOk was expected). Proved by tests/test_config_errors.py."""
+    if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError):
+        return f"RabbitMQ refused the credentials in {redact(url)}; check user and password in SNTRACK_AMQP_URL"
+    if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
+            isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)):
+        vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"
+        return (f"RabbitMQ at {redact(url)} refused vhost {vhost!r}: it does not exist or the user may not open it "
+                "(sntrack topology apply creates it; check SNTRACK_AMQP_URL)")
+    return None

@@ -1,0 +1,82 @@
+"""Every configuration mistake a new user makes is one line on stderr and exit 2, before any work starts (issue 16).
+
+Each case runs the real command line in a subprocess against the real servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from urllib.parse import urlsplit
+
+import pytest
+
+from consumers.persistence import create_database, drop_database
+from sntrack.sandbox import with_path
+from tests.test_end_to_end import cli_env
+
+
+@pytest.fixture
+async def bare_database(env):
+    """A database that exists but was never migrated."""
+    url = env.settings.database_url + "_bare"
+    await create_database(url)
+    yield url
+    await drop_database(url)
+    await drop_database(url + "_optuna")  # the worker case's Optuna storage
+
+
+def _as_role(url: str, role: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}").geturl()
+
+
+# (case, extra environment built from (env, bare database url), arguments, words the line must contain)
+CASES = [
+    ("status as a missing role", lambda e, b: {"SNTRACK_DATABASE_URL": _as_role(e.settings.database_url, "nobody")},
+     ["status"], ['role "nobody" does not exist']),
+    ("report as a missing role", lambda e, b: {"SNTRACK_DATABASE_URL": _as_role(e.settings.database_url, "nobody")},
+     ["report"], ['role "nobody" does not exist']),
+    ("reconcile as a missing role", lambda e, b: {"SNTRACK_DATABASE_URL": _as_role(e.settings.database_url, "nobody"),
+                                                  "SNTRACK_MLFLOW_ENABLED": "true"},
+     ["reconcile"], ['role "nobody" does not exist']),
+    ("replay as a missing role", lambda e, b: {"SNTRACK_DATABASE_URL": _as_role(e.settings.database_url, "nobody")},
+     ["replay", "trials"], ['role "nobody" does not exist']),
+    ("status on a database without schema", lambda e, b: {"SNTRACK_DATABASE_URL": b},
+     ["status"], ["sntrack db migrate"]),
+    ("replay on a database without schema", lambda e, b: {"SNTRACK_DATABASE_URL": b},
+     ["replay", "trials"], ["sntrack db migrate"]),
+    ("consume with a wrong vhost", lambda e, b: {"SNTRACK_AMQP_URL": with_path(e.settings.amqp_url, "no-such-vhost")},
+     ["consume", "journal"], ["refused vhost 'no-such-vhost'"]),
+    ("worker with a wrong vhost", lambda e, b: {"SNTRACK_AMQP_URL": with_path(e.settings.amqp_url, "no-such-vhost"),
+                                                "SNTRACK_OPTUNA_STORAGE": b + "_optuna"},
+     ["worker", "--study", "s", "--n-trials", "1", "--epochs", "1", "--no-mlflow"], ["refused vhost 'no-such-vhost'"]),
+    ("worker --spectral-norm yes", lambda e, b: {}, ["worker", "--study", "s", "--spectral-norm", "yes"],
+     ["--spectral-norm", "yes is not true or false"]),
+    ("worker --lr abc", lambda e, b: {}, ["worker", "--study", "s", "--lr", "abc"], ["--lr", "abc is not a number"]),
+    ("worker --epochs 0", lambda e, b: {}, ["worker", "--study", "s", "--epochs", "0"], ["0 is below 1"]),
+    ("status --wait-idle -3", lambda e, b: {}, ["status", "--wait-idle", "-3"], ["--wait-idle", "'-3'"]),
+    ("export to a missing folder", lambda e, b: {}, ["export", "--run", "s", "--output", "/nonexistent/dir/x.csv"],
+     ["folder '/nonexistent/dir' does not exist"]),
+    ("export of an unknown study", lambda e, b: {}, ["export", "--run", "no-such-study"],
+     ["no study named 'no-such-study'"]),
+    ("trial show of an unknown trial", lambda e, b: {}, ["trial", "show", "no-such-trial"],
+     ["no trial 'no-such-trial'"]),
+    ("an unknown command", lambda e, b: {}, ["stauts"], ["invalid choice: 'stauts'"]),
+]
+
+
+@pytest.mark.parametrize("case, extra, args, words", CASES, ids=[c[0] for c in CASES])
+async def test_configuration_mistake_is_one_line_and_exit_2(env, bare_database, case, extra, args, words):
+    environ = {**cli_env(env), "SNTRACK_LOG_JSON": "true", **extra(env, bare_database)}
+    run = subprocess.run([sys.executable, "-m", "sntrack", *args], env=environ, capture_output=True, text=True,
+                         timeout=120)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2, (case, run.returncode, run.stderr)
+    assert len(lines) == 1, (case, run.stderr)
+    assert lines[0].startswith("sntrack"), lines[0]
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    for word in words:
+        assert word in lines[0], (case, lines[0])
+    if case == "worker with a wrong vhost":  # refused before anything was created
+        assert not await env.fetchval("SELECT 1 FROM pg_database WHERE datname = $1",
+                                      urlsplit(bare_database).path[1:] + "_optuna")

@@ -1,0 +1,42 @@
+"""`sntrack status`: the daemons' own logins, the table even when waiting times out, idle queues and lag."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
+from tests.test_end_to_end import cli_env
+from tests.test_studies import _record, sntrack
+
+
+async def test_wrong_amqp_password_is_not_healthy(env):
+    url = env.settings.amqp_url.replace("guest:guest", "guest:wrong-pass")
+    run = subprocess.run([sys.executable, "-m", "sntrack", "status"], env={**cli_env(env), "SNTRACK_AMQP_URL": url},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "refused the credentials" in run.stderr and "wrong-pass" not in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and run.stdout == ""
+
+
+async def test_timeout_still_shows_the_table_and_says_why(env):
+    events = [e for t in synthetic_study(2, 2, producer=producer_info(), model_run_id="idle") for e in t]
+    await env.publish_events(events)  # no consumer is running
+    run = sntrack(env, "status", "--wait-idle", "2")
+    assert run.returncode == 1
+    assert run.stderr.strip() == "consumers did not catch up within 2 s"
+    assert run.stdout.startswith("journal: 0 events")
+    assert "warning: no consumer on sntrack.trials" in run.stdout
+
+
+async def test_read_model_behind_the_journal_is_said(env):
+    trials = synthetic_study(3, 2, producer=producer_info(), model_run_id="lag")
+    await _record(env, [e for t in trials for e in t])
+    conn = await env.db()
+    try:
+        await conn.execute("DELETE FROM trials WHERE id = $1", trials[0][0].trial_id)  # as if not applied yet
+    finally:
+        await conn.close()
+    run = sntrack(env, "status")
+    assert run.returncode == 0, run.stderr
+    assert "warning: the read model is behind the journal by 1 trials" in run.stdout
