@@ -24,7 +24,7 @@ def test_every_command_has_help(command, capsys):
 def _all_parsers(parser):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for child in set(action.choices.values()):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser; keep a stable order
                 yield child
                 yield from _all_parsers(child)
 
