@@ -6,6 +6,7 @@ import asyncio
 import errno
 import json
 import subprocess
+from urllib.parse import quote
 
 import aio_pika
 import pytest
@@ -16,6 +17,7 @@ from producer.publisher import EventPublisher, SpoolFull
 from producer.sample import synthetic_study
 from producer.spool import Record, Spool, inspect
 from schemas import EXCHANGE
+from sntrack.broker import UNROUTED_POLICY
 from sntrack.cli import build_parser
 from tests.conftest import wait_until
 from tests.test_publisher import _journal_holds_exactly, _proxied
@@ -55,7 +57,9 @@ async def test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it
 
 
 async def _bind_only_start_and_stop(env) -> None:
-    """ml.events redeclared bare (no alternate exchange) with one queue bound to starts and stops only."""
+    """ml.events redeclared bare (no alternate exchange, its policy removed) with one queue bound to starts and
+    stops only."""
+    await asyncio.to_thread(env.api.request, "DELETE", f"policies/{quote(env.vhost, safe='')}/{UNROUTED_POLICY}")
     connection = await aio_pika.connect(env.settings.amqp_url)
     try:
         channel = await connection.channel()
