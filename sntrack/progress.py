@@ -79,3 +79,6 @@ class EpochCounter:
     def stopped(self, outcome: Any, model: Any) -> None:
         self.inner.stopped(outcome, model)
         self.progress.update(self.progress.bar.n + max(0, self.epochs - self.seen))
+
+    def settle(self) -> None:
+        self.inner.settle()
