@@ -95,7 +95,10 @@ async def test_a_trial_whose_worker_was_killed_is_reported_lost_by_another_worke
         assert running.state == TrialState.RUNNING
         await asyncio.sleep(3)  # past the grace period (2 heartbeats)
 
-        survivor = await asyncio.create_subprocess_exec(*command, "--n-trials", "1", env=environ, stderr=PIPE)
+        # The study remembers --epochs 2000; the survivor takes it (a different flag would be refused).
+        survivor_command = [arg for arg in command if not arg.startswith("--epochs=")]
+        survivor = await asyncio.create_subprocess_exec(*survivor_command, "--n-trials", "1", env=environ,
+                                                        stderr=PIPE)
         _, err = await asyncio.wait_for(survivor.communicate(), 180)
         assert survivor.returncode == 0, err.decode()[-2000:]
         lost_id = running.user_attrs["trial_id"]
