@@ -46,7 +46,7 @@ $BIN/sntrack reconcile --run "$STUDY" || echo "(divergence above: run 'sntrack r
 
 say "where to look next"
 cat <<TEXT
-  MLflow UI          ${SNTRACK_MLFLOW_TRACKING_URI}  (experiment "sntrack"; runs tagged trial_id, spectral_norm)
+  MLflow UI          ${SNTRACK_MLFLOW_TRACKING_URI}  (experiment "sntrack/$STUDY"; runs sn-… and base-…, tagged trial_id, spectral_norm)
   plot               $STATE/$STUDY.png
   report as JSON     .venv/bin/sntrack report --run $STUDY --format json
   read model         psql -h 127.0.0.1 -U postgres sntrack -c "select id, spectral_norm, status, metrics->>'final_val_accuracy' from trials where model_run_id = '$STUDY'"
