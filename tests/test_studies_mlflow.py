@@ -1,4 +1,5 @@
-"""`studies delete --hard` removes the study's MLflow runs too, against a real MLflow server."""
+"""`studies delete --hard` removes the study's MLflow runs too, and late events never bring them back, against a
+real MLflow server."""
 
 from __future__ import annotations
 
@@ -29,3 +30,14 @@ async def test_hard_delete_removes_the_studys_mlflow_runs(env, mlflow_server):  
     assert "; 3 MLflow runs deleted" in run.stdout, run.stdout
     for trial in trials:
         assert search_runs(settings, trial[0].trial_id) == []  # active runs only: all deleted
+
+    # The same events arrive again, late, followed by a trial of another study: once that one is in MLflow, the
+    # mlflow consumer has handled the late events before it, and must have recreated no run.
+    sentinel = synthetic_study(1, 2, producer=producer_info(), model_run_id="alive", seed=6)[0]
+    async with running_consumers(settings, ["mlflow"]):
+        await env.publish_events([e for t in trials for e in t])
+        await env.publish_events(sentinel)
+        await wait_until(lambda: synced(settings, sentinel), timeout=120, what="the trial after the late events")
+    for trial in trials:
+        assert search_runs(settings, trial[0].trial_id) == []
+    assert env.queue_depth("sntrack.mlflow.dlq") == 0

@@ -78,6 +78,7 @@ ON CONFLICT (trial_id) DO UPDATE SET
 WHERE m.run_id = EXCLUDED.run_id
 """
 SELECT_APPLIED = "SELECT event_id FROM applied_events WHERE projection = $1 AND event_id = ANY($2::uuid[])"
+SELECT_DELETED_STUDIES = "SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($1::text[])"
 INSERT_APPLIED = ("INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
                   "ON CONFLICT DO NOTHING")
 
@@ -193,7 +194,10 @@ class MlflowSync:
         unique = {e.event_id: e for e in events}
         async with self.store.pool.acquire() as conn:
             applied = {r["event_id"] for r in await conn.fetch(SELECT_APPLIED, self.name, list(unique))}
-            fresh = [e for e in unique.values() if e.event_id not in applied]
+            # A late event of a study removed for good must not bring its MLflow runs back.
+            deleted = {r["model_run_id"] for r in await conn.fetch(SELECT_DELETED_STUDIES,
+                                                                   list({e.model_run_id for e in events}))}
+            fresh = [e for e in unique.values() if e.event_id not in applied and e.model_run_id not in deleted]
             rows = await conn.fetch(SELECT_LINKS, list({e.trial_id for e in fresh}))
         by_trial: dict[str, list[Event]] = {}
         for event in sorted(fresh, key=lambda e: e.seq):
