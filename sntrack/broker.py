@@ -18,12 +18,14 @@ DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq"
 DEFAULT_VHOST = "sntrack"
 WORKER_USER = "sntrack-worker"
 CONSUMER_USER = "sntrack-consumer"
+GATEWAY_USER = "sntrack-gateway"  # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes
 
 # Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues
 # (binding needs read on the exchange) and may publish only to the dead-letter exchange (gate rejections carry
 # their reason there).
 PERMISSIONS = {
     WORKER_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+    GATEWAY_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
     CONSUMER_USER: {
         "configure": r"^sntrack\..*",
         "write": r"^(sntrack\..*|ml\.events\.dlx)$",

@@ -3,6 +3,7 @@
 from sntrack.commands import (
     consume,
     db,
+    gateway,
     publish_sample,
     reconcile,
     replay,
@@ -15,5 +16,5 @@ from sntrack.commands import (
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
+    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db, gateway,
 )
