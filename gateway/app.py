@@ -10,6 +10,7 @@ the client retries the whole request with the same event ids (tests/test_gateway
 
 from __future__ import annotations
 
+import time
 from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
@@ -80,8 +81,9 @@ def create_app(config: GatewayConfig, verifier: TokenVerifier, publisher: Confir
             return authorized
         _, producer_id = authorized
         try:
-            items = split_body(await read_capped(request, config.max_request_bytes),
-                               request.headers.get("content-type", "application/json"))
+            body = await read_capped(request, config.max_request_bytes)
+            started = time.perf_counter()
+            items = split_body(body, request.headers.get("content-type", "application/json"))
         except TooLarge as exc:
             return _error(413, str(exc))
         except GateRejection as exc:
@@ -97,11 +99,14 @@ def create_app(config: GatewayConfig, verifier: TokenVerifier, publisher: Confir
                           rejected=[r.as_json() for r in rejected])
         stamped = [e.model_copy(update={"producer": e.producer.model_copy(update={"worker_id": producer_id})})
                    for e in events]
+        validated = time.perf_counter()
         try:
             await publisher.publish(stamped)
         except BrokerUnavailable as exc:
             return _error(503, f"not confirmed by the broker, retry with the same events: {exc}",
                           {"Retry-After": str(config.retry_after_s)})
+        metrics.observe("gate", validated - started)
+        metrics.observe("confirm", time.perf_counter() - validated)
         metrics.accepted += len(stamped)
         return JSONResponse({"accepted": len(stamped), "event_ids": [str(e.event_id) for e in stamped]},
                             status_code=202)

@@ -50,9 +50,14 @@ class ConfirmingPublisher:
     async def publish(self, events: list[Event]) -> None:
         """Publish every event (mandatory, persistent) and return once the broker confirmed them all."""
         exchange = await self._ensure()
-        results = await asyncio.gather(
-            *(exchange.publish(message_for(e), routing_key=e.event_type, mandatory=True, timeout=self._timeout)
-              for e in events), return_exceptions=True)
+        publishing = asyncio.gather(
+            *(exchange.publish(message_for(e), routing_key=e.event_type, mandatory=True) for e in events),
+            return_exceptions=True)
+        try:  # one deadline for the whole batch: a timer per message costs a task each
+            results = await asyncio.wait_for(publishing, self._timeout)
+        except TimeoutError:
+            await self._drop(None)
+            raise BrokerUnavailable(f"no confirm for {len(events)} events within {self._timeout} s") from None
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             first = failures[0]

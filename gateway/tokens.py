@@ -80,7 +80,8 @@ async def revoke_token(conn: asyncpg.Connection, token_id: str) -> bool:
 
 class TokenVerifier:
     """Answers whether a bearer token may post, and as which producer. Lookups are cached for `cache_s` seconds,
-    so a revocation takes effect within that time (tests/test_gateway.py::test_wrong_revoked_and_missing_tokens_get_401_or_403)."""
+    so a revocation takes effect within that time
+    (tests/test_gateway.py::test_wrong_revoked_and_missing_tokens_get_401_or_403)."""
 
     def __init__(self, pool: asyncpg.Pool, cache_s: float):
         self._pool = pool

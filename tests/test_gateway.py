@@ -4,6 +4,9 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
+import subprocess
+import sys
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -26,6 +29,7 @@ from sntrack.commands.gateway import gateway_config
 from tests.conftest import wait_until
 from tests.faults import TcpProxy
 from tests.test_contract import INVALID, body, changed
+from tests.test_end_to_end import cli_env
 from tests.test_poison import _poison
 
 PRODUCER = "notebook-alice"
@@ -285,3 +289,29 @@ async def test_gateway_user_may_only_publish_to_ml_events(env, gateway_password)
                 aio_pika.Message(b"{}"), routing_key=QUEUES[0].name)
     finally:
         await connection.close()
+
+
+def _cli(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sntrack", "gateway", *args], env=cli_env(env),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_token_commands_add_list_revoke(env):
+    added = _cli(env, "token", "add", "cluster-7")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.splitlines()[-1]
+    token_id = split_token(token)[0]
+    listed = _cli(env, "token", "list").stdout
+    assert token_id in listed and "cluster-7" in listed and token not in listed  # the secret is never shown again
+    assert _cli(env, "token", "revoke", token_id).returncode == 0
+    assert [line.split()[-1] != "-" for line in _cli(env, "token", "list").stdout.splitlines()[1:]] == [True]
+    missing = _cli(env, "token", "revoke", "000000000000")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    bad = _cli(env, "token", "add", "")
+    assert bad.returncode == 2 and "invalid producer id" in bad.stderr
+
+
+def test_busy_port_is_one_line(env):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        run = _cli(env, "--port", str(busy.getsockname()[1]))
+    assert run.returncode == 2 and "cannot listen on" in run.stderr and run.stderr.count("\n") == 1
