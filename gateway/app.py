@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from importlib.metadata import PackageNotFoundError, version
 
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -26,6 +27,8 @@ from gateway.openapi import document, schema_file
 from gateway.ratelimit import RateLimiter
 from gateway.tokens import TokenVerifier, Verdict
 from schemas import GateRejection
+
+log = structlog.get_logger("sntrack.gateway")
 
 
 class TooLarge(Exception):
@@ -103,6 +106,8 @@ def create_app(config: GatewayConfig, verifier: TokenVerifier, publisher: Confir
         try:
             await publisher.publish(stamped)
         except BrokerUnavailable as exc:
+            log.warning("events not confirmed by the broker; answered 503", events=len(stamped), error=str(exc),
+                        producer_id=producer_id)
             return _error(503, f"not confirmed by the broker, retry with the same events: {exc}",
                           {"Retry-After": str(config.retry_after_s)})
         metrics.observe("gate", validated - started)

@@ -1,5 +1,6 @@
 """The HTTP gateway against the real broker, database and consumers: the same gate, confirms before 202, tokens."""
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -7,6 +8,7 @@ import secrets
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
@@ -14,6 +16,7 @@ import aiohttp
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
+import gateway as gateway_package
 from consumers.registry import QUEUES
 from consumers.service import running_consumers
 from gateway.client import GatewayClient
@@ -315,3 +318,15 @@ def test_busy_port_is_one_line(env):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         run = _cli(env, "--port", str(busy.getsockname()[1]))
     assert run.returncode == 2 and "cannot listen on" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_gateway_imports_no_consumer_and_the_client_needs_only_schemas():
+    for path in Path(gateway_package.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {m for m in imported if m.split(".")[0] in ("consumers", "sntrack")}, path.name
+    loaded = subprocess.run([sys.executable, "-c", "import sys, gateway.client; print(' '.join(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert not {m.split(".")[0] for m in loaded} & {"aio_pika", "aiohttp", "asyncpg", "starlette", "uvicorn",
+                                                     "consumers", "sntrack", "torch"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 
@@ -74,6 +75,9 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     pool = await _tokens_pool(settings)
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the previous handler: end with 0 as
+    # `sntrack consume` does, rather than being killed by the default handler after a clean shutdown.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         print(f"sntrack gateway listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
         await serve(gateway_config(settings), pool, listening)
