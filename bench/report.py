@@ -86,7 +86,9 @@ def _gateway(r: dict) -> list[str]:
             f"{tp['publisher_events_per_s']:,} | {tp['ratio']:.0%} | ≥ 80% ({met[tp['target_met']]}) |",
             "", f"Where the gateway's mean {split['mean_ms']} ms goes (direct mean {lat['direct_mean_ms']} ms): "
             f"gate {split['gate_ms']} ms, broker confirm {split['confirm_ms']} ms, HTTP + framework + client "
-            f"{split['http_framework_client_ms']} ms."]
+            f"{split['http_framework_client_ms']} ms. The gateway process used {split['cpu_ms_per_request']} ms of CPU "
+            "per request: when that, times the rate, nears the CPU it gets, requests queue and the confirm stage "
+            "(which includes the event loop's lag) grows."]
 
 
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
