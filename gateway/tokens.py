@@ -101,7 +101,8 @@ class TokenVerifier:
                 "SELECT producer_id, secret_sha256, revoked_at IS NOT NULL AS revoked FROM gateway_tokens "
                 "WHERE id = $1", token_id)
             cached = (now, *(row.values() if row else (None, None, False)))
-            self._cache[token_id] = cached
+            if row is not None:  # unknown ids are not kept: random ones must not grow the cache
+                self._cache[token_id] = cached
         _, producer_id, digest, revoked = cached
         if producer_id is None or not hmac.compare_digest(digest, _digest(secret)):
             return Verdict.UNKNOWN
