@@ -172,7 +172,7 @@ async def test_broker_cut_mid_stream_answers_503_and_nothing_is_lost_after_retri
             streaming = asyncio.create_task(asyncio.to_thread(stream))
             await wait_until(lambda: len(acknowledged) >= 24, what="a few batches acknowledged")
             proxy.cut()
-            await asyncio.sleep(0.5)  # a batch confirmed just before the cut may still be answered 202
+            await asyncio.sleep(1.5)  # a batch confirmed just before the cut may still be answered 202
             cut_at = len(acknowledged)
             await asyncio.sleep(2.5)
             assert len(acknowledged) == cut_at, "nothing is acknowledged while the broker is unreachable"
