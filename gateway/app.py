@@ -25,7 +25,7 @@ from gateway.ingest import split_body, status_for, validate
 from gateway.metrics import GatewayMetrics
 from gateway.openapi import document, schema_file
 from gateway.ratelimit import RateLimiter
-from gateway.tokens import TokenVerifier, Verdict
+from gateway.tokens import TokenStoreUnavailable, TokenVerifier, Verdict
 from schemas import GateRejection
 
 log = structlog.get_logger("sntrack.gateway")
@@ -69,7 +69,11 @@ def create_app(config: GatewayConfig, verifier: TokenVerifier, publisher: Confir
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return _error(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-        verdict = await verifier.verify(token.strip())
+        try:
+            verdict = await verifier.verify(token.strip())
+        except TokenStoreUnavailable as exc:
+            log.warning("token lookup failed; answered 503", error=str(exc))
+            return _error(503, "cannot check the token now; retry", {"Retry-After": str(config.retry_after_s)})
         if verdict is Verdict.MALFORMED:
             return _error(401, "malformed bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         if isinstance(verdict, Verdict):

@@ -20,6 +20,7 @@ from schemas.events import Identifier
 
 PREFIX = "sntk"
 _PRODUCER_ID = TypeAdapter(Identifier)
+LOOKUP_TIMEOUT_S = 5.0
 
 
 class Verdict(StrEnum):
@@ -78,6 +79,10 @@ async def revoke_token(conn: asyncpg.Connection, token_id: str) -> bool:
     return status != "UPDATE 0"
 
 
+class TokenStoreUnavailable(Exception):
+    """PostgreSQL did not answer a token lookup: the request can be retried (503), it was not refused."""
+
+
 class TokenVerifier:
     """Answers whether a bearer token may post, and as which producer. Lookups are cached for `cache_s` seconds,
     so a revocation takes effect within that time
@@ -97,9 +102,12 @@ class TokenVerifier:
         now = time.monotonic()
         cached = self._cache.get(token_id)
         if cached is None or now - cached[0] > self._cache_s:
-            row = await self._pool.fetchrow(
-                "SELECT producer_id, secret_sha256, revoked_at IS NOT NULL AS revoked FROM gateway_tokens "
-                "WHERE id = $1", token_id)
+            try:
+                row = await self._pool.fetchrow(
+                    "SELECT producer_id, secret_sha256, revoked_at IS NOT NULL AS revoked FROM gateway_tokens "
+                    "WHERE id = $1", token_id, timeout=LOOKUP_TIMEOUT_S)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                raise TokenStoreUnavailable(f"{type(exc).__name__}: {exc}"[:300]) from None
             cached = (now, *(row.values() if row else (None, None, False)))
             if row is not None:  # unknown ids are not kept: random ones must not grow the cache
                 self._cache[token_id] = cached

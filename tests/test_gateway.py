@@ -215,6 +215,25 @@ async def test_wrong_revoked_and_missing_tokens_get_401_or_403(env):
         assert (await post(session, url, event, other))[0] == 202
 
 
+async def test_database_away_answers_503_not_403(env):
+    _, token = await new_token(env)
+    event = next(iter(synthetic_study(1, 1, producer=producer_info(), seed=1)))[0].to_json()
+    database = urlsplit(env.settings.database_url)
+    with TcpProxy(database.hostname, database.port or 5432) as proxy:
+        async with gateway(env, database_url=proxy.url_for(env.settings.database_url), token_cache_s=0) \
+                as (url, session):
+            assert (await post(session, url, event, token))[0] == 202
+            proxy.cut()
+            status, headers, answer = await post(session, url, event, token)
+            assert (status, headers["Retry-After"]) == (503, "1"), answer
+            proxy.restore()
+            await wait_until(lambda: _accepted(session, url, event, token), timeout=30, what="lookups again")
+
+
+async def _accepted(session, url, event, token) -> bool:
+    return (await post(session, url, event, token))[0] == 202
+
+
 async def test_rate_and_size_limits(env):
     _, token = await new_token(env)
     event = next(iter(synthetic_study(1, 1, producer=producer_info(), seed=1)))[0].to_json()
