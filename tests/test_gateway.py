@@ -3,6 +3,7 @@
 import ast
 import asyncio
 import contextlib
+import dataclasses
 import json
 import secrets
 import socket
@@ -49,8 +50,7 @@ async def new_token(env, producer_id: str = PRODUCER) -> tuple[str, str]:
 
 @contextlib.asynccontextmanager
 async def gateway(env, **changes):
-    config = gateway_config(env.settings)
-    config = type(config)(**{**config.__dict__, "confirm_timeout_s": 3.0, **changes})
+    config = dataclasses.replace(gateway_config(env.settings), **{"confirm_timeout_s": 3.0, **changes})
     async with running_gateway(config) as url, aiohttp.ClientSession() as session:
         yield url, session
 
