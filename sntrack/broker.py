@@ -19,6 +19,7 @@ DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq"
 DEFAULT_VHOST = "sntrack"
 WORKER_USER = "sntrack-worker"
 CONSUMER_USER = "sntrack-consumer"
+GATEWAY_USER = "sntrack-gateway"  # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes
 
 # ml.events' alternate exchange: an event no binding matches lands in this bounded queue instead of being dropped
 # or returned. Set by a policy, so that an existing ml.events gets it without being re-declared.
@@ -32,6 +33,7 @@ UNROUTED_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": DLQ_MAX_LENGTH, 
 # their reason there).
 PERMISSIONS = {
     WORKER_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+    GATEWAY_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
     CONSUMER_USER: {
         "configure": r"^sntrack\..*",
         "write": r"^(sntrack\..*|ml\.events\.dlx)$",

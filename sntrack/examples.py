@@ -22,6 +22,10 @@ EXAMPLES = {
     "sntrack topology check": "sntrack topology check",
     "sntrack db": "sntrack db migrate --create",
     "sntrack db migrate": "sntrack db migrate --create",
+    "sntrack gateway token": "sntrack gateway token add notebook-alice",
+    "sntrack gateway token add": "sntrack gateway token add notebook-alice",
+    "sntrack gateway token list": "sntrack gateway token list",
+    "sntrack gateway token revoke": "sntrack gateway token revoke 3f9a0c1b2d4e",
 }
 
 

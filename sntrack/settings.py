@@ -44,6 +44,14 @@ class Settings(BaseModel):
     consumer_memory_mb: int = Field(default=512, ge=1)
 
     worker_id: str | None = None
+
+    # `sntrack gateway` (HTTP ingest): its broker URL (a user that may only publish to ml.events; default amqp_url),
+    # the request size limit, and each token's rate limit (a token bucket: burst, then rate_per_s requests/s).
+    gateway_amqp_url: str | None = None
+    gateway_max_request_bytes: int = Field(default=8_388_608, ge=1024)
+    gateway_rate_per_s: float = Field(default=50.0, gt=0)
+    gateway_burst: int = Field(default=100, ge=1)
+    gateway_token_cache_s: float = Field(default=5.0, ge=0)
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
 
     @classmethod

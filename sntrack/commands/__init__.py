@@ -4,6 +4,7 @@ from sntrack.commands import (
     consume,
     db,
     export,
+    gateway,
     publish_sample,
     reconcile,
     replay,
@@ -19,5 +20,5 @@ from sntrack.commands import (
 
 COMMAND_MODULES = (
     worker, consume, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample, spool,
-    topology, db,
+    topology, db, gateway,
 )

@@ -9,6 +9,7 @@ import sys
 from sntrack.broker import (
     CONSUMER_USER,
     DEFINITIONS_FILE,
+    GATEWAY_USER,
     WORKER_USER,
     ManagementApi,
     apply_topology,
@@ -24,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     apply = actions.add_parser(
         "apply", help="declare everything idempotently through the management API",
         description="Declare vhost, users, permissions, exchanges, queues and bindings (safe to repeat). "
-        f"Passwords for {WORKER_USER} and {CONSUMER_USER} are taken from SNTRACK_WORKER_PASSWORD and "
-        "SNTRACK_CONSUMER_PASSWORD when set; existing users keep theirs otherwise.")
+        f"Passwords for {WORKER_USER}, {CONSUMER_USER} and {GATEWAY_USER} are taken from SNTRACK_WORKER_PASSWORD, "
+        "SNTRACK_CONSUMER_PASSWORD and SNTRACK_GATEWAY_PASSWORD when set; existing users keep theirs otherwise.")
     apply.add_argument("--vhost", help="vhost to declare (default: the one in SNTRACK_AMQP_URL)")
     apply.set_defaults(run=_apply)
     export = actions.add_parser("export", help="write infra/rabbitmq/definitions.json from the code")
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _apply(args: argparse.Namespace, settings: Settings) -> int:
     passwords = {user: os.environ[var] for user, var in
-                 ((WORKER_USER, "SNTRACK_WORKER_PASSWORD"), (CONSUMER_USER, "SNTRACK_CONSUMER_PASSWORD"))
+                 ((WORKER_USER, "SNTRACK_WORKER_PASSWORD"), (CONSUMER_USER, "SNTRACK_CONSUMER_PASSWORD"),
+                  (GATEWAY_USER, "SNTRACK_GATEWAY_PASSWORD"))
                  if os.environ.get(var)}
     vhost = args.vhost or settings.amqp_vhost
     for line in apply_topology(ManagementApi(settings.rabbitmq_admin_url), vhost, passwords):
