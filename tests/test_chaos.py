@@ -39,7 +39,7 @@ pytestmark = [
 
 CONSUMERS = ("journal", "trials", "comparison", "mlflow")
 PUBLISHERS = 3
-TRIALS_PER_PUBLISHER = 60
+TRIALS_PER_PUBLISHER = 80
 EPOCHS = 8
 KILLS = 10
 POISON = [b"{not json", b'{"event_type": "ml.run.stop", "schema_version": 1}', b"[" * 1000 + b"]" * 1000]
@@ -68,6 +68,12 @@ class Daemons:
 
     def alive(self) -> dict[str, bool]:
         return {name: p.poll() is None for name, p in self.processes.items()}
+
+    def last_words(self) -> str:
+        """The end of the current log of every daemon that is not running (for the failure message)."""
+        return "\n".join(f"{name} exited {p.returncode}: "
+                         + (self.log_dir / f"{name}-{self.starts[name]}.log").read_text()[-1500:]
+                         for name, p in self.processes.items() if p.poll() is not None)
 
     def stop(self) -> dict[str, int | None]:
         for process in self.processes.values():
@@ -101,7 +107,7 @@ async def test_chaos_flood_with_kills_restarts_outages_and_a_live_rebuild(env, o
     publishers = [EventPublisher(settings.model_copy(update={"spool_dir": tmp_path / f"spool-{i}"})).start()
                   for i in range(PUBLISHERS)]
     halt = threading.Event()
-    threads = [threading.Thread(target=_publish, args=(p, s, 0.02, halt)) for p, s in zip(publishers, studies,
+    threads = [threading.Thread(target=_publish, args=(p, s, 0.25, halt)) for p, s in zip(publishers, studies,
                                                                                           strict=True)]
     for thread in threads:
         thread.start()
@@ -162,7 +168,7 @@ async def test_chaos_flood_with_kills_restarts_outages_and_a_live_rebuild(env, o
         await wait_until(lambda: env.fetchval(
             "SELECT count(*) = $1 FROM mlflow_runs WHERE status <> 'running'", len(stops)), timeout=240,
             what="every trial's MLflow run to be final")
-        assert all(daemons.alive().values()), daemons.alive()
+        assert all(daemons.alive().values()), daemons.last_words()
     finally:
         halt.set()
         for publisher in publishers:
