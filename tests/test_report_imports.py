@@ -1,0 +1,35 @@
+"""The report's heavy imports are lazy: `sntrack report --help` loads none of numpy, scipy, statsmodels or
+matplotlib, and a report without --plot loads no matplotlib (measured with `python -X importtime`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+from tests.test_report_derived import _apply, _events
+
+HEAVY = ("numpy", "scipy", "statsmodels", "matplotlib")
+
+
+def _imported(*args: str, env: dict | None = None) -> set[str]:
+    """The top-level packages a fresh `python -X importtime -m sntrack …` imported."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "sntrack", *args], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
+    return {name.split(".")[0] for name in lines}
+
+
+def test_report_help_loads_no_statistics_or_plotting_package():
+    found = _imported("report", "--help")
+    assert "sntrack" in found
+    assert not found & set(HEAVY)
+
+
+async def test_a_report_without_a_plot_loads_no_matplotlib(env):
+    await _apply(env, _events())
+    found = await asyncio.to_thread(_imported, "report", "--run", "paired",
+                                    env={**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url})
+    assert "scipy" in found and "matplotlib" not in found and "statsmodels" not in found
