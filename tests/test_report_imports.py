@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
-from tests.test_report_derived import _apply, _events
+from consumers.persistence import apply_events
+from consumers.registry import PROJECTIONS
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
 
 HEAVY = ("numpy", "scipy", "statsmodels", "matplotlib")
 
@@ -29,7 +32,14 @@ def test_report_help_loads_no_statistics_or_plotting_package():
 
 
 async def test_a_report_without_a_plot_loads_no_matplotlib(env):
-    await _apply(env, _events())
+    events = [e for trial in synthetic_study(30, 5, seed=31, producer=producer_info(), model_run_id="paired",
+                                             paired=True) for e in trial]
+    conn = await env.db()
+    try:
+        for name in ("journal", "trials", "comparison"):
+            await apply_events(conn, PROJECTIONS[name], events)
+    finally:
+        await conn.close()
     found = await asyncio.to_thread(_imported, "report", "--run", "paired",
                                     env={**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url})
     assert "scipy" in found and "matplotlib" not in found and "statsmodels" not in found

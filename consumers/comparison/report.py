@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +14,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+from pydantic_core import from_json
 
 from consumers.comparison import equivalence as eq
 from consumers.comparison import explore, manipulation, queries, robustness
@@ -120,8 +120,8 @@ async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     trials = [TrialRecord(r["id"], r["spectral_norm"], r["status"], r["val"], r["train"], r["duration_ms"],
-                          json.loads(r["hyperparams"]), r["paired_with"], r["model_run_id"], r["dataset"],
-                          convergence.get(r["id"]), json.loads(sigmas[r["id"]]) if r["id"] in sigmas else None)
+                          from_json(r["hyperparams"]), r["paired_with"], r["model_run_id"], r["dataset"],
+                          convergence.get(r["id"]), from_json(sigmas[r["id"]]) if r["id"] in sigmas else None)
               for r in rows]
     points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"]) for r in curves]
     return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
