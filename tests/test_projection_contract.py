@@ -12,11 +12,12 @@ from collections import Counter
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from consumers.persistence import Store, apply_events
-from consumers.projection import Projection
+from consumers.projection import Projection, Statement
+from consumers.projections.trials import TrialsProjection
 from consumers.registry import PROJECTIONS
 from producer.emitter import TrialEvents, producer_info
 from producer.sample import synthetic_study
@@ -129,12 +130,33 @@ def test_any_order_duplication_and_batching_gives_the_in_order_rows_and_the_repl
                 await conn.close()
         assert asyncio.run(journal_then_replay()) == in_order
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    _any_delivery_gives(url, projection, in_order)
+
+
+def _any_delivery_gives(url: str, projection: Projection, expected: dict, **options) -> None:
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], **options)
     @given(deliveries())
     def check(batches):
-        assert asyncio.run(_apply(url, projection, batches)) == in_order
+        assert asyncio.run(_apply(url, projection, batches)) == expected
 
     check()
+
+
+class LastStopWins(TrialsProjection):
+    """A broken fold: the stop applied last sets the status, whatever its seq."""
+
+    def project(self, event):
+        yield from super().project(event)
+        if event.event_type == "ml.run.stop":
+            yield Statement("UPDATE trials SET status = $2 WHERE id = $1", (event.trial_id, event.payload.status))
+
+
+@pytest.mark.filterwarnings("ignore:Generating overly large repr")  # hypothesis prints the failing batches
+def test_the_contract_catches_a_projection_that_depends_on_order(env):
+    url = env.settings.database_url
+    in_order = asyncio.run(_apply(url, LastStopWins(), [EVENTS]))
+    with pytest.raises(AssertionError):
+        _any_delivery_gives(url, LastStopWins(), in_order, phases=[Phase.generate])
 
 
 async def test_the_higher_seq_stop_wins_in_the_trials_read_model(env):
