@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import random
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
-from consumers.comparison.render import RENDERERS
+from consumers.comparison.render import RENDERERS, arm_rows, finding_lines, flatten
 from consumers.comparison.report import REPORT_VERSION, ComparisonData, TrialRecord, build_report, load
 from consumers.persistence import apply_events
 from consumers.projections.comparison import OVERALL
@@ -188,8 +190,19 @@ async def test_report_contract_in_process_and_from_the_command_line(env, tmp_pat
                 value if value is None or isinstance(value, int) else pytest.approx(value, abs=1e-9))
     assert paired["power"]["design"] == "paired" and paired["tests"]["paired"]["n_pairs"] >= 2
     assert paired["confounding"] == []
-    for fmt in ("table", "markdown", "csv"):
-        assert RENDERERS[fmt](report)
+    rows, findings = arm_rows(report), finding_lines(report)
+    table = RENDERERS["table"](report).splitlines()
+    assert len(table) == len(rows) + 1 + 1 + len(findings) + 1 + len(report["warnings"]) + 1
+    assert [line.split()[0] for line in table[1:len(rows) + 1]] == [r[0].split()[0] for r in rows]
+    assert table[-1] == f"verdict: {report['verdict']['text']}" and all(line in table for line in findings)
+    markdown = RENDERERS["markdown"](report).splitlines()
+    assert markdown[0] == "## Spectral norm vs baseline (model_run_id = `independent`)"
+    assert markdown[4:4 + len(rows)] == [f"| {a.strip()} | {b} | {c} |" for a, b, c in rows]
+    assert markdown[-1] == f"**Verdict:** {report['verdict']['text']}"
+    parsed = list(csv.reader(io.StringIO(RENDERERS["csv"](report))))
+    assert parsed[0] == ["field", "value"] and len(parsed) == len(list(flatten(report))) + 1
+    n = report["arms"]["spectral_norm"]["final_val_accuracy"]["n"]
+    assert ["arms.spectral_norm.final_val_accuracy.n", str(n)] in parsed and n > 0
 
     env_vars = {**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url}
     command = [sys.executable, "-m", "sntrack", "report", "--run", "independent", "--min-effect", "0.005"]

@@ -2,10 +2,15 @@
 
 import copy
 import json
+import random
+from pathlib import Path
 
 import pytest
 
-from schemas import GateRejection, RejectReason, parse_event
+import schemas
+from producer.emitter import producer_info
+from producer.sample import synthetic_trial
+from schemas import ROUTING_KEYS, GateRejection, RejectReason, parse_event
 from schemas.events import EVENT_MODELS, RunMetric, RunStarted, RunStopped, new_event_id
 from schemas.jsonschema import stale
 from schemas.upcasting import UPCASTERS, UnsupportedVersion, upcast
@@ -163,4 +168,15 @@ def test_json_schema_files_are_current():
 
 
 def test_json_schema_covers_every_event_type():
-    assert set(EVENT_MODELS) == {"ml.run.start", "ml.run.metric", "ml.run.stop"}
+    """Every routed event type has a model, a checked-in schema pinning its event_type, a branch of the union's
+    discriminator, and a real event of that type passes the gate as that model."""
+    folder = Path(schemas.__file__).parent / "json"
+    union = json.loads((folder / "event.schema.json").read_text())
+    trial = synthetic_trial(random.Random(2), "contract", producer_info("w"), epochs=1)
+    assert sorted(EVENT_MODELS) == sorted(ROUTING_KEYS) == sorted(union["discriminator"]["mapping"])
+    for event_type in ROUTING_KEYS:
+        schema = json.loads((folder / f"{event_type}.schema.json").read_text())
+        assert schema["properties"]["event_type"]["const"] == event_type
+        assert union["discriminator"]["mapping"][event_type] == f"#/$defs/{schema['title']}"
+        [sample] = [e for e in trial if e.event_type == event_type]
+        assert type(parse_event(sample.to_json(), max_bytes=LIMIT)) is EVENT_MODELS[event_type]

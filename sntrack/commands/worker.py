@@ -26,6 +26,10 @@ log = structlog.get_logger("sntrack.worker")
 CLOSE_TIMEOUT_S = 30.0
 
 
+WORKER_EXTRA_MISSING = ("the worker needs the worker extra (torch, optuna, scikit-learn): "
+                        "pip install 'sntrack[worker]'")
+
+
 def _spec_of(dimension: Dimension) -> Callable[[str], str]:
     """An argparse type checking a SPEC for `dimension` at parse time; the SPEC itself is kept."""
     def check(spec: str) -> str:
@@ -80,8 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here: torch, optuna and mlflow take seconds to load, and no other command needs them.
-    import optuna
-    import torch
+    try:
+        import optuna
+        import sklearn  # noqa: F401 - the datasets (producer.data); checked here so the error names the extra
+        import torch
+    except ModuleNotFoundError:
+        raise ConfigurationError(WORKER_EXTRA_MISSING) from None
 
     from producer.emitter import producer_info
     from producer.publisher import EventPublisher, SpoolFull
