@@ -2,6 +2,7 @@
 
 from sntrack.commands import (
     consume,
+    dashboard,
     db,
     publish_sample,
     reconcile,
@@ -15,5 +16,5 @@ from sntrack.commands import (
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
+    worker, consume, dashboard, report, reconcile, replay, subscribe, status, publish_sample, spool, topology, db,
 )

@@ -1,0 +1,137 @@
+"""The ASGI app: the server-rendered page, the Server-Sent Events stream, a trial's curve, static files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from consumers.dashboard import queries
+from consumers.dashboard.hub import READ_ONLY, Hub
+from consumers.dashboard.page import render_page
+
+STATIC = Path(__file__).parent / "static"
+KEEPALIVE_S = 15.0  # an SSE comment this often, so a vanished browser is noticed
+COOKIE = "sntrack_dashboard_token"
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    database_url: str
+    mlflow_url: str | None = None
+    token: str | None = None
+
+
+async def report_json(conn: asyncpg.Connection) -> dict:
+    """The comparison report of every search, exactly as `sntrack report --format json` prints it."""
+    from consumers.comparison.render import render_json
+    from consumers.comparison.report import build_report, load
+
+    data = await load(conn)
+    return json.loads(render_json(await asyncio.to_thread(build_report, data)))
+
+
+def sse(event: str, data: object) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class TokenGate:
+    """With a token configured, every request needs it: `?token=` (then kept in a cookie), the cookie, or
+    `Authorization: Bearer`."""
+
+    def __init__(self, app, token: str | None):
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send):
+        if self.token is None or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        offered = (request.query_params.get("token") or request.cookies.get(COOKIE)
+                   or request.headers.get("authorization", "").removeprefix("Bearer "))
+        if not hmac.compare_digest(offered.encode(), self.token.encode()):
+            return await PlainTextResponse("a token is required: open the page with ?token=...", 401)(
+                scope, receive, send)
+
+        async def with_cookie(message):
+            if message["type"] == "http.response.start" and "token" in request.query_params:
+                cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/".encode()
+                message["headers"] = [*message.get("headers", []), (b"set-cookie", cookie)]
+            await send(message)
+
+        return await self.app(scope, receive, with_cookie)
+
+
+def create_app(config: DashboardConfig) -> TokenGate:
+    state: dict[str, object] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app) -> AsyncIterator[None]:
+        pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=4, server_settings=READ_ONLY)
+        hub = Hub(pool, config.database_url, report_json)
+        await hub.start()
+        state["hub"], state["pool"] = hub, pool
+        try:
+            yield
+        finally:
+            await hub.close()
+            await pool.close()
+
+    async def page(request: Request) -> Response:
+        hub: Hub = state["hub"]
+        filters = {k: request.query_params.get(k, "") for k in ("study", "dataset", "status")}
+        rows = await hub.read_trials(None)
+        return HTMLResponse(render_page(rows, hub.verdict, filters, config.mlflow_url))
+
+    async def events(request: Request) -> Response:
+        hub: Hub = state["hub"]
+
+        async def stream() -> AsyncIterator[str]:
+            async with hub.subscribe() as (client, snapshot):
+                yield "retry: 1000\n" + sse("snapshot", {"trials": snapshot, "verdict": hub.verdict,
+                                                         "mlflow_url": config.mlflow_url})
+                while True:
+                    try:
+                        await asyncio.wait_for(client.wake.wait(), KEEPALIVE_S)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    trials, verdict, reset = client.take()
+                    if reset:
+                        yield sse("snapshot", {"trials": await hub.snapshot(client), "verdict": hub.verdict,
+                                               "mlflow_url": config.mlflow_url})
+                    elif trials:
+                        yield sse("trials", trials)
+                    if verdict is not None:
+                        yield sse("verdict", verdict)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def curve(request: Request) -> Response:
+        trial_id = request.path_params["trial_id"]
+        pool: asyncpg.Pool = state["pool"]
+        async with pool.acquire() as conn:
+            flag = await conn.fetchval(queries.TRIAL_EXISTS, trial_id)
+            rows = await conn.fetch(queries.CURVE, trial_id)
+        if flag is None:
+            return JSONResponse({"error": f"unknown trial {trial_id}"}, 404)
+        return JSONResponse({"trial_id": trial_id, "spectral_norm": flag, "epochs": [
+            {**dict(r), "spectral_norms": json.loads(r["spectral_norms"]) if r["spectral_norms"] else None}
+            for r in rows]})
+
+    app = Starlette(lifespan=lifespan, routes=[
+        Route("/", page), Route("/events", events), Route("/api/trials/{trial_id:path}/curve", curve),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ])
+    return TokenGate(app, config.token)
