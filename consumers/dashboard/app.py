@@ -106,6 +106,8 @@ def create_app(config: DashboardConfig) -> TokenGate:
                     except TimeoutError:
                         yield ": keepalive\n\n"
                         continue
+                    if hub.closing:
+                        return
                     trials, verdict, reset = client.take()
                     if reset:
                         yield sse("snapshot", {"trials": await hub.snapshot(client), "verdict": hub.verdict,
@@ -134,4 +136,37 @@ def create_app(config: DashboardConfig) -> TokenGate:
         Route("/", page), Route("/events", events), Route("/api/trials/{trial_id:path}/curve", curve),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ])
-    return TokenGate(app, config.token)
+    gate = TokenGate(app, config.token)
+    gate.end_streams = lambda: state["hub"].end_streams() if "hub" in state else None
+    return gate
+
+
+def make_server(config: DashboardConfig, host: str, port: int):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            app.end_streams()  # open event streams end now, so shutdown does not wait for them
+            await super().shutdown(sockets)
+
+    app = create_app(config)
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2,
+                                 lifespan="on"))
+
+
+@contextlib.asynccontextmanager
+async def running_dashboard(config: DashboardConfig, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve the dashboard in this event loop (tests, benchmarks); yields its base URL, stops on exit."""
+    server = make_server(config, host, port)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the dashboard stopped while starting")
+        await asyncio.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}/"
+    finally:
+        server.should_exit = True
+        await task

@@ -77,6 +77,7 @@ class Hub:
         self.pool, self.listen_url, self.build_verdict, self.window_s = pool, listen_url, verdict, window_s
         self.clients: set[Client] = set()
         self.verdict: dict | None = None
+        self.closing = False  # the server is shutting down: streams end
         self.lock = asyncio.Lock()  # reads and their distribution, in order: a snapshot never follows a newer push
         self._dirty: set[str] = set()
         self._everything = False
@@ -91,6 +92,11 @@ class Hub:
         await self._listener.add_listener(READ_MODEL_CHANNEL, self._notified)
         self._verdict_due.set()
         self._tasks = [asyncio.create_task(self._push_trials()), asyncio.create_task(self._push_verdict())]
+
+    def end_streams(self) -> None:
+        self.closing = True
+        for client in self.clients:
+            client.wake.set()
 
     async def close(self) -> None:
         for task in self._tasks:

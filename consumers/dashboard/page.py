@@ -138,7 +138,7 @@ def render_page(rows: list[dict], report: dict | None, filters: dict[str, str], 
     datasets = sorted({r["dataset"] for r in rows if r["dataset"]})
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>sntrack dashboard</title>
+<title>sntrack dashboard</title><link rel="icon" href="data:,">
 <link rel="stylesheet" href="static/vendor/uplot/uPlot.min.css"><link rel="stylesheet" href="static/dashboard.css">
 </head><body>
 <header><h1>sntrack: spectral norm vs baseline</h1>

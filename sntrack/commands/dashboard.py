@@ -38,19 +38,15 @@ def _check_port(host: str, port: int) -> None:
 
 
 async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
-    from consumers.dashboard.app import DashboardConfig, create_app
+    from consumers.dashboard.app import DashboardConfig, make_server
 
     database_url = settings.dashboard_database_url or settings.database_url
     await (await create_pool(database_url, max_size=1)).close()  # a clear error now, not a traceback in uvicorn
     _check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.dashboard_token:
         print(f"sntrack: warning: serving on {args.host} without SNTRACK_DASHBOARD_TOKEN", file=sys.stderr)
-    app = create_app(DashboardConfig(database_url, settings.mlflow_tracking_uri if settings.mlflow_enabled else None,
-                                     settings.dashboard_token))
+    config = DashboardConfig(database_url, settings.mlflow_tracking_uri if settings.mlflow_enabled else None,
+                             settings.dashboard_token)
     print(f"dashboard on http://{args.host}:{args.port}/ reading {redact(database_url)}", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=1, lifespan="on"))
-    await server.serve()
+    await make_server(config, args.host, args.port).serve()
     return 0
