@@ -2,7 +2,7 @@
 
 Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
   --quick          shorter runs (smoke-checks the harness; figures are noisier)
-  --only NAME ...  pipeline, comparison, mlflow, training, report (the others keep their last results)
+  --only NAME ...  pipeline, comparison, mlflow, training, report, dashboard (the others keep their last results)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import comparison_query, mlflow_sync, pipeline, report_bench, training_overhead
+from bench import comparison_query, dashboard_bench, mlflow_sync, pipeline, report_bench, training_overhead
 from bench.report import render_markdown
 from sntrack.logging import configure_logging
 from sntrack.mlflow_server import free_port, healthy, start
@@ -26,7 +26,7 @@ from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
-NAMES = ("pipeline", "comparison", "mlflow", "training", "report")
+NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "dashboard")
 
 
 async def _with_mlflow(base: Settings, work):
@@ -80,6 +80,7 @@ async def main(names: list[str], quick: bool) -> int:
         "mlflow": lambda: _mlflow(base, quick),
         "training": lambda: _training(base, quick),
         "report": lambda: report_bench.run(base.database_url, trials=20_000 if quick else 100_000),
+        "dashboard": lambda: dashboard_bench.run(base, duration_s=4 if quick else 8),
     }
     failed = []
     for name in names:

@@ -73,8 +73,19 @@ def _report(r: dict) -> list[str]:
             "", "Queries alone, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + "."]
 
 
+def _dashboard(r: dict) -> list[str]:
+    return [f"## Dashboard update lag (headless Chromium {r['chromium']}, {r['events']:,} metric events at "
+            f"{r['rate']:.0f} events/s over {r['trials']} trials)", "",
+            "| figure | p50 / p95 / p99 ms | target |", "|---|---|---|",
+            f"| published → visible in the DOM ({r['dom_lag_ms']['n']:,} events observed) | {_ms(r['dom_lag_ms'])} | "
+            f"p95 ≤ {r['target_p95_ms']:.0f} ms |",
+            f"| of which published → projection committed (NOTIFY heard) | {_ms(r['commit_ms'])} | |",
+            f"| baseline: raw aio-pika publish → consume, same rate | {_ms(r['raw_ms'])} | |",
+            "", f"DOM p95 = {r['p95_ratio']} × raw p95; browser console errors: {len(r['console_errors'])}."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report}
+            "report": _report, "dashboard": _dashboard}
 
 
 def render_markdown(results: dict) -> str:

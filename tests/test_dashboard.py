@@ -118,14 +118,13 @@ async def test_the_verdict_panel_shows_the_numbers_of_sntrack_report_json(env, b
         assert run.returncode == 0, run.stderr
         expected = json.loads(run.stdout)
         shown_js = """return [...document.querySelectorAll('#verdict-body [data-path]')].map(el =>
-            [el.dataset.path, el.tagName === 'TD' ? el.dataset.value : el.textContent]);"""
+            [el.dataset.path, el.tagName === 'TD', el.tagName === 'TD' ? el.dataset.value : el.textContent]);"""
 
         async def mismatches():
             shown = await js(browser, shown_js)
             assert len(shown) >= 30
-            return [(path, value, _lookup(expected, path)) for path, value in shown
-                    if (json.loads(value) if value else None) != _lookup(expected, path)
-                    and not (path.startswith("verdict.") and value == _lookup(expected, path))]
+            return [(path, value, _lookup(expected, path)) for path, is_figure, value in shown
+                    if (json.loads(value or "null") if is_figure else value) != _lookup(expected, path)]
 
         try:
             await wait_until(lambda: _empty(mismatches()), timeout=60, what="the verdict panel to match")
@@ -172,7 +171,8 @@ async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(
         stop.set()
         await clicker
         clicks = await js(browser, "return window.__clicks")
-        assert len(clicks) >= 10 and max(clicks) < 100, (clicks, publish_s)
+        print(f"flood: {len(metrics)} events in {publish_s:.2f} s; click delays ms {sorted(clicks)}")
+        assert publish_s < 6 and len(clicks) >= 10 and max(clicks) < 100, (clicks, publish_s)
         shown = "return [...document.querySelectorAll('table.trials tbody tr')].map(tr => [tr.dataset.trial, " \
                 "tr.dataset.epoch])"
         await wait_until(lambda: _equal(js(browser, shown), last), timeout=60, what="the page to catch up")

@@ -142,10 +142,10 @@
     const width = Math.min(640, document.getElementById("detail").clientWidth || 320);
     const series = ["epoch", "train loss", "val loss", "train accuracy", "val accuracy"].map((label, i) =>
       i === 0 ? {label} : {label, stroke: ["", "#c44", "#e88", "#44c", "#88e"][i], width: 1.5});
-    charts.push(new uPlot({title: "learning curve", width, height: 220, series}, data.curve, document.getElementById("curve-chart")));
+    charts.push(new uPlot({title: "learning curve", width, height: 220, scales: {x: {time: false}}, series}, data.curve, document.getElementById("curve-chart")));
     if (data.layers.length) {
       const colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"];
-      charts.push(new uPlot({title: "per-layer largest singular value σ", width, height: 220,
+      charts.push(new uPlot({title: "per-layer largest singular value σ", width, height: 220, scales: {x: {time: false}},
         series: [{label: "epoch"}, ...data.layers.map((l, i) => ({label: l, stroke: colors[i % colors.length], width: 1.5}))]},
       data.sigma, document.getElementById("sigma-chart")));
     }
