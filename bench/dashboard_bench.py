@@ -24,7 +24,8 @@ import asyncpg
 from bench import pipeline
 from bench.browser import chromium
 from bench.timing import percentiles
-from consumers.persistence import READ_MODEL_CHANNEL
+from consumers.persistence import READ_MODEL_CHANNEL, apply_events, change_payload
+from consumers.registry import PROJECTIONS
 from producer.emitter import producer_info
 from producer.sample import synthetic_trial
 from schemas import EXCHANGE
@@ -124,6 +125,7 @@ async def _wait(predicate, limit_s: float, what: str) -> None:
 
 async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, trials: int = 40, log=print) -> dict:
     epochs = int(rate * duration_s / trials)
+    load_before = os.getloadavg()[0]
     async with sandbox(base, prefix="sntrack-bench-dash", mlflow_enabled=False) as settings:
         await pipeline._declare_raw(settings)
         port = free_port()
@@ -158,14 +160,40 @@ async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, t
                 daemon.send_signal(signal.SIGTERM)
             for daemon in daemons:
                 daemon.wait(timeout=30)
+        cost = await notify_cost(settings)
     dom = _first_at_or_after(stamps, sent)
     result = {"rate": rate, "events": len(sent), "trials": trials, "observed": len(dom),
               "dom_lag_ms": percentiles(dom), "commit_ms": percentiles(_commit_lags(sent, heard)),
               "raw_ms": percentiles(raw_ms), "target_p95_ms": TARGET_P95_MS, "chromium": version,
-              "console_errors": errors}
+              "console_errors": errors, "notify_cost": cost,
+              "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()}
     result["p95_ratio"] = round(result["dom_lag_ms"]["p95"] / result["raw_ms"]["p95"], 2)
     log(f"  DOM {result['dom_lag_ms']}\n  commit {result['commit_ms']}\n  raw {result['raw_ms']}")
     return result
+
+
+async def notify_cost(settings: Settings, batches: int = 200, batch: int = 50) -> dict:
+    """The NOTIFY's cost on the consumer path: `trials` batches applied as the runtime does (one transaction,
+    NOTIFY included), interleaved with the same transaction plus a second, identical pg_notify statement; the
+    difference of the medians is what one NOTIFY statement adds to a batch."""
+    _, metrics = _study(batches * batch // 20, 20, 9)
+    chunks = [metrics[i:i + batch] for i in range(0, batches * batch, batch)]
+    conn = await asyncpg.connect(settings.database_url)
+    shipped, doubled = [], []
+    try:
+        for i, events in enumerate(chunks):
+            started = time.perf_counter()
+            async with conn.transaction():
+                await apply_events(conn, PROJECTIONS["trials"], events)
+                if i % 2:
+                    await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL,
+                                       change_payload("bench", events))
+            (doubled if i % 2 else shipped).append((time.perf_counter() - started) * 1000)
+    finally:
+        await conn.close()
+    one, two = percentiles(shipped), percentiles(doubled)
+    return {"batch": batch, "batch_ms": one, "batch_with_second_notify_ms": two,
+            "notify_ms_p50": round(two["p50"] - one["p50"], 3)}
 
 
 def _start(settings: Settings, port: int) -> list[subprocess.Popen]:
