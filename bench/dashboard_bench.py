@@ -55,7 +55,7 @@ def _study(trials: int, epochs: int, seed: int) -> tuple[list, list]:
     return [t[0] for t in made], metrics
 
 
-async def _publish(settings: Settings, events: list, rate: float) -> dict[tuple[str, int], float]:
+async def publish_paced(settings: Settings, events: list, rate: float) -> dict[tuple[str, int], float]:
     """Publish with confirms at `rate` events/s; the wall-clock publish time (ms) of each (trial, epoch)."""
     sent: dict[tuple[str, int], float] = {}
     connection = await aio_pika.connect(settings.amqp_url)
@@ -142,13 +142,13 @@ async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, t
                 url = f"http://127.0.0.1:{port}/"
                 await _wait(lambda: _loads(driver, url), 30, "the dashboard")
                 starts, metrics = _study(trials, epochs, 8)
-                await _publish(settings, starts, rate)
+                await publish_paced(settings, starts, rate)
                 await _wait(lambda: driver.execute_script(
                     "return document.querySelectorAll('tr[data-trial]').length") == trials, 30, "the trials' rows")
                 driver.execute_script(OBSERVER)
                 log(f"dashboard: {len(metrics)} metric events at {rate:.0f} events/s over {trials} trials")
                 heard.clear()
-                sent = await _publish(settings, metrics, rate)
+                sent = await publish_paced(settings, metrics, rate)
                 last = {e.trial_id: e.payload.epoch for e in metrics}
                 await _wait(lambda: _shows(driver, last), 30, "the page to show every last epoch")
                 stamps = driver.execute_script("return window.__stamps")
