@@ -285,3 +285,24 @@ async def test_a_browser_that_comes_back_gets_a_consistent_snapshot_and_the_stat
             assert f'id="trial-{trial_id}"' in await page.text()
         async with http.get(f"{url}?status=failed") as page:
             assert f'id="trial-{trial_id}"' not in await page.text()
+
+
+async def test_pushes_resume_after_the_listen_connection_is_lost(env):
+    events = a_trial(spectral_norm=False, epochs=2)
+    async with running_consumers(env.settings, CONSUMERS), \
+            running_dashboard(DashboardConfig(env.settings.database_url)) as url, aiohttp.ClientSession() as http:
+        async with http.get(f"{url}events") as stream:
+            assert b"event: snapshot" in await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 30)
+            killed = await env.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = $1 "
+                "AND application_name = 'sntrack-dashboard' AND query ILIKE 'LISTEN%'", env.database)
+            assert killed == 1
+            await env.publish_events(events)
+
+            async def pushed_completed() -> bool:
+                while True:
+                    block = await stream.content.readuntil(b"\n\n")
+                    if block.startswith(b"event: trials") and b'"status":"completed"' in block:
+                        return events[0].trial_id.encode() in block
+
+            assert await asyncio.wait_for(pushed_completed(), 30)

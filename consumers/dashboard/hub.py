@@ -88,10 +88,33 @@ class Hub:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self._listener = await asyncpg.connect(self.listen_url, server_settings=READ_ONLY)
-        await self._listener.add_listener(READ_MODEL_CHANNEL, self._notified)
+        await self._listen()
         self._verdict_due.set()
         self._tasks = [asyncio.create_task(self._push_trials()), asyncio.create_task(self._push_verdict())]
+
+    async def _listen(self) -> None:
+        self._listener = await asyncpg.connect(self.listen_url, server_settings=READ_ONLY)
+        await self._listener.add_listener(READ_MODEL_CHANNEL, self._notified)
+        self._listener.add_termination_listener(self._lost)
+
+    def _lost(self, _conn) -> None:
+        if not self.closing:
+            self._tasks.append(asyncio.create_task(self._relisten()))
+
+    async def _relisten(self) -> None:
+        """The LISTEN connection dropped (PostgreSQL restarted): listen again, then reread everything, since
+        notifications sent meanwhile are lost."""
+        while not self.closing:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("dashboard cannot listen; retrying in 1 s", error=repr(exc))
+                await asyncio.sleep(1)
+                continue
+            self._everything = True
+            self._changed.set()
+            self._verdict_due.set()
+            return
 
     def end_streams(self) -> None:
         self.closing = True
@@ -99,6 +122,7 @@ class Hub:
             client.wake.set()
 
     async def close(self) -> None:
+        self.closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
