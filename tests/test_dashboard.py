@@ -23,6 +23,7 @@ from consumers.registry import PROJECTIONS
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study, synthetic_trial
+from sntrack.commands.dashboard import queue_reader
 from tests.conftest import wait_until
 from tests.test_end_to_end import cli_env
 
@@ -66,10 +67,13 @@ def row_state(driver, trial_id: str):
 async def test_a_published_trial_appears_under_its_constraint_and_completes_without_reload(env, browser, tmp_path):
     events = a_trial(spectral_norm=True, epochs=6)
     trial_id, last_epoch = events[0].trial_id, str(events[-2].payload.epoch)
-    async with running_consumers(env.settings, CONSUMERS), \
-            running_dashboard(DashboardConfig(env.settings.database_url)) as url:
+    config = DashboardConfig(env.settings.database_url, queues=queue_reader(env.settings))
+    async with running_consumers(env.settings, CONSUMERS), running_dashboard(config) as url:
         await open_page(browser, url)
         await js(browser, "window.__sameDocument = true")
+        queues = "return [...document.querySelectorAll('#queues tbody th')].map(th => th.textContent)"
+        await wait_until(lambda: _contains(js(browser, queues), "sntrack.trials", "sntrack.trials.dlq"),
+                         what="the queue table")
         await env.publish_events(events[:-1])
         running = await wait_until(lambda: row_state(browser, trial_id), what="the trial's row")
         assert running["table"] == "trials-spectral_norm"
@@ -88,6 +92,10 @@ async def test_a_published_trial_appears_under_its_constraint_and_completes_with
         assert shot.stat().st_size > 10_000
         errors = [entry for entry in await asyncio.to_thread(browser.get_log, "browser") if entry["level"] == "SEVERE"]
         assert errors == []
+
+
+async def _contains(coro, *wanted: str) -> bool:
+    return set(wanted) <= set(await coro)
 
 
 async def _has(state_coro, **wanted) -> bool:
@@ -249,11 +257,11 @@ def test_a_browser_s_pending_changes_keep_only_the_latest_row_per_trial():
     client = Client()
     for n in range(10_000):
         client.offer_trials([{"id": f"t{n % 10}", "epoch": n}])
-    trials, _, reset = client.take()
+    trials, _, _, reset = client.take()
     assert len(trials) == 10 and not reset
     assert sorted(t["epoch"] for t in trials) == list(range(9_990, 10_000))
     client.offer_trials([{"id": f"u{n}"} for n in range(MAX_PENDING + 1)])
-    trials, _, reset = client.take()
+    trials, _, _, reset = client.take()
     assert trials == [] and reset
 
 
@@ -306,3 +314,22 @@ async def test_pushes_resume_after_the_listen_connection_is_lost(env):
                         return events[0].trial_id.encode() in block
 
             assert await asyncio.wait_for(pushed_completed(), 30)
+
+
+async def test_dead_letters_and_consumer_lag_are_pushed_from_the_broker(env):
+    config = DashboardConfig(env.settings.database_url, queues=queue_reader(env.settings))
+    async with running_consumers(env.settings, CONSUMERS), running_dashboard(config) as url, \
+            aiohttp.ClientSession() as http, http.get(f"{url}events") as stream:
+        await env.publish_raw([b"not json"])
+
+        async def dead_letter_shown() -> dict:
+            while True:
+                block = (await stream.content.readuntil(b"\n\n")).decode()
+                if block.startswith("event: queues") or block.startswith("retry:"):
+                    data = json.loads(block.split("data: ", 1)[1])
+                    queues = {q["name"]: q for q in (data if isinstance(data, list) else data["queues"] or [])}
+                    if queues.get("sntrack.trials.dlq", {}).get("messages"):
+                        return queues
+
+        queues = await asyncio.wait_for(dead_letter_shown(), 40)  # the broker samples its statistics every 5 s
+        assert queues["sntrack.trials"]["consumers"] == 1 and queues["sntrack.journal.dlq"]["messages"] == 1

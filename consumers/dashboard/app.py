@@ -18,7 +18,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from consumers.dashboard import queries
-from consumers.dashboard.hub import READ_ONLY, Hub
+from consumers.dashboard.hub import READ_ONLY, Hub, Queues
 from consumers.dashboard.page import render_page
 
 STATIC = Path(__file__).parent / "static"
@@ -31,6 +31,7 @@ class DashboardConfig:
     database_url: str
     mlflow_url: str | None = None
     token: str | None = None
+    queues: Queues | None = None  # RabbitMQ queue depths (consumer lag, dead letters), when the broker is known
 
 
 async def report_json(conn: asyncpg.Connection) -> dict:
@@ -78,7 +79,7 @@ def create_app(config: DashboardConfig) -> TokenGate:
     @contextlib.asynccontextmanager
     async def lifespan(_app) -> AsyncIterator[None]:
         pool = await asyncpg.create_pool(config.database_url, min_size=1, max_size=4, server_settings=READ_ONLY)
-        hub = Hub(pool, config.database_url, report_json)
+        hub = Hub(pool, config.database_url, report_json, config.queues)
         await hub.start()
         state["hub"], state["pool"] = hub, pool
         try:
@@ -91,7 +92,7 @@ def create_app(config: DashboardConfig) -> TokenGate:
         hub: Hub = state["hub"]
         filters = {k: request.query_params.get(k, "") for k in ("study", "dataset", "status")}
         rows = await hub.read_trials(None)
-        return HTMLResponse(render_page(rows, hub.verdict, filters, config.mlflow_url))
+        return HTMLResponse(render_page(rows, hub.verdict, hub.queues, filters, config.mlflow_url))
 
     async def events(request: Request) -> Response:
         hub: Hub = state["hub"]
@@ -99,7 +100,7 @@ def create_app(config: DashboardConfig) -> TokenGate:
         async def stream() -> AsyncIterator[str]:
             async with hub.subscribe() as (client, snapshot):
                 yield "retry: 1000\n" + sse("snapshot", {"trials": snapshot, "verdict": hub.verdict,
-                                                         "mlflow_url": config.mlflow_url})
+                                                         "queues": hub.queues, "mlflow_url": config.mlflow_url})
                 while True:
                     try:
                         await asyncio.wait_for(client.wake.wait(), KEEPALIVE_S)
@@ -108,14 +109,16 @@ def create_app(config: DashboardConfig) -> TokenGate:
                         continue
                     if hub.closing:
                         return
-                    trials, verdict, reset = client.take()
+                    trials, verdict, queues, reset = client.take()
                     if reset:
                         yield sse("snapshot", {"trials": await hub.snapshot(client), "verdict": hub.verdict,
-                                               "mlflow_url": config.mlflow_url})
+                                               "queues": hub.queues, "mlflow_url": config.mlflow_url})
                     elif trials:
                         yield sse("trials", trials)
                     if verdict is not None:
                         yield sse("verdict", verdict)
+                    if queues is not None:
+                        yield sse("queues", queues)
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

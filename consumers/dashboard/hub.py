@@ -1,6 +1,9 @@
 """The push side: one LISTEN connection, notifications coalesced into at most one read per window, and each
 browser's pending changes merged per trial (drop-to-latest), so a flood cannot grow memory or fall behind.
 
+Queue depths (consumer lag, dead letters) come from RabbitMQ's management API, whose own statistics are sampled
+every 5 s: they are read every QUEUES_EVERY_S while a browser is connected, and pushed when they change.
+
 A notification is sent by the projections' exactly-once apply (consumers.persistence.apply_events) from the
 transaction that wrote the rows, and PostgreSQL delivers it only on commit: every read the hub makes after one sees
 the committed rows. Nothing here runs on a timer; every read is caused by a notification or a connecting browser.
@@ -27,10 +30,12 @@ WINDOW_S = 0.05  # at most one read (and one push per browser) per window; the b
 VERDICT_WINDOW_S = 1.0  # the verdict is rebuilt at most once a second (statistics over every trial)
 SNAPSHOT_TRIALS = 500  # newest trials sent on connect; later changes to older ones arrive as pushes
 MAX_PENDING = 2000  # trials pending for one browser beyond which it gets a fresh snapshot instead
+QUEUES_EVERY_S = 5.0
 READ_ONLY = {"default_transaction_read_only": "on", "application_name": "sntrack-dashboard"}
 WATCHED = ("trials", "comparison")  # projections whose commits change what the page shows
 
 Verdict = Callable[[asyncpg.Connection], Awaitable[dict]]
+Queues = Callable[[], list[dict]]  # blocking: [{"name", "messages", "consumers"}]; run in a thread
 
 
 def _jsonable(value):
@@ -50,6 +55,7 @@ class Client:
     def __init__(self) -> None:
         self.trials: dict[str, dict] = {}
         self.verdict: dict | None = None
+        self.queues: list[dict] | None = None
         self.reset = False  # too much pending: send a full snapshot instead
         self.wake = asyncio.Event()
 
@@ -65,18 +71,26 @@ class Client:
         self.verdict = verdict
         self.wake.set()
 
-    def take(self) -> tuple[list[dict], dict | None, bool]:
-        trials, verdict, reset = list(self.trials.values()), self.verdict, self.reset
-        self.trials, self.verdict, self.reset = {}, None, False
+    def offer_queues(self, queues: list[dict]) -> None:
+        self.queues = queues
+        self.wake.set()
+
+    def take(self) -> tuple[list[dict], dict | None, list[dict] | None, bool]:
+        taken = list(self.trials.values()), self.verdict, self.queues, self.reset
+        self.trials, self.verdict, self.queues, self.reset = {}, None, None, False
         self.wake.clear()
-        return trials, verdict, reset
+        return taken
 
 
 class Hub:
-    def __init__(self, pool: asyncpg.Pool, listen_url: str, verdict: Verdict, *, window_s: float = WINDOW_S):
+    def __init__(self, pool: asyncpg.Pool, listen_url: str, verdict: Verdict, queues: Queues | None = None, *,
+                 window_s: float = WINDOW_S):
         self.pool, self.listen_url, self.build_verdict, self.window_s = pool, listen_url, verdict, window_s
+        self.read_queues = queues
         self.clients: set[Client] = set()
         self.verdict: dict | None = None
+        self.queues: list[dict] | None = None
+        self._watched = asyncio.Event()  # set while at least one browser is connected
         self.closing = False  # the server is shutting down: streams end
         self.lock = asyncio.Lock()  # reads and their distribution, in order: a snapshot never follows a newer push
         self._dirty: set[str] = set()
@@ -91,6 +105,8 @@ class Hub:
         await self._listen()
         self._verdict_due.set()
         self._tasks = [asyncio.create_task(self._push_trials()), asyncio.create_task(self._push_verdict())]
+        if self.read_queues is not None:
+            self._tasks.append(asyncio.create_task(self._push_queues()))
 
     async def _listen(self) -> None:
         self._listener = await asyncpg.connect(self.listen_url, server_settings=READ_ONLY)
@@ -187,6 +203,20 @@ class Hub:
                 client.offer_verdict(verdict)
             await asyncio.sleep(max(0.0, started + VERDICT_WINDOW_S - time.monotonic()))
 
+    async def _push_queues(self) -> None:
+        while True:
+            await self._watched.wait()
+            try:
+                queues = await asyncio.to_thread(self.read_queues)
+            except Exception as exc:  # noqa: BLE001 - the broker's API being away must not stop the page
+                log.warning("dashboard cannot read queue depths", error=repr(exc))
+                queues = None
+            if queues is not None and queues != self.queues:
+                self.queues = queues
+                for client in self.clients:
+                    client.offer_queues(queues)
+            await asyncio.sleep(QUEUES_EVERY_S)
+
     @contextlib.asynccontextmanager
     async def subscribe(self):
         """A new browser: (its Client, a consistent snapshot of the newest trials). Pushes that follow are newer."""
@@ -194,10 +224,13 @@ class Hub:
         async with self.lock:
             snapshot = await self.read_trials(None)
             self.clients.add(client)
+            self._watched.set()
         try:
             yield client, snapshot
         finally:
             self.clients.discard(client)
+            if not self.clients:
+                self._watched.clear()
 
     async def snapshot(self, client: Client) -> list[dict]:
         """A full snapshot for a browser that fell too far behind; its pending changes are superseded."""

@@ -133,7 +133,15 @@ def activity_html(rows: list[dict]) -> str:
     return "".join(f"<li><time>{escape(str(at)[11:19])}</time> {escape(text)}</li>" for at, text in events[:15])
 
 
-def render_page(rows: list[dict], report: dict | None, filters: dict[str, str], mlflow_url: str | None) -> str:
+def queues_html(queues: list[dict] | None) -> str:
+    """Consumer lag (messages waiting in each consumer's queue) and dead letters (waiting in each `.dlq`)."""
+    return "".join(
+        f'<tr class="{"dead" if q["name"].endswith(".dlq") and q["messages"] else ""}"><th scope=row>'
+        f'{escape(q["name"])}</th><td>{q["messages"]}</td><td>{q["consumers"]}</td></tr>' for q in queues or [])
+
+
+def render_page(rows: list[dict], report: dict | None, queues: list[dict] | None, filters: dict[str, str],
+                mlflow_url: str | None) -> str:
     studies = sorted({r["model_run_id"] for r in rows})
     datasets = sorted({r["dataset"] for r in rows if r["dataset"]})
     return f"""<!doctype html>
@@ -158,7 +166,10 @@ def render_page(rows: list[dict], report: dict | None, filters: dict[str, str], 
 <section id="detail" aria-labelledby="h-detail" hidden><h2 id="h-detail">Trial <span id="detail-id"></span></h2>
 <div id="curve-chart"></div><div id="sigma-chart"></div></section>
 <section id="activity" aria-labelledby="h-activity"><h2 id="h-activity">Recent activity</h2>
-<ul id="activity-list">{activity_html(rows)}</ul></section>
+<ul id="activity-list">{activity_html(rows)}</ul>
+<table id="queues"><caption>Queues: consumer lag and dead letters (RabbitMQ, sampled every 5 s)</caption>
+<thead><tr><th scope=col>queue</th><th scope=col>waiting</th><th scope=col>consumers</th></tr></thead>
+<tbody>{queues_html(queues)}</tbody></table></section>
 </main>
 <script src="static/vendor/uplot/uPlot.iife.min.js"></script><script src="static/dashboard.js"></script>
 </body></html>

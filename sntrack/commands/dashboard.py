@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+from collections.abc import Callable
+from urllib.parse import quote
 
 from consumers.persistence import create_pool
+from sntrack.broker import ManagementApi
 from sntrack.settings import ConfigurationError, Settings, redact
 
 EXAMPLES = """examples:
@@ -29,6 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_dashboard)
 
 
+def queue_reader(settings: Settings) -> Callable[[], list[dict]]:
+    """The depth and consumers of each sntrack queue of the vhost, from the management API (one request)."""
+    api, vhost = ManagementApi(settings.rabbitmq_admin_url), quote(settings.amqp_vhost, safe="")
+
+    def read() -> list[dict]:
+        found = api.request("GET", f"queues/{vhost}?columns=name,messages,consumers") or []
+        return sorted(({"name": q["name"], "messages": q.get("messages", 0), "consumers": q.get("consumers", 0)}
+                       for q in found if q["name"].startswith("sntrack.")), key=lambda q: q["name"])
+
+    return read
+
+
 def _check_port(host: str, port: int) -> None:
     try:
         with socket.create_server((host, port)):
@@ -46,7 +61,7 @@ async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.dashboard_token:
         print(f"sntrack: warning: serving on {args.host} without SNTRACK_DASHBOARD_TOKEN", file=sys.stderr)
     config = DashboardConfig(database_url, settings.mlflow_tracking_uri if settings.mlflow_enabled else None,
-                             settings.dashboard_token)
+                             settings.dashboard_token, queue_reader(settings))
     print(f"dashboard on http://{args.host}:{args.port}/ reading {redact(database_url)}", file=sys.stderr)
     await make_server(config, args.host, args.port).serve()
     return 0

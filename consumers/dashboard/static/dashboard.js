@@ -102,6 +102,13 @@
     body.querySelector("ul.warnings").innerHTML = (report.warnings || []).map((w) => `<li>${esc(w)}</li>`).join("");
   }
 
+  function applyQueues(queues) {
+    if (!queues) return;
+    document.querySelector("#queues tbody").innerHTML = queues.map((q) =>
+      `<tr class="${q.name.endsWith(".dlq") && q.messages ? "dead" : ""}"><th scope=row>${esc(q.name)}</th>` +
+      `<td>${q.messages}</td><td>${q.consumers}</td></tr>`).join("");
+  }
+
   function drawArms() {
     const svg = document.getElementById("arms-chart");
     const done = [...trials.values()].filter((t) => t.status === "completed" && t.final_val_accuracy !== null);
@@ -207,6 +214,7 @@
     pending = new Map();
     applyTrials(snapshot.trials, true);
     applyVerdict(snapshot.verdict);
+    applyQueues(snapshot.queues);
     live.textContent = "live";
   });
   source.addEventListener("trials", (event) => {
@@ -214,5 +222,6 @@
     if (!frame) frame = requestAnimationFrame(flush);
   });
   source.addEventListener("verdict", (event) => applyVerdict(JSON.parse(event.data)));
+  source.addEventListener("queues", (event) => applyQueues(JSON.parse(event.data)));
   source.addEventListener("error", () => { live.textContent = "reconnecting…"; });
 })();
