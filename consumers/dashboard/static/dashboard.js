@@ -1,8 +1,8 @@
-// Keeps the server-rendered page live: Server-Sent Events from /events, applied at most once per animation frame.
+// Keeps the server-rendered page live: Server-Sent Events from /events, already coalesced by the server.
 "use strict";
 (function () {
   const trials = new Map();
-  let verdict = null, mlflowUrl = null, selected = null, charts = [], pending = new Map(), frame = 0;
+  let mlflowUrl = null, selected = null, charts = [];
   const live = document.getElementById("live");
   const form = document.getElementById("filters");
 
@@ -88,7 +88,6 @@
 
   function applyVerdict(report) {
     if (!report) return;
-    verdict = report;
     const body = document.getElementById("verdict-body");
     body.querySelectorAll("[data-path]").forEach((el) => {
       const value = lookup(report, el.dataset.path);
@@ -200,27 +199,17 @@
   });
   form.addEventListener("submit", (event) => event.preventDefault());
 
-  function flush() {
-    frame = 0;
-    const rows = [...pending.values()];
-    pending = new Map();
-    applyTrials(rows, false);
-  }
-
   const source = new EventSource("events");
   source.addEventListener("snapshot", (event) => {
     const snapshot = JSON.parse(event.data);
     mlflowUrl = snapshot.mlflow_url;
-    pending = new Map();
     applyTrials(snapshot.trials, true);
     applyVerdict(snapshot.verdict);
     applyQueues(snapshot.queues);
     live.textContent = "live";
   });
-  source.addEventListener("trials", (event) => {
-    for (const row of JSON.parse(event.data)) pending.set(row.id, row);
-    if (!frame) frame = requestAnimationFrame(flush);
-  });
+  // The server already coalesces (one push per 50 ms at most, the latest row per trial): apply at once.
+  source.addEventListener("trials", (event) => applyTrials(JSON.parse(event.data), false));
   source.addEventListener("verdict", (event) => applyVerdict(JSON.parse(event.data)));
   source.addEventListener("queues", (event) => applyQueues(JSON.parse(event.data)));
   source.addEventListener("error", () => { live.textContent = "reconnecting…"; });
