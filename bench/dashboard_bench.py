@@ -3,7 +3,8 @@
 A MutationObserver in the page stamps (wall clock) every change of a trial row's epoch; an event's lag is the first
 stamp at which its trial shows its epoch or a later one (a coalesced push may skip an epoch: the newer one
 supersedes it). Beside it, in the same run at the same rate: raw aio-pika publish → consume of the same bodies (the
-pipeline benchmark's baseline), and where the time goes: publish → the projection's NOTIFY heard (commit).
+pipeline benchmark's baseline), and where the time goes: publish → the projection's NOTIFY heard (commit), and
+publish → the push received by a second, plain SSE client (the server's share ends there; the rest is the page's).
 Consumers (journal, trials, comparison) and the dashboard run as their own processes, as deployed.
 """
 
@@ -19,6 +20,7 @@ import sys
 import time
 
 import aio_pika
+import aiohttp
 import asyncpg
 
 from bench import pipeline
@@ -102,6 +104,19 @@ async def _commits(settings: Settings, heard: list[tuple[str, float]]) -> asyncp
     return listener
 
 
+async def _pushes(url: str, stamps: list[tuple[str, int, float]]) -> None:
+    """Read the dashboard's event stream as a browser would; stamp each trial row's epoch on arrival."""
+    async with aiohttp.ClientSession() as http, http.get(f"{url}events") as stream:
+        event = b""
+        async for line in stream.content:
+            if line.startswith(b"event: "):
+                event = line[7:].strip()
+            elif event == b"trials" and line.startswith(b"data: "):
+                now = time.time() * 1000
+                stamps.extend((row["id"], row["last_epoch"], now) for row in json.loads(line[6:])
+                              if row["last_epoch"] is not None)
+
+
 def _commit_lags(sent: dict[tuple[str, int], float], heard: list[tuple[str, float]]) -> list[float]:
     """Per published event: ms until the first NOTIFY of its trial after its publish (its batch's commit)."""
     by_trial: dict[str, list[float]] = {}
@@ -146,11 +161,14 @@ async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, t
                 await _wait(lambda: driver.execute_script(
                     "return document.querySelectorAll('tr[data-trial]').length") == trials, 30, "the trials' rows")
                 driver.execute_script(OBSERVER)
+                pushed: list[tuple[str, int, float]] = []
+                reader = asyncio.create_task(_pushes(url, pushed))
                 log(f"dashboard: {len(metrics)} metric events at {rate:.0f} events/s over {trials} trials")
                 heard.clear()
                 sent = await publish_paced(settings, metrics, rate)
                 last = {e.trial_id: e.payload.epoch for e in metrics}
                 await _wait(lambda: _shows(driver, last), 30, "the page to show every last epoch")
+                reader.cancel()
                 stamps = driver.execute_script("return window.__stamps")
                 errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
                 version = driver.capabilities.get("browserVersion")
@@ -164,6 +182,7 @@ async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, t
     dom = _first_at_or_after(stamps, sent)
     result = {"rate": rate, "events": len(sent), "trials": trials, "observed": len(dom),
               "dom_lag_ms": percentiles(dom), "commit_ms": percentiles(_commit_lags(sent, heard)),
+              "pushed_ms": percentiles(_first_at_or_after(pushed, sent)),
               "raw_ms": percentiles(raw_ms), "target_p95_ms": TARGET_P95_MS, "chromium": version,
               "console_errors": errors, "notify_cost": cost,
               "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count()}

@@ -80,6 +80,8 @@ def _dashboard(r: dict) -> list[str]:
             f"| published → visible in the DOM ({r['dom_lag_ms']['n']:,} events observed) | {_ms(r['dom_lag_ms'])} | "
             f"p95 ≤ {r['target_p95_ms']:.0f} ms |",
             f"| of which published → projection committed (NOTIFY heard) | {_ms(r['commit_ms'])} | |",
+            f"| of which published → push received by a plain SSE client | {_ms(r['pushed_ms'])} | |"
+            if "pushed_ms" in r else "",
             f"| baseline: raw aio-pika publish → consume, same rate | {_ms(r['raw_ms'])} | |",
             "", f"DOM p95 = {r['p95_ratio']} × raw p95; browser console errors: {len(r['console_errors'])}; "
             f"1-minute load average before / after: {' / '.join(map(str, r.get('load_avg_1m', [])))} on "
