@@ -13,6 +13,8 @@ import uuid
 import aiohttp
 import asyncpg
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
+from selenium.webdriver.common.keys import Keys
 
 from bench.browser import available, chromium
 from bench.dashboard_bench import publish_paced
@@ -84,14 +86,35 @@ async def test_a_published_trial_appears_under_its_constraint_and_completes_with
         assert await js(browser, "return window.__sameDocument === true"), "the page was reloaded"
         assert await js(browser, "return document.querySelectorAll('#trials-baseline tbody tr').length") == 0
 
-        await js(browser, "document.querySelector(`#trial-${CSS.escape(arguments[0])} a.open`).click()", trial_id)
+        await asyncio.to_thread(_press_enter_on, browser, f"#trial-{trial_id} a.open")  # usable with the keyboard
         await wait_until(lambda: js(browser, "return document.querySelectorAll('#detail .uplot').length === 2"),
                          what="learning curve and singular value charts")
+        await asyncio.to_thread(browser.set_window_size, 375, 800)  # a phone-sized window: nothing sticks out
+        try:
+            await wait_until(lambda: js(browser, "return document.documentElement.scrollWidth <= window.innerWidth"),
+                             timeout=5, what="no horizontal scrolling at 375 px")
+        except AssertionError:
+            wide = await js(browser, """return [...document.querySelectorAll('body *')].filter(e =>
+                !e.closest('.scroll') && e.getBoundingClientRect().right > window.innerWidth)
+                .slice(0, 8).map(e => `${e.tagName}#${e.id} ${Math.round(e.getBoundingClientRect().right)}`)""")
+            raise AssertionError(f"wider than the window: {wide}") from None
+        finally:
+            await asyncio.to_thread(browser.set_window_size, 1280, 1600)
         shot = tmp_path / "dashboard.png"
         assert await asyncio.to_thread(browser.save_screenshot, str(shot))
         assert shot.stat().st_size > 10_000
         errors = [entry for entry in await asyncio.to_thread(browser.get_log, "browser") if entry["level"] == "SEVERE"]
         assert errors == []
+
+
+def _press_enter_on(driver, selector: str) -> None:
+    for _ in range(5):  # a push may re-render the row between finding the link and typing
+        try:
+            driver.find_element("css selector", selector).send_keys(Keys.ENTER)
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{selector} kept being re-rendered")
 
 
 async def _contains(coro, *wanted: str) -> bool:

@@ -167,9 +167,10 @@ def render_page(rows: list[dict], report: dict | None, queues: list[dict] | None
 <div id="curve-chart"></div><div id="sigma-chart"></div></section>
 <section id="activity" aria-labelledby="h-activity"><h2 id="h-activity">Recent activity</h2>
 <ul id="activity-list">{activity_html(rows)}</ul>
+<div class="scroll">
 <table id="queues"><caption>Queues: consumer lag and dead letters (RabbitMQ, sampled every 5 s)</caption>
 <thead><tr><th scope=col>queue</th><th scope=col>waiting</th><th scope=col>consumers</th></tr></thead>
-<tbody>{queues_html(queues)}</tbody></table></section>
+<tbody>{queues_html(queues)}</tbody></table></div></section>
 </main>
 <script src="static/vendor/uplot/uPlot.iife.min.js"></script><script src="static/dashboard.js"></script>
 </body></html>

@@ -64,7 +64,13 @@
     }
     tr.dataset.trial = row.id; tr.dataset.status = row.status; tr.dataset.study = row.model_run_id;
     tr.dataset.dataset = row.dataset ?? ""; tr.dataset.epoch = row.last_epoch ?? "";
-    tr.innerHTML = rowHtml(row);
+    const html = rowHtml(row);
+    if (tr.rendered !== html) {  // rewrite only what changed, and keep the keyboard focus on the trial's link
+      const focused = tr.contains(document.activeElement);
+      tr.innerHTML = html;
+      tr.rendered = html;
+      if (focused) tr.querySelector("a.open").focus();
+    }
     tr.hidden = !visible(row);
     addOption("study", row.model_run_id); addOption("dataset", row.dataset);
   }
@@ -145,7 +151,7 @@
     charts = [];
     detail = {epochs};
     const data = curveData(epochs);
-    const width = Math.min(640, document.getElementById("detail").clientWidth || 320);
+    const width = chartWidth();
     const series = ["epoch", "train loss", "val loss", "train accuracy", "val accuracy"].map((label, i) =>
       i === 0 ? {label} : {label, stroke: ["", "#c44", "#e88", "#44c", "#88e"][i], width: 1.5});
     charts.push(new uPlot({title: "learning curve", width, height: 220, scales: {x: {time: false}}, series}, data.curve, document.getElementById("curve-chart")));
@@ -156,6 +162,9 @@
       data.sigma, document.getElementById("sigma-chart")));
     }
   }
+
+  const chartWidth = () => Math.min(640, document.getElementById("detail").clientWidth - 24 || 320);
+  window.addEventListener("resize", () => charts.forEach((c) => c.setSize({width: chartWidth(), height: 220})));
 
   function appendPoint(row) {
     if (!detail || detail.epochs.some((e) => e.epoch === row.last_epoch)) return;
