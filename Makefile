@@ -20,7 +20,8 @@ setup: venv services  ## venv + services + broker topology + database schema
 	@$(BIN)/sntrack db migrate --create
 
 test: venv services  ## run the whole test suite against the real servers
-	$(BIN)/pytest -q -m restarts  # restarts the real RabbitMQ and PostgreSQL, so not beside other tests
+	@bash infra/browser.sh || echo "[browser] could not install chromium: the dashboard's browser tests will skip" >&2
+	$(BIN)/pytest -q -m restarts  # the chaos suite and the tests that restart RabbitMQ and PostgreSQL, alone
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not restarts"
 
 demo: setup  ## a real spectral-norm vs baseline study through the whole pipeline

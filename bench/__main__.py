@@ -2,7 +2,8 @@
 
 Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
   --quick          shorter runs (smoke-checks the harness; figures are noisier)
-  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway (the others keep their last results)
+  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway, dashboard (the others keep their last
+                   results)
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import comparison_query, gateway_bench, mlflow_sync, pipeline, report_bench, training_overhead
+from bench import (
+    comparison_query,
+    dashboard_bench,
+    gateway_bench,
+    mlflow_sync,
+    pipeline,
+    report_bench,
+    training_overhead,
+)
 from bench.report import render_markdown
 from sntrack.logging import configure_logging
 from sntrack.mlflow_server import free_port, healthy, start
@@ -26,7 +35,7 @@ from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
-NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway")
+NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard")
 
 
 async def _with_mlflow(base: Settings, work):
@@ -83,6 +92,7 @@ async def main(names: list[str], quick: bool) -> int:
         "report": lambda: report_bench.run(base.database_url, trials=20_000 if quick else 100_000),
         "gateway": lambda: gateway_bench.run(base, duration_s=4 if quick else 10,
                                              throughput_events=5000 if quick else 20_000),
+        "dashboard": lambda: dashboard_bench.run(base, duration_s=4 if quick else 8),
     }
     failed = []
     for name in names:

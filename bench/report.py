@@ -91,8 +91,26 @@ def _gateway(r: dict) -> list[str]:
             "(which includes the event loop's lag) grows."]
 
 
+def _dashboard(r: dict) -> list[str]:
+    return [f"## Dashboard update lag (headless Chromium {r['chromium']}, {r['events']:,} metric events at "
+            f"{r['rate']:.0f} events/s over {r['trials']} trials)", "",
+            "| figure | p50 / p95 / p99 ms | target |", "|---|---|---|",
+            f"| published → visible in the DOM ({r['dom_lag_ms']['n']:,} events observed) | {_ms(r['dom_lag_ms'])} | "
+            f"p95 ≤ {r['target_p95_ms']:.0f} ms |",
+            f"| of which published → projection committed (NOTIFY heard) | {_ms(r['commit_ms'])} | |",
+            f"| of which published → push received by a plain SSE client | {_ms(r['pushed_ms'])} | |"
+            if "pushed_ms" in r else "",
+            f"| baseline: raw aio-pika publish → consume, same rate | {_ms(r['raw_ms'])} | |",
+            "", f"DOM p95 = {r['p95_ratio']} × raw p95; browser console errors: {len(r['console_errors'])}; "
+            f"1-minute load average before / after: {' / '.join(map(str, r.get('load_avg_1m', [])))} on "
+            f"{r.get('cpus')} CPUs.",
+            f"NOTIFY on the consumer path: a {r['notify_cost']['batch']}-event `trials` batch takes "
+            f"{r['notify_cost']['batch_ms']['p50']:.2f} ms (p50) as shipped; one more pg_notify adds "
+            f"{r['notify_cost']['notify_ms_p50']:.3f} ms."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report, "gateway": _gateway}
+            "report": _report, "gateway": _gateway, "dashboard": _dashboard}
 
 
 def render_markdown(results: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +16,8 @@ from schemas import Event
 from sntrack.settings import ConfigurationError, redact
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
+READ_MODEL_CHANNEL = "sntrack_read_model"  # NOTIFY channel: a projection committed new events (the dashboard)
+NOTIFY_LIMIT = 7900  # PostgreSQL refuses payloads of 8000 bytes or more
 
 # Errors that mean "the database is away or the transaction lost a race": retry the batch later.
 TRANSIENT_ERRORS = (
@@ -155,7 +158,16 @@ async def apply_events(conn: asyncpg.Connection, projection: Projection, events:
             fresh.discard(event.event_id)  # a duplicate inside the same batch is applied once
             new_events.append(event)
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
+    if new_events:
+        await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL, change_payload(projection.name, new_events))
     return len(new_events)
+
+
+def change_payload(projection: str, events: Sequence[Event]) -> str:
+    """The NOTIFY payload: the projection and the trials it changed (null = too many to list, reread all).
+    PostgreSQL delivers it only when the transaction commits, so a listener never sees uncommitted rows."""
+    payload = json.dumps({"projection": projection, "trials": sorted({e.trial_id for e in events})})
+    return payload if len(payload.encode()) < NOTIFY_LIMIT else json.dumps({"projection": projection, "trials": None})
 
 
 class Store:

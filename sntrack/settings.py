@@ -20,6 +20,9 @@ class Settings(BaseModel):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/sntrack"
     rabbitmq_admin_url: str = "http://guest:guest@127.0.0.1:15672"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sntrack"
+    # The dashboard reads with this URL (a read-only role); unset: database_url, in read-only transactions anyway.
+    dashboard_database_url: str | None = None
+    dashboard_token: str | None = None  # when set, the dashboard asks for it (?token=, cookie or Bearer header)
 
     mlflow_enabled: bool = True
     mlflow_tracking_uri: str = "http://127.0.0.1:5000"

@@ -2,6 +2,7 @@
 
 from sntrack.commands import (
     consume,
+    dashboard,
     db,
     export,
     gateway,
@@ -19,6 +20,6 @@ from sntrack.commands import (
 )
 
 COMMAND_MODULES = (
-    worker, consume, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample, spool,
-    topology, db, gateway,
+    worker, consume, dashboard, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample,
+    spool, topology, db, gateway,
 )
