@@ -28,6 +28,7 @@ demo: setup  ## a real spectral-norm vs baseline study through the whole pipelin
 	@bash infra/demo.sh
 
 bench: setup  ## benchmarks; results in bench/results/
+	@bash infra/browser.sh || echo "[browser] could not install chromium: the dashboard benchmark will fail" >&2
 	$(BIN)/python -m bench
 
 lint:  ## ruff, schema and topology staleness
