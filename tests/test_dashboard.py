@@ -316,6 +316,9 @@ async def test_a_browser_that_comes_back_gets_a_consistent_snapshot_and_the_stat
             assert f'id="trial-{trial_id}"' in await page.text()
         async with http.get(f"{url}?status=failed") as page:
             assert f'id="trial-{trial_id}"' not in await page.text()
+        await env.fetchval("INSERT INTO archived_studies (model_run_id, archived_by) VALUES ('dash-study', 'test')")
+        event, snapshot = await _first_event(http, url)  # `sntrack studies delete` hides the study
+        assert event == "snapshot" and snapshot["trials"] == []
 
 
 async def test_pushes_resume_after_the_listen_connection_is_lost(env):

@@ -193,3 +193,19 @@ async def _drained(env, queue: str) -> bool:
         return declared.declaration_result.message_count == 0
     finally:
         await connection.close()
+
+
+async def test_an_archived_study_is_left_out_of_a_report_over_every_study(env):
+    doomed, kept = await _two_studies(env)
+    assert sntrack(env, "studies", "delete", "doomed").returncode == 0
+
+    def reported(*args: str) -> int:
+        run = sntrack(env, "report", "--format", "json", *args)
+        assert run.returncode == 0, run.stderr
+        arms = json.loads(run.stdout)["arms"]
+        return sum(arm["trials"]["total"] for arm in arms.values())
+
+    assert reported() == 5  # kept only
+    assert reported("--run", "doomed") == 6  # naming an archived study still reports it
+    assert sntrack(env, "studies", "restore", "doomed").returncode == 0
+    assert reported() == 11

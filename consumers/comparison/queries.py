@@ -75,54 +75,62 @@ FROM sn_comparison
 WHERE model_run_id = $1
 """
 
+# A scope over every search leaves out the archived ones (`sntrack studies delete NAME`); naming one still reports it.
+NOT_ARCHIVED = "($1::text IS NOT NULL OR {column} NOT IN (SELECT model_run_id FROM archived_studies))"
+
 # The trials the report compares, with the final measurements of their stop ($1 model_run_id, $2 dataset; NULL =
 # any).
-REPORT_TRIALS = """
+REPORT_TRIALS = f"""
 SELECT id, spectral_norm, status, paired_with, hyperparams::text AS hyperparams, model_run_id, dataset,
        (metrics->>'final_val_accuracy')::float8 AS val, (metrics->>'final_train_accuracy')::float8 AS train,
        (metrics->>'duration_ms')::float8 AS duration_ms
 FROM trials
 WHERE ($1::text IS NULL OR model_run_id = $1) AND ($2::text IS NULL OR dataset = $2)
+  AND {NOT_ARCHIVED.format(column="model_run_id")}
 ORDER BY id
 """
 
 # Mean validation accuracy per epoch and arm over completed trials, with what its 95% band needs, and the mean
 # wall-clock time from the trial's start to the end of that epoch (the learning curve at equal compute).
-REPORT_CURVES = """
+REPORT_CURVES = f"""
 SELECT t.spectral_norm, m.epoch, count(m.val_accuracy) AS n, avg(m.val_accuracy) AS mean,
        stddev_samp(m.val_accuracy) AS std, avg(extract(epoch FROM m.occurred_at - t.started_at))::float8 AS elapsed_s
 FROM trial_metrics m JOIN trials t ON t.id = m.trial_id
 WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
+  AND {NOT_ARCHIVED.format(column="t.model_run_id")}
 GROUP BY t.spectral_norm, m.epoch
 ORDER BY t.spectral_norm, m.epoch
 """
 
 # Per completed trial, from its curve: the epochs it took to reach 95% of its final validation accuracy (epochs count
 # from 1). One pass over the curves, no jsonb touched.
-REPORT_CONVERGENCE = """
+REPORT_CONVERGENCE = f"""
 SELECT m.trial_id,
        min(m.epoch) FILTER (WHERE m.val_accuracy >= 0.95 * (t.metrics->>'final_val_accuracy')::float8) + 1
            AS epochs_to_95
 FROM trial_metrics m JOIN trials t ON t.id = m.trial_id
 WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
+  AND {NOT_ARCHIVED.format(column="t.model_run_id")}
 GROUP BY m.trial_id
 """
 
 # Per completed trial, the measured per-layer largest singular values at its last epoch (the manipulation check):
 # one backward step of the (trial_id, epoch) primary key per trial.
-REPORT_LAST_SIGMAS = """
+REPORT_LAST_SIGMAS = f"""
 SELECT t.id AS trial_id, last.spectral_norms::text AS last_sigmas
 FROM trials t
 CROSS JOIN LATERAL (SELECT spectral_norms FROM trial_metrics m WHERE m.trial_id = t.id
                     ORDER BY m.epoch DESC LIMIT 1) AS last
 WHERE t.status = 'completed' AND last.spectral_norms IS NOT NULL
   AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
+  AND {NOT_ARCHIVED.format(column="t.model_run_id")}
 """
 
 # How many trials the journal holds for a search (their start events): compared with the read model, it tells
 # whether the consumers are behind. Index events_model_run.
-JOURNAL_TRIALS = """
+JOURNAL_TRIALS = f"""
 SELECT count(*) FROM events WHERE ($1::text IS NULL OR model_run_id = $1) AND event_type = 'ml.run.start'
+  AND {NOT_ARCHIVED.format(column="model_run_id")}
 """
 
 # Every search and dataset a user could mean, for "did you mean" on an unknown --run / --dataset.

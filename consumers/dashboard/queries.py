@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-# One row per trial with its latest epoch; $1 = trial ids to read, or NULL for the newest `$2`.
+# One row per trial with its latest epoch, archived studies left out; $1 = trial ids to read, or NULL for the
+# newest `$2`.
 TRIALS = """
 SELECT t.id, t.model_run_id, t.spectral_norm, t.status, t.dataset, t.model, t.hyperparams::text AS hyperparams,
        t.paired_with, t.epochs, t.duration_ms, (t.metrics->>'final_val_accuracy')::float8 AS final_val_accuracy,
@@ -15,6 +16,7 @@ FROM trials t
 LEFT JOIN mlflow_runs m ON m.trial_id = t.id
 LEFT JOIN LATERAL (SELECT * FROM trial_metrics tm WHERE tm.trial_id = t.id ORDER BY tm.epoch DESC LIMIT 1) l ON true
 WHERE ($1::text[] IS NULL OR t.id = ANY($1::text[]))
+  AND t.model_run_id NOT IN (SELECT model_run_id FROM archived_studies)  -- `sntrack studies delete` hides a study
 ORDER BY t.inserted_at DESC, t.id
 LIMIT $2
 """
