@@ -46,6 +46,7 @@ $BIN/sntrack reconcile --run "$STUDY" || echo "(divergence above: run 'sntrack r
 
 say "where to look next"
 cat <<TEXT
+  live dashboard     .venv/bin/sntrack dashboard   then open http://127.0.0.1:8050/ (verdict, trials by constraint, curves)
   MLflow UI          ${SNTRACK_MLFLOW_TRACKING_URI}  (experiment "sntrack/$STUDY"; runs sn-… and base-…, tagged trial_id, spectral_norm)
   plot               $STATE/$STUDY.png
   report as JSON     .venv/bin/sntrack report --run $STUDY --format json
