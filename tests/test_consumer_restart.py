@@ -36,9 +36,11 @@ async def test_failing_consumer_is_restarted_and_its_sibling_keeps_applying(env)
     await wait_until(lambda: env.fetchval(
         "SELECT count(*) = $1 FROM applied_events WHERE projection = 'comparison'", len(second)),
         what="the restarted comparison consumer to apply the new stops")
+    total = len(first) + sum(len(t) for t in second)
+    await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", total), what="the journal sibling")
     stop.set()
     assert await asyncio.wait_for(daemon, 30) == 0
-    assert await env.fetchval("SELECT count(*) FROM events") == len(first) + sum(len(t) for t in second)
+    assert await env.fetchval("SELECT count(*) FROM events") == total
 
 
 async def test_a_consumer_that_keeps_failing_ends_the_daemon_after_its_restarts(env):
