@@ -18,7 +18,7 @@ from torch import nn
 
 from producer.config import TrialConfig
 from producer.data import Split, load_split
-from producer.model import MODEL_NAME, SingularValueMeter, build_model, device
+from producer.model import MODEL_NAME, SingularValueMeter, build_model, device, refresh_spectral_norm
 from schemas import RunError, StartPayload
 
 Status = Literal["completed", "failed", "pruned"]
@@ -122,6 +122,8 @@ def run_trial(
                 optimizer.step()
                 total += loss.detach()
                 batches += 1
+            if config.spectral_norm:
+                refresh_spectral_norm(model)
             model.eval()
             train_loss = float(total) / batches
             _, train_accuracy = _evaluate(model, split.x_train, split.y_train, loss_fn)

@@ -47,12 +47,12 @@ def test_sn_arm_has_unit_singular_values_and_baseline_does_not():
     sn = train(dataclasses.replace(BASE, dataset="digits", epochs=6))
     baseline = train(dataclasses.replace(BASE, dataset="digits", epochs=6, spectral_norm=False))
     assert sn.outcome.status == baseline.outcome.status == "completed"
-    # SN's power iteration runs once per optimizer step, so sigma is estimated for slightly stale weights and the
-    # effective weight's exact norm sits a little above 1 while the weights move fast. The baseline's grows freely.
+    # SN's power iteration runs once per optimizer step; the worker converges it after each epoch's last step, so
+    # the evaluated weights are normalized within the report's manipulation check (sigma <= 1.05). The baseline's
+    # grow freely.
     values = [value for _, _, norms in sn.epochs for value in norms.values()]
     assert all(set(norms) == {"layers.0", "layers.1", "layers.2"} for _, _, norms in sn.epochs)
-    assert all(0.95 < value < 1.5 for value in values), values
-    assert sum(values) / len(values) < 1.25
+    assert all(0.95 < value <= 1.05 for value in values), values
     assert max(baseline.epochs[-1][2].values()) > 2.0
 
 
