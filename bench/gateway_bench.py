@@ -125,7 +125,7 @@ async def _gateway_throughput(session: aiohttp.ClientSession, url: str, events: 
 
 
 def _publisher_throughput(settings: Settings, events: list[Event]) -> float:
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         if publisher.first_contact() or not publisher.stats.connected:
             raise RuntimeError(f"the direct publisher did not connect: {publisher.stats}")
         started = time.perf_counter()

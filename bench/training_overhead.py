@@ -79,7 +79,7 @@ def _measure(settings: Settings, tracking_uri: str | None, repetitions: int, epo
              log) -> dict:
     torch.set_num_threads(1)
     config = dataclasses.replace(CONFIG, epochs=epochs)
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         producer = producer_info("bench")
         events = Tracker(publisher, producer)
         arms = {"no_tracking": (lambda: _NoTracking(), config, False),

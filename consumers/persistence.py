@@ -10,9 +10,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.projection import Projection, Statement
 from schemas import Event
-from sntrack.settings import ConfigurationError, redact
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from sntrack.settings import ConfigurationError, Settings, _default_state_dir
+from common.errors import ConfigurationError
+from sntrack.settings import Settings, _default_state_dir
 
 DEFAULT_PORT = 5000
 BACKEND_DATABASE = "sntrack_mlflow"

@@ -13,9 +13,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from common.errors import ConfigurationError
 from consumers.persistence import create_database, drop_database, migrate
 from sntrack.broker import ManagementApi, apply_topology, delete_vhost
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 STAMP = "%Y%m%d%H%M%S"
 

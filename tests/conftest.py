@@ -17,12 +17,13 @@ import aio_pika
 import asyncpg
 import pytest
 
+from common.errors import ConfigurationError
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from schemas import EXCHANGE
 from sntrack.broker import ManagementApi
 from sntrack.sandbox import remove_stale, sandbox
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 TEST_PREFIX = "sntrack-test"
 

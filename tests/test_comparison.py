@@ -122,7 +122,7 @@ async def test_sn_comparison_equals_trials_live_with_duplicates_and_after_replay
     stops = [e for e in events if isinstance(e, RunStopped)]
     mixed = events + rng.sample(stops, len(stops) // 3) + rng.sample(events, 20)  # redelivered duplicates
     rng.shuffle(mixed)
-    async with running_consumers(env.settings, ["trials", "comparison"]):
+    async with running_consumers(env.settings.consumer(), ["trials", "comparison"]):
         await publish_in_order(env, mixed)
         await wait_until(lambda: env.fetchval(
             "SELECT count(*) = $1 FROM applied_events WHERE projection = 'comparison'", len(stops)),

@@ -16,7 +16,7 @@ DLQ = f"{QUEUE}.dlq"
 
 
 async def test_missing_then_full_dead_letter_queue_keeps_the_original(env):
-    async with running_consumers(env.settings, ["journal"]) as (runtime,):
+    async with running_consumers(env.settings.consumer(), ["journal"]) as (runtime,):
         env.api.request("DELETE", f"queues/{env.vhost}/{DLQ}")
         await env.publish_raw([b"poison while the DLQ is missing"])
         await wait_until(lambda: runtime.stats.dead_letter_failures >= 2, what="the returned dead letter")

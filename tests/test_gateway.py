@@ -84,7 +84,7 @@ async def test_good_events_land_exactly_once_including_retries(env):
     _, token = await new_token(env)
     study = synthetic_study(12, 4, producer=producer_info("claimed-by-client"), seed=5)
     events = [e for trial in study for e in trial]
-    async with gateway(env) as (url, session), running_consumers(env.settings, ["journal", "trials"]):
+    async with gateway(env) as (url, session), running_consumers(env.settings.consumer(), ["journal", "trials"]):
         client = GatewayClient(url, token)
         for start in range(0, len(events), 20):
             assert await asyncio.to_thread(client.send, events[start:start + 20]) == \
@@ -152,7 +152,7 @@ async def test_broker_cut_mid_stream_answers_503_and_nothing_is_lost_after_retri
     broker = urlsplit(env.settings.amqp_url)
     with TcpProxy(broker.hostname, broker.port or 5672) as proxy:
         async with gateway(env, amqp_url=proxy.url_for(env.settings.amqp_url)) as (url, session), \
-                running_consumers(env.settings, ["journal"]):
+                running_consumers(env.settings.consumer(), ["journal"]):
             assert (await post(session, url, ndjson(events[:6]), token, NDJSON))[0] == 202
             proxy.cut()
             status, headers, answer = await post(session, url, ndjson(events[6:12]), token, NDJSON)

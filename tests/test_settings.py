@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sntrack.settings import ConfigurationError, Settings
+from common.errors import ConfigurationError
+from sntrack.settings import Settings
 
 
 def test_to_env_round_trips_through_from_env():

@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
+from common.errors import ConfigurationError
 from consumers.registry import QUEUES
 from consumers.topology import subscriber_queue
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
@@ -23,7 +24,6 @@ from sntrack.broker import (
     apply_topology,
     build_definitions,
 )
-from sntrack.settings import ConfigurationError
 from tests.conftest import wait_until
 from tests.test_end_to_end import cli_env
 

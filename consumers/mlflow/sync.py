@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from common.errors import ConfigurationError
+from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, RetryLater
 from consumers.mlflow.client import (
     MlflowError,
@@ -49,7 +51,6 @@ from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 from schemas.mlflow import epoch_metrics, experiment_name, run_name, trial_params, trial_tags
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
-from sntrack.settings import ConfigurationError, Settings
 
 log = structlog.get_logger("sntrack.mlflow")
 
@@ -140,12 +141,12 @@ class MlflowSync:
     name = "mlflow"
     queue = QueueSpec("sntrack.mlflow", bindings=(RUN_START, RUN_METRIC, RUN_STOP))
 
-    def __init__(self, store: Store, settings: Settings):
-        if settings.mlflow_enabled:
-            check_tracking_uri(settings.mlflow_tracking_uri)
+    def __init__(self, store: Store, config: ConsumerConfig):
+        self.config = config.mlflow
+        if self.config.enabled:
+            check_tracking_uri(self.config.tracking_uri)
         self.store = store
-        self.settings = settings
-        self.log = log.bind(tracking_uri=settings.mlflow_tracking_uri, experiment=settings.mlflow_experiment)
+        self.log = log.bind(tracking_uri=self.config.tracking_uri, experiment=self.config.experiment)
         self._client: MlflowRest | None = None
         self._experiments: dict[str, str] = {}  # experiment name → id
         self._attempts: dict[uuid.UUID, int] = {}
@@ -159,13 +160,13 @@ class MlflowSync:
             self._client = None
 
     async def handle(self, events: Sequence[Event]) -> None:
-        if not self.settings.mlflow_enabled:
+        if not self.config.enabled:
             if not self._said_disabled:
                 self.log.info("MLflow sync is disabled (SNTRACK_MLFLOW_ENABLED=false): events are acked unsynced; "
                               "`sntrack reconcile --repair` catches MLflow up later")
                 self._said_disabled = True
             return
-        self._client = self._client or MlflowRest(self.settings.mlflow_tracking_uri, self.settings.mlflow_timeout_s)
+        self._client = self._client or MlflowRest(self.config.tracking_uri, self.config.timeout_s)
         by_trial, links = await self._pending(events)
         await self._experiments_of({trial[0].model_run_id for trial in by_trial.values()})
         outcomes = await asyncio.gather(*(self._sync_trial(trial_events, links.get(trial_id))
@@ -175,7 +176,7 @@ class MlflowSync:
             await self._settle(failures, single=len(events) == 1)
 
     def experiment(self, model_run_id: str) -> str:
-        return experiment_name(self.settings.mlflow_experiment, model_run_id)
+        return experiment_name(self.config.experiment, model_run_id)
 
     async def _experiments_of(self, studies: set[str]) -> None:
         """The ids of the studies' experiments, created when missing."""
@@ -277,7 +278,7 @@ class MlflowSync:
                 described = json.loads(envelope)["payload"]
                 if described.get("mlflow_run_id"):
                     return Link(described["mlflow_run_id"], "event", "running")
-            elif self._attempts.get(first.event_id, 0) < self.settings.mlflow_max_attempts:
+            elif self._attempts.get(first.event_id, 0) < self.config.max_attempts:
                 raise StartPending(f"{first.event_type} of trial {first.trial_id} arrived before its start; "
                                    "waiting for it to learn which run holds the trial")
         flag = bool((described or {}).get("spectral_norm", next(
@@ -309,13 +310,13 @@ class MlflowSync:
         if all(isinstance(f.error, StartPending) for f in failures):
             raise RetryLater(str(first.error))
         if not await self._client.healthy():
-            raise RetryLater(f"MLflow at {self.settings.mlflow_tracking_uri} is unreachable: {first.error}")
+            raise RetryLater(f"MLflow at {self.config.tracking_uri} is unreachable: {first.error}")
         worst = max(failures, key=lambda f: self._attempts[f.event.event_id])
         attempts = self._attempts[worst.event.event_id]
-        if attempts >= self.settings.mlflow_max_attempts:
+        if attempts >= self.config.max_attempts:
             if single:
                 self._attempts.pop(worst.event.event_id, None)
             raise DeadLetter("mlflow_unavailable", f"{worst.event.event_type} of trial {worst.event.trial_id} "
                              f"failed {attempts} attempts while the server answered /health: {worst.error}")
-        raise RetryLater(f"MLflow call failed (attempt {attempts} of {self.settings.mlflow_max_attempts}): "
+        raise RetryLater(f"MLflow call failed (attempt {attempts} of {self.config.max_attempts}): "
                          f"{first.error}")

@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from common.errors import ConfigurationError
 from consumers.comparison.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from consumers.persistence import create_pool
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 MIN_EFFECT = 0.01  # the same default as consumers.comparison.report.MIN_EFFECT (imported lazily, with scipy)
 EXAMPLES = """examples:

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import structlog
 
+from common.errors import ConfigurationError
+from common.urls import redact
 from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
 from sntrack.health import amqp_refusal_now
 from sntrack.progress import EpochCounter, Progress
-from sntrack.settings import ConfigurationError, Settings, redact
+from sntrack.settings import Settings
 
 log = structlog.get_logger("sntrack.worker")
 
@@ -142,7 +144,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(sig, on_signal)
 
     use_mlflow = settings.mlflow_enabled and not args.no_mlflow
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         if refusal := publisher.first_contact():
             raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
         log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,

@@ -7,7 +7,7 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiormq
 
-from sntrack.settings import redact
+from common.urls import redact
 
 
 def amqp_refusal(exc: BaseException, url: str) -> str | None:
