@@ -18,14 +18,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from bench.timing import percentiles
-from consumers.comparison.queries import (
+from consumers.persistence import create_database, drop_database, migrate
+from consumers.projections.sn_comparison import OVERALL
+from consumers.report.queries import (
     AVG_VAL_ACCURACY_BY_FLAG,
     AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS,
     COMPARISON_COLUMNS,
     COMPARISON_FROM_TRIALS,
 )
-from consumers.persistence import create_database, drop_database, migrate
-from consumers.projections.comparison import OVERALL
 
 TARGET_P95_MS = 5.0
 TRIALS_PER_SEARCH = 1000

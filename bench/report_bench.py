@@ -22,11 +22,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.comparison import queries
-from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
-from consumers.comparison.render import render_table
-from consumers.comparison.report import build_report, load
 from consumers.persistence import create_database, drop_database, migrate
+from consumers.report import queries
+from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
+from consumers.report.render import render_table
+from consumers.report.report import build_report, load
 
 TARGET_S = 1.0
 EPOCHS = 30
@@ -102,7 +102,7 @@ def _cli(url: str, tries: int = 5) -> float:
 
 def _interpreter_and_imports() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import consumers.comparison.report, consumers.comparison.plot, "
+    subprocess.run([sys.executable, "-c", "import consumers.report.report, consumers.report.plot, "
                     "sntrack.cli"], check=True, timeout=120)
     return time.perf_counter() - started
 

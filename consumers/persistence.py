@@ -12,7 +12,7 @@ import asyncpg
 
 from common.errors import ConfigurationError
 from common.urls import redact
-from consumers.projection import Projection, Statement
+from consumers.projections.base import Projection, Statement
 from schemas import Event
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time

@@ -8,8 +8,8 @@ SIDE_EFFECTS are handler classes that act outside PostgreSQL (e.g. MLflow); each
 from __future__ import annotations
 
 from consumers.mlflow.sync import MlflowSync
-from consumers.projections.comparison import ComparisonProjection
 from consumers.projections.journal import JournalProjection
+from consumers.projections.sn_comparison import ComparisonProjection
 from consumers.projections.trials import TrialsProjection
 
 PROJECTIONS = {p.name: p for p in (JournalProjection(), TrialsProjection(), ComparisonProjection())}
