@@ -14,6 +14,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def path_name(url: str) -> str:
+    """The database or vhost the URL names (its path, without the leading slash)."""
+    return urlsplit(url).path.lstrip("/")
+
+
 def with_path(url: str, path: str, *, scheme: str | None = None) -> str:
     """The URL naming `path` (a database or a vhost) on the same server, optionally with another scheme."""
     parts = urlsplit(url)._replace(path=f"/{path}")

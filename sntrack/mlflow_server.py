@@ -16,7 +16,6 @@ database `sntrack_mlflow` on the server of SNTRACK_DATABASE_URL, created when mi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -28,9 +27,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from common.errors import ConfigurationError
+from common.postgres import create_database
+from common.urls import with_path
 from sntrack.settings import Settings, _default_state_dir
 
 DEFAULT_PORT = 5000
@@ -55,12 +55,8 @@ def healthy(url: str, timeout_s: float = 1.0) -> bool:
 
 def postgres_backend(database_url: str) -> str:
     """SQLAlchemy's URI of the `sntrack_mlflow` database beside sntrack's own, created when missing."""
-    from consumers.persistence import create_database
-
-    parts = urlsplit(database_url)
-    admin_url = urlunsplit(parts._replace(path=f"/{BACKEND_DATABASE}"))
-    asyncio.run(create_database(admin_url))
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg2", path=f"/{BACKEND_DATABASE}"))
+    create_database(with_path(database_url, BACKEND_DATABASE))
+    return with_path(database_url, BACKEND_DATABASE, scheme="postgresql+psycopg2")
 
 
 @dataclass

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigurationError
+from common.urls import path_name
 from consumers.config import ConsumerConfig, MlflowConfig
 from producer.config import PublisherConfig
 
@@ -97,8 +97,8 @@ class Settings(BaseModel):
 
     @property
     def amqp_vhost(self) -> str:
-        return urlsplit(self.amqp_url).path.lstrip("/") or "/"
+        return path_name(self.amqp_url) or "/"
 
     @property
     def database_name(self) -> str:
-        return urlsplit(self.database_url).path.lstrip("/")
+        return path_name(self.database_url)

@@ -12,7 +12,7 @@ import asyncpg
 import optuna
 import pytest
 
-from consumers.persistence import drop_database
+from common.postgres import drop_database
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -28,7 +28,7 @@ PROJECTIONS = ["journal", "trials", "comparison"]
 async def storage(env):
     url = env.settings.database_url + "_optuna"
     yield url
-    await drop_database(url)
+    await asyncio.to_thread(drop_database, url)
 
 
 def sntrack(env, *args: str, storage: str | None = None) -> subprocess.CompletedProcess:

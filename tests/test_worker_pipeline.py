@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from consumers.persistence import drop_database
+from common.postgres import drop_database
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher
@@ -44,7 +44,7 @@ async def storage(env):
     """A per-test Optuna database beside the test's read-model database (Optuna has a `trials` table too)."""
     url = env.settings.database_url + "_optuna"
     yield url
-    await drop_database(url)
+    await asyncio.to_thread(drop_database, url)
 
 
 def worker_command(env, storage: str, study: str, *args: str) -> tuple[list[str], dict[str, str]]:

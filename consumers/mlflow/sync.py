@@ -46,7 +46,7 @@ from consumers.mlflow.client import (
     filter_string,
 )
 from consumers.mlflow.expected import RUN_STATUS, advisory_key
-from consumers.persistence import Store
+from consumers.persistence import Store, unapplied
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 from schemas.mlflow import epoch_metrics, experiment_name, run_name, trial_params, trial_tags
@@ -78,10 +78,6 @@ ON CONFLICT (trial_id) DO UPDATE SET
     updated_at = now()
 WHERE m.run_id = EXCLUDED.run_id
 """
-SELECT_APPLIED = "SELECT event_id FROM applied_events WHERE projection = $1 AND event_id = ANY($2::uuid[])"
-SELECT_DELETED_STUDIES = "SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($1::text[])"
-INSERT_APPLIED = ("INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
-                  "ON CONFLICT DO NOTHING")
 
 
 @dataclass(frozen=True)
@@ -192,13 +188,9 @@ class MlflowSync:
 
     async def _pending(self, events: Sequence[Event]) -> tuple[dict[str, list[Event]], dict[str, Link]]:
         """The events not applied yet, by trial in seq order, and the trials' recorded links."""
-        unique = {e.event_id: e for e in events}
         async with self.store.pool.acquire() as conn:
-            applied = {r["event_id"] for r in await conn.fetch(SELECT_APPLIED, self.name, list(unique))}
-            # A late event of a study removed for good must not bring its MLflow runs back.
-            deleted = {r["model_run_id"] for r in await conn.fetch(SELECT_DELETED_STUDIES,
-                                                                   list({e.model_run_id for e in events}))}
-            fresh = [e for e in unique.values() if e.event_id not in applied and e.model_run_id not in deleted]
+            # A late event of a study removed for good must not bring its MLflow runs back: unapplied leaves it out.
+            fresh = await unapplied(conn, self.name, events, record=False)
             rows = await conn.fetch(SELECT_LINKS, list({e.trial_id for e in fresh}))
         by_trial: dict[str, list[Event]] = {}
         for event in sorted(fresh, key=lambda e: e.seq):
@@ -290,7 +282,7 @@ class MlflowSync:
     async def _record(self, events: list[Event], link: Link) -> None:
         first = events[0]
         async with self.store.pool.acquire() as conn, conn.transaction():
-            await conn.execute(INSERT_APPLIED, self.name, [e.event_id for e in events])
+            await unapplied(conn, self.name, events, record=True)
             await conn.execute(RECORD_STATUS, first.trial_id, link.run_id,
                                self._experiments[self.experiment(first.model_run_id)], link.origin, link.status)
 
