@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from common.postgres import create_database, drop_database
-from sntrack.sandbox import with_path
+from common.urls import with_path
 from tests.test_end_to_end import cli_env
 
 

@@ -5,10 +5,10 @@ import asyncio
 import aio_pika
 import pytest
 
+from consumers.broker_admin import apply_topology
 from consumers.service import running_consumers
 from consumers.topology import QueueSpec
 from schemas.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER
-from sntrack.broker import apply_topology
 from tests.conftest import wait_until
 
 QUEUE = "sntrack.journal"

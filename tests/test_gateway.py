@@ -18,6 +18,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 import gateway as gateway_package
+from consumers.broker_admin import GATEWAY_USER, apply_topology
 from consumers.registry import QUEUES
 from consumers.service import running_consumers
 from gateway.client import GatewayClient
@@ -28,7 +29,6 @@ from gateway.tokens import add_token, revoke_token, split_token
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.broker import GATEWAY_USER, apply_topology
 from sntrack.commands.gateway import gateway_config
 from tests.conftest import wait_until
 from tests.faults import TcpProxy

@@ -10,9 +10,10 @@ import sys
 import time
 
 from common.postgres import create_database, drop_database
-from sntrack.broker import delete_vhost
+from common.urls import with_path
+from consumers.broker_admin import delete_vhost
 from sntrack.mlflow_server import _alive, free_port
-from sntrack.sandbox import remove_stale, with_path
+from tests.sandbox import remove_stale
 
 STARTER = """
 import sys

@@ -11,13 +11,13 @@ from urllib.parse import quote
 import aio_pika
 import pytest
 
+from consumers.broker_admin import UNROUTED_POLICY
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher, SpoolFull
 from producer.sample import synthetic_study
 from producer.spool import Record, Spool, inspect
 from schemas import EXCHANGE
-from sntrack.broker import UNROUTED_POLICY
 from sntrack.cli import build_parser
 from tests.conftest import wait_until
 from tests.test_publisher import _journal_holds_exactly, _proxied

@@ -12,10 +12,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 from common.errors import ConfigurationError
-from consumers.registry import QUEUES
-from consumers.topology import subscriber_queue
-from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.broker import (
+from consumers.broker_admin import (
     CONSUMER_USER,
     DEFINITIONS_FILE,
     UNROUTED,
@@ -24,6 +21,9 @@ from sntrack.broker import (
     apply_topology,
     build_definitions,
 )
+from consumers.registry import QUEUES
+from consumers.topology import subscriber_queue
+from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
 from tests.conftest import wait_until
 from tests.test_end_to_end import cli_env
 

@@ -1,4 +1,5 @@
-"""A throw-away vhost and database with the topology and schema applied (tests and benchmarks)."""
+"""A throw-away vhost and database with the topology and schema applied (test and benchmark scaffolding, not
+installed: bench imports it from here)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import asyncpg
 from common.errors import ConfigurationError
 from common.postgres import create_database, drop_database
 from common.urls import with_path
+from consumers.broker_admin import ManagementApi, apply_topology, delete_vhost
 from consumers.persistence import migrate
-from sntrack.broker import ManagementApi, apply_topology, delete_vhost
 from sntrack.settings import Settings
 
 STAMP = "%Y%m%d%H%M%S"
