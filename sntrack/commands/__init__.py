@@ -5,6 +5,7 @@ from sntrack.commands import (
     db,
     export,
     gateway,
+    mlflow_server,
     publish_sample,
     reconcile,
     replay,
@@ -20,5 +21,5 @@ from sntrack.commands import (
 
 COMMAND_MODULES = (
     worker, consume, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample, spool,
-    topology, db, gateway,
+    topology, db, gateway, mlflow_server,
 )
