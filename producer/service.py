@@ -4,7 +4,6 @@ a WorkerSession (the library never reads the environment)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -84,7 +83,6 @@ class WorkerSession:
                 raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
             mlflow = None
             if (settings := self.config.mlflow) is not None:
-                os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "🏃 View run" per trial
                 bound_mlflow_http(settings.timeout_s, max_retries=1)
                 mlflow = MlflowLogger(settings.tracking_uri, settings.experiment)
             self.tracker = Tracker(self.publisher, self.producer, mlflow, settings.start_wait_s if settings else 0.0)
