@@ -9,6 +9,8 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -331,6 +333,28 @@ def test_token_commands_add_list_revoke(env):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     bad = _cli(env, "token", "add", "")
     assert bad.returncode == 2 and "invalid producer id" in bad.stderr
+
+
+def test_the_command_serves_until_sigterm(env):
+    """`sntrack gateway` builds its config from SNTRACK_* and serves /healthz until SIGTERM ends it cleanly."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sntrack", "gateway", "--port", str(port)], env=cli_env(env),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway never answered /healthz"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0, server.stderr.read()
 
 
 def test_busy_port_is_one_line(env):

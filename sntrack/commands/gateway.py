@@ -78,7 +78,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         print(f"sntrack gateway listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
-        await serve(gateway_config(settings).consumer(), pool, listening)
+        await serve(gateway_config(settings), pool, listening)
     finally:
         await pool.close()
         listening.close()
