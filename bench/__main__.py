@@ -31,8 +31,8 @@ from bench import (
 from bench.report import render_markdown
 from sntrack.logging import configure_logging
 from sntrack.mlflow_server import free_port, healthy, start
-from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
+from tests.sandbox import sandbox
 
 RESULTS = Path(__file__).parent / "results"
 NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard")

@@ -13,19 +13,20 @@ import random
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from bench.timing import percentiles
-from consumers.comparison.queries import (
+from common.postgres import create_database, drop_database
+from common.urls import with_path
+from consumers.persistence import migrate
+from consumers.projections.sn_comparison import OVERALL
+from consumers.report.queries import (
     AVG_VAL_ACCURACY_BY_FLAG,
     AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS,
     COMPARISON_COLUMNS,
     COMPARISON_FROM_TRIALS,
 )
-from consumers.persistence import create_database, drop_database, migrate
-from consumers.projections.comparison import OVERALL
 
 TARGET_P95_MS = 5.0
 TRIALS_PER_SEARCH = 1000
@@ -54,10 +55,9 @@ async def _time(statement, args: tuple) -> float:
 
 
 async def run(database_url: str, trials: int = 100_000, budget_s: float = 20.0) -> dict:
-    parts = urlsplit(database_url)
     scratch = f"sntrack_bench_comparison_{uuid.uuid4().hex[:8]}"
-    scratch_url = urlunsplit(parts._replace(path=f"/{scratch}"))
-    await create_database(scratch_url)
+    scratch_url = with_path(database_url, scratch)
+    await asyncio.to_thread(create_database, scratch_url)
     try:
         conn = await asyncpg.connect(scratch_url)
         try:
@@ -86,7 +86,7 @@ async def run(database_url: str, trials: int = 100_000, budget_s: float = 20.0) 
         finally:
             await conn.close()
     finally:
-        await drop_database(scratch_url)
+        await asyncio.to_thread(drop_database, scratch_url)
     fast_ms, slow_ms = percentiles(fast), percentiles(slow)
     return {
         "trials": trials, "sn_comparison_rows": rows, "fill_s": round(fill_s, 2),

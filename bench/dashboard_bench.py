@@ -32,8 +32,8 @@ from producer.emitter import producer_info
 from producer.sample import synthetic_trial
 from schemas import EXCHANGE
 from sntrack.mlflow_server import free_port
-from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
+from tests.sandbox import sandbox
 
 TARGET_P95_MS = 100.0
 OBSERVER = """

@@ -26,6 +26,7 @@ import aiohttp
 import asyncpg
 
 from bench.timing import percentiles
+from consumers.broker_admin import ManagementApi
 from consumers.registry import QUEUES
 from gateway.broker import message_for
 from gateway.tokens import add_token
@@ -33,10 +34,9 @@ from producer.emitter import producer_info
 from producer.publisher import EventPublisher
 from producer.sample import synthetic_study
 from schemas import EXCHANGE, Event
-from sntrack.broker import ManagementApi
 from sntrack.mlflow_server import free_port
-from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
+from tests.sandbox import sandbox
 
 RATE = 500
 BATCH = 500
@@ -125,7 +125,7 @@ async def _gateway_throughput(session: aiohttp.ClientSession, url: str, events: 
 
 
 def _publisher_throughput(settings: Settings, events: list[Event]) -> float:
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         if publisher.first_contact() or not publisher.stats.connected:
             raise RuntimeError(f"the direct publisher did not connect: {publisher.stats}")
         started = time.perf_counter()

@@ -72,7 +72,7 @@ async def curve_throughput(settings: Settings, trials: int, epochs: int) -> dict
     try:
         channel = await connection.channel(publisher_confirms=True)
         exchange = await channel.get_exchange(EXCHANGE, ensure=False)
-        async with running_consumers(settings, ["mlflow"]):
+        async with running_consumers(settings.consumer(), ["mlflow"]):
             started = time.perf_counter()
             for event in events:
                 await _publish(exchange, event)
@@ -113,7 +113,7 @@ async def run(settings: Settings, trials: int = 100, warmup: int = 5) -> dict:
             await _publish(exchange, event)
             return time.time()
 
-        async with running_consumers(settings, ["mlflow"]):
+        async with running_consumers(settings.consumer(), ["mlflow"]):
             for trial in study:  # runs created and linked first: the figure is the stop's sync alone
                 await publish(trial[0])
             for trial in study:

@@ -23,14 +23,14 @@ import aio_pika
 import asyncpg
 
 from bench.timing import percentiles
+from consumers.broker_admin import ManagementApi
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import EXCHANGE
-from sntrack.broker import ManagementApi
-from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
+from tests.sandbox import sandbox
 
 RAW_EXCHANGE = "sntrack.bench-raw"
 NOTIFY_TRIGGER = """

@@ -18,15 +18,16 @@ import subprocess
 import sys
 import time
 import uuid
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.comparison import queries
-from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
-from consumers.comparison.render import render_table
-from consumers.comparison.report import build_report, load
-from consumers.persistence import create_database, drop_database, migrate
+from common.postgres import create_database, drop_database
+from common.urls import with_path
+from consumers.persistence import migrate
+from consumers.report import queries
+from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
+from consumers.report.render import render_table
+from consumers.report.report import build_report, load
 
 TARGET_S = 1.0
 EPOCHS = 30
@@ -102,7 +103,7 @@ def _cli(url: str, tries: int = 5) -> float:
 
 def _interpreter_and_imports() -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import consumers.comparison.report, consumers.comparison.plot, "
+    subprocess.run([sys.executable, "-c", "import consumers.report.report, consumers.report.plot, "
                     "sntrack.cli"], check=True, timeout=120)
     return time.perf_counter() - started
 
@@ -121,9 +122,8 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
 
 
 async def run(database_url: str, trials: int = 100_000) -> dict:
-    parts = urlsplit(database_url)
-    scratch_url = urlunsplit(parts._replace(path=f"/sntrack_bench_report_{uuid.uuid4().hex[:8]}"))
-    await create_database(scratch_url)
+    scratch_url = with_path(database_url, f"sntrack_bench_report_{uuid.uuid4().hex[:8]}")
+    await asyncio.to_thread(create_database, scratch_url)
     try:
         conn = await asyncpg.connect(scratch_url)
         try:
@@ -166,7 +166,7 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
             build_report(data)
             in_memory_s.append(time.perf_counter() - started)
     finally:
-        await drop_database(scratch_url)
+        await asyncio.to_thread(drop_database, scratch_url)
     in_process = [a + b + c for a, b, c in zip(load_s, build_s, render_s, strict=True)]
     return {
         "trials": trials, "epochs": EPOCHS, "curve_rows": curve_rows, "fill_s": round(fill_s, 1),

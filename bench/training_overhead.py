@@ -25,8 +25,8 @@ from producer.emitter import producer_info
 from producer.publisher import EventPublisher
 from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
 from producer.training import TrialConfig, run_trial
-from sntrack.sandbox import sandbox
 from sntrack.settings import Settings
+from tests.sandbox import sandbox
 
 TARGET_OVERHEAD_PCT = 2.0
 CONFIG = TrialConfig(spectral_norm=False, lr=3e-3, hidden=64, depth=2, dropout=0.1, weight_decay=1e-4,
@@ -79,7 +79,7 @@ def _measure(settings: Settings, tracking_uri: str | None, repetitions: int, epo
              log) -> dict:
     torch.set_num_threads(1)
     config = dataclasses.replace(CONFIG, epochs=epochs)
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         producer = producer_info("bench")
         events = Tracker(publisher, producer)
         arms = {"no_tracking": (lambda: _NoTracking(), config, False),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from consumers.persistence import Store
-from consumers.projection import Projection
+from consumers.projections.base import Projection
 from consumers.topology import QueueSpec
 from schemas import Event
 

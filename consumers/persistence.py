@@ -7,13 +7,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.projection import Projection, Statement
+from common.errors import ConfigurationError
+from common.urls import redact
+from consumers.projections.base import Projection, Statement
 from schemas import Event
-from sntrack.settings import ConfigurationError, redact
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
 READ_MODEL_CHANNEL = "sntrack_read_model"  # NOTIFY channel: a projection committed new events (the dashboard)
@@ -57,37 +57,6 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
         ) from None
 
 
-async def _connect_admin(database_url: str) -> tuple[asyncpg.Connection, str]:
-    """A connection to `postgres` on the server of `database_url`, and the database name the URL names."""
-    parts = urlsplit(database_url)
-    admin_url = urlunsplit(parts._replace(path="/postgres"))
-    try:
-        return await asyncpg.connect(admin_url, timeout=10), parts.path.lstrip("/")
-    except (TimeoutError, OSError) as exc:
-        raise ConfigurationError(f"cannot reach PostgreSQL at {redact(admin_url)} ({exc})") from None
-
-
-async def create_database(database_url: str) -> bool:
-    """Create the database named in the URL if missing; False when it existed."""
-    conn, name = await _connect_admin(database_url)
-    try:
-        if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-            return False
-        await conn.execute(f'CREATE DATABASE "{name}"')
-        return True
-    finally:
-        await conn.close()
-
-
-async def drop_database(database_url: str) -> None:
-    """Drop the database named in the URL, if any, closing its sessions (scratch databases of tests and benches)."""
-    conn, name = await _connect_admin(database_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def migration_files() -> list[tuple[str, str]]:
     folder = files("consumers") / "sql"
     return sorted((f.name, f.read_text()) for f in folder.iterdir() if f.name.endswith(".sql"))
@@ -128,35 +97,48 @@ async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statemen
         await conn.executemany(sql, rows)
 
 
-# Studies removed for good are locked out by `studies.hard_delete` taking an EXCLUSIVE lock on applied_events: this
-# statement waits for it, and its snapshot, taken after the lock, then sees the tombstone.
-APPLY_AND_READ_TOMBSTONES = """
+# The "already applied" bookkeeping of every consumer, in one statement with the tombstones of studies removed for
+# good. Recording: studies.hard_delete takes an EXCLUSIVE lock on applied_events; the INSERT waits for it, and its
+# snapshot, taken after the lock, then sees the tombstone.
+_TOMBSTONES = "SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[])"
+RECORD_APPLIED = f"""
 WITH fresh AS (
     INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[])
     ON CONFLICT DO NOTHING RETURNING event_id
 )
-SELECT event_id, NULL::text AS deleted FROM fresh
-UNION ALL
-SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[])
+SELECT event_id, NULL::text AS deleted FROM fresh UNION ALL {_TOMBSTONES}
 """
+READ_UNAPPLIED = f"""
+SELECT e AS event_id, NULL::text AS deleted FROM unnest($2::uuid[]) e
+WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = e)
+UNION ALL {_TOMBSTONES}
+"""
+
+
+async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Event], *, record: bool) -> list[Event]:
+    """The events `consumer` has not applied before, each once, in their order, leaving out those of a study removed
+    for good (a tombstone in deleted_studies), so a late event never brings the study back
+    (tests/test_studies.py::test_late_events_of_a_deleted_study_are_ignored). One round trip.
+
+    record=True also records all of `events` as applied: call it inside the transaction that makes their writes.
+    record=False only reads: a consumer whose effect lies outside PostgreSQL (MLflow) reads first, acts, then
+    records with record=True."""
+    rows = await conn.fetch(RECORD_APPLIED if record else READ_UNAPPLIED, consumer, [e.event_id for e in events],
+                            list({e.model_run_id for e in events}))
+    fresh = {r["event_id"] for r in rows if r["event_id"] is not None}
+    deleted = {r["deleted"] for r in rows if r["deleted"] is not None}
+    found = []
+    for event in events:
+        if event.event_id in fresh and event.model_run_id not in deleted:
+            fresh.discard(event.event_id)  # a duplicate inside the same batch counts once
+            found.append(event)
+    return found
 
 
 async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
     """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
-    those not applied before. Returns how many were new.
-
-    Events of a study removed for good (a tombstone in deleted_studies) are recorded and otherwise ignored, so
-    a late event never brings the study back (tests/test_studies.py::test_late_events_of_a_deleted_study_are_ignored).
-    The same statement reads the tombstones, so the check costs no extra round trip."""
-    rows = await conn.fetch(APPLY_AND_READ_TOMBSTONES, projection.name, [e.event_id for e in events],
-                            list({e.model_run_id for e in events}))
-    fresh = {r["event_id"] for r in rows if r["event_id"] is not None}
-    deleted = {r["deleted"] for r in rows if r["deleted"] is not None}
-    new_events = []
-    for event in events:
-        if event.event_id in fresh and event.model_run_id not in deleted:
-            fresh.discard(event.event_id)  # a duplicate inside the same batch is applied once
-            new_events.append(event)
+    those not applied before. Returns how many were new."""
+    new_events = await unapplied(conn, projection.name, events, record=True)
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
     if new_events:
         await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL, change_payload(projection.name, new_events))

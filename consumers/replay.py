@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from consumers.persistence import apply_events
-from consumers.projection import Projection
+from consumers.projections.base import Projection
 from schemas.events import EVENT_ADAPTER
 
 PAGE = 2000

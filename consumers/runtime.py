@@ -29,13 +29,15 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
+from common.amqp import amqp_refusal
+from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.attempts import AttemptLedger, message_key
+from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, Event, GateRejection, parse_event
 from schemas.topology import DETAIL_HEADER, REASON_HEADER
-from sntrack.refusal import amqp_refusal
-from sntrack.settings import ConfigurationError, Settings, redact
 
 log = structlog.get_logger("sntrack.consumer")
 
@@ -58,23 +60,23 @@ class ConsumerStats:
     reasons: dict[str, int] = field(default_factory=dict)
 
 
-def effective_prefetch(settings: Settings) -> int:
+def effective_prefetch(config: ConsumerConfig) -> int:
     """Messages a consumer may hold unacked: `prefetch`, capped so that as many maximum-size bodies fit in
-    `consumer_memory_mb` (tests/test_memory_bound.py measures the resulting RSS)."""
-    return max(1, min(settings.prefetch, settings.consumer_memory_mb * MIB // settings.max_message_bytes))
+    `ConsumerConfig.memory_mb` (tests/test_memory_bound.py measures the resulting RSS)."""
+    return max(1, min(config.prefetch, config.memory_mb * MIB // config.max_message_bytes))
 
 
-async def connect(settings: Settings) -> aio_pika.abc.AbstractRobustConnection:
+async def connect(config: ConsumerConfig) -> aio_pika.abc.AbstractRobustConnection:
     try:
-        return await aio_pika.connect_robust(settings.amqp_url, timeout=10, reconnect_interval=1, client_properties={
-            "connection_name": f"sntrack-{settings.worker_id or 'consumer'}"})
+        return await aio_pika.connect_robust(config.amqp_url, timeout=10, reconnect_interval=1, client_properties={
+            "connection_name": f"sntrack-{config.worker_id or 'consumer'}"})
     except Exception as exc:
-        if refusal := amqp_refusal(exc, settings.amqp_url):
+        if refusal := amqp_refusal(exc, config.amqp_url):
             raise ConfigurationError(refusal) from None
         if not isinstance(exc, TimeoutError | OSError | aio_pika.exceptions.AMQPConnectionError):
             raise
         raise ConfigurationError(
-            f"cannot reach RabbitMQ at {redact(settings.amqp_url)} ({exc or type(exc).__name__}); is it running, "
+            f"cannot reach RabbitMQ at {redact(config.amqp_url)} ({exc or type(exc).__name__}); is it running, "
             "and does the vhost exist (sntrack topology apply)?"
         ) from None
 
@@ -84,12 +86,12 @@ def _event_fields(event: Event) -> dict:
 
 
 class ConsumerRuntime:
-    def __init__(self, handler: Handler, settings: Settings, ledger: AttemptLedger | None = None):
+    def __init__(self, handler: Handler, config: ConsumerConfig, ledger: AttemptLedger | None = None):
         self.handler = handler
-        self.settings = settings
+        self.config = config
         self.ledger = ledger
-        self.prefetch = effective_prefetch(settings)
-        self.batch_size = min(settings.batch_size, self.prefetch)
+        self.prefetch = effective_prefetch(config)
+        self.batch_size = min(config.batch_size, self.prefetch)
         self.stats = ConsumerStats()
         self.log = log.bind(consumer=handler.name, queue=handler.queue.name)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -213,7 +215,7 @@ class ConsumerRuntime:
         accepted: list[tuple[AbstractIncomingMessage, Event]] = []
         for message in batch:
             try:
-                accepted.append((message, parse_event(message.body, max_bytes=self.settings.max_message_bytes)))
+                accepted.append((message, parse_event(message.body, max_bytes=self.config.max_message_bytes)))
             except GateRejection as rejection:
                 if not await self._dead_letter(message, dlx, rejection.reason, rejection.detail):
                     ack_multiple = False  # it stays unacked: a multiple ack must not settle it

@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import aio_pika
 import structlog
 
+from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
+from consumers.config import ConsumerConfig
 from consumers.handler import Handler, ProjectionHandler
 from consumers.persistence import Store, create_pool
 from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
-from sntrack.settings import ConfigurationError, Settings
 
 log = structlog.get_logger("sntrack.consumer")
 
@@ -30,9 +31,9 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_handlers(names: Sequence[str], store: Store, settings: Settings) -> list[Handler]:
+def build_handlers(names: Sequence[str], store: Store, config: ConsumerConfig) -> list[Handler]:
     return [
-        ProjectionHandler(PROJECTIONS[name], store) if name in PROJECTIONS else SIDE_EFFECTS[name](store, settings)
+        ProjectionHandler(PROJECTIONS[name], store) if name in PROJECTIONS else SIDE_EFFECTS[name](store, config)
         for name in resolve_names(names)
     ]
 
@@ -74,21 +75,22 @@ HandlerFactory = Callable[[Store], Sequence[Handler]]
 
 
 @contextlib.asynccontextmanager
-async def running_consumers(settings: Settings, names: Sequence[str]) -> AsyncIterator[list[ConsumerRuntime]]:
+async def running_consumers(config: ConsumerConfig, names: Sequence[str]) -> AsyncIterator[list[ConsumerRuntime]]:
     """Start the named consumers; on exit stop them gracefully (finish the batch in hand, ack, close)."""
     resolve_names(names)  # unknown names fail before any connection is made
-    async with running_handlers(settings, lambda store: build_handlers(names, store, settings)) as runtimes:
+    async with running_handlers(config, lambda store: build_handlers(names, store, config)) as runtimes:
         yield runtimes
 
 
 @contextlib.asynccontextmanager
-async def running_handlers(settings: Settings, make_handlers: HandlerFactory) -> AsyncIterator[list[ConsumerRuntime]]:
+async def running_handlers(config: ConsumerConfig,
+                           make_handlers: HandlerFactory) -> AsyncIterator[list[ConsumerRuntime]]:
     """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns."""
-    pool = await create_pool(settings.database_url, max_size=8)
+    pool = await create_pool(config.database_url, max_size=8)
     try:
-        connection = await connect(settings)
+        connection = await connect(config)
         try:
-            runtimes = [ConsumerRuntime(h, settings, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
+            runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
@@ -115,16 +117,16 @@ async def running_handlers(settings: Settings, make_handlers: HandlerFactory) ->
         await pool.close()
 
 
-async def serve(settings: Settings, names: Sequence[str], stop: asyncio.Event) -> int:
+async def serve(config: ConsumerConfig, names: Sequence[str], stop: asyncio.Event) -> int:
     """Run the named consumers until `stop` is set (0)."""
     resolve_names(names)
-    return await serve_handlers(settings, lambda store: build_handlers(names, store, settings), stop)
+    return await serve_handlers(config, lambda store: build_handlers(names, store, config), stop)
 
 
-async def serve_handlers(settings: Settings, make_handlers: HandlerFactory, stop: asyncio.Event) -> int:
+async def serve_handlers(config: ConsumerConfig, make_handlers: HandlerFactory, stop: asyncio.Event) -> int:
     """Run until `stop` is set (0), or until a consumer keeps failing after restarts (1: let a supervisor
     restart us). A consumer that fails is restarted in-process; its siblings keep running."""
-    async with running_handlers(settings, make_handlers) as runtimes:
+    async with running_handlers(config, make_handlers) as runtimes:
         log.info("consumers running", consumers=[r.handler.name for r in runtimes])
         waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.gave_up.wait()) for r in runtimes)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

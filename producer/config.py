@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 DATASETS = ("digits", "wine", "breast_cancer")  # bundled with scikit-learn: nothing is downloaded
 
@@ -31,3 +32,14 @@ class TrialConfig:
         for own_field in ("spectral_norm", "seed", "dataset"):
             del values[own_field]
         return values
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """What EventPublisher needs; the command line builds it from Settings (`Settings.publisher()`)."""
+
+    amqp_url: str
+    spool_dir: Path
+    buffer: int = 10_000  # events held in memory while the broker confirms; beyond it they go to the spool
+    confirm_timeout_s: float = 10.0
+    worker_id: str | None = None  # names the connection; None: this host and process

@@ -1,6 +1,6 @@
 """EventPublisher: confirmed, persistent publishing for synchronous training code, spooling when the broker is away.
 
-    with EventPublisher(settings) as publisher:   # start(); close() on exit
+    with EventPublisher(settings.publisher()) as publisher:   # start(); close() on exit
         publisher.publish(event)                  # never blocks on the network, never raises for the broker
 
 Inside, a daemon thread runs an asyncio loop with two tasks. The connection task keeps one AMQP connection
@@ -21,7 +21,7 @@ Ctrl-C interrupts its wait
 (tests/test_worker_kills.py::test_second_ctrl_c_during_shutdown_still_spools_what_is_in_memory).
 
 When the disk refuses too (full, read-only) the buffer is the only place left, and it stays bounded: publish()
-raises SpoolFull once `publish_buffer` events wait in memory, refusing the event rather than dropping it
+raises SpoolFull once `PublisherConfig.buffer` events wait in memory, refusing the event rather than dropping it
 silently; what was accepted goes to the broker as soon as it is back, full disk or not
 (tests/test_publisher_limits.py::test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it).
 
@@ -44,11 +44,12 @@ import aio_pika
 import aiormq
 import structlog
 
+from common.amqp import amqp_refusal
+from common.urls import redact
+from producer.config import PublisherConfig
 from producer.emitter import producer_info
 from producer.spool import REJECTED_DIR, Record, Spool
 from schemas import EXCHANGE, Event
-from sntrack.refusal import amqp_refusal
-from sntrack.settings import Settings, redact
 
 log = structlog.get_logger("sntrack.publisher")
 
@@ -77,9 +78,9 @@ class SpoolFull(RuntimeError):
 
 
 class EventPublisher:
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self._spool = Spool(settings.spool_dir)
+    def __init__(self, config: PublisherConfig):
+        self.config = config
+        self._spool = Spool(config.spool_dir)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # counters, _spooling and _connected
         # Held by everything that appends to the spool, taken before _lock: spool order = publish order.
@@ -125,7 +126,7 @@ class EventPublisher:
         with self._lock:
             if self._state == "closed":
                 raise RuntimeError("publish() on a closed EventPublisher")
-            if len(self._buffer) < self.settings.publish_buffer:
+            if len(self._buffer) < self.config.buffer:
                 self._published += 1
                 self._buffer.append(record)
                 if len(self._buffer) == 1:
@@ -164,15 +165,15 @@ class EventPublisher:
                 self._spill_all()
             if previous == "running":
                 self._loop.call_soon_threadsafe(self._request_stop)
-                self._thread.join(None if waited else self.settings.publish_confirm_timeout_s)
+                self._thread.join(None if waited else self.config.confirm_timeout_s)
                 atexit.unregister(self.close)
             self._spill_all()
             if pending := self.stats.pending:
                 log.error("events could not be spooled and are lost", events=pending,
-                          spool_dir=str(self.settings.spool_dir))
+                          spool_dir=str(self.config.spool_dir))
             if not self._spool.is_empty():
                 log.info("events remain spooled; the next publisher on this spool dir delivers them",
-                         spool_dir=str(self.settings.spool_dir))
+                         spool_dir=str(self.config.spool_dir))
             self._spool.close()
         return self.stats.pending == 0
 
@@ -216,7 +217,7 @@ class EventPublisher:
                     self._published -= 1
         self._wake()
         if not spooled:
-            raise SpoolFull(f"event refused: the broker is unreachable, the spool at {self.settings.spool_dir} "
+            raise SpoolFull(f"event refused: the broker is unreachable, the spool at {self.config.spool_dir} "
                             f"cannot be written, and {len(held)} events already wait in memory")
 
     def _take_memory(self) -> list[Record]:
@@ -243,7 +244,7 @@ class EventPublisher:
         try:
             self._spool.append(records)
         except OSError as exc:
-            log.error("cannot write the spool; keeping events in memory", spool_dir=str(self.settings.spool_dir),
+            log.error("cannot write the spool; keeping events in memory", spool_dir=str(self.config.spool_dir),
                       error=str(exc))
             with self._lock:
                 self._buffer.extendleft(reversed(records if requeue is None else requeue))
@@ -296,7 +297,7 @@ class EventPublisher:
         for record, reason in returned:
             log.error("the broker returned an event as unroutable; quarantined",
                       event_id=record.event_id, event_type=record.event_type, reason=reason,
-                      quarantine=str(self.settings.spool_dir / REJECTED_DIR))
+                      quarantine=str(self.config.spool_dir / REJECTED_DIR))
         return True
 
     def _leave_spooling(self) -> bool:
@@ -376,7 +377,7 @@ class EventPublisher:
         )
         try:
             await exchange.publish(message, routing_key=record.event_type, mandatory=True,
-                                   timeout=self.settings.publish_confirm_timeout_s)
+                                   timeout=self.config.confirm_timeout_s)
         except aiormq.exceptions.PublishError as returned:
             frame = returned.message.delivery
             return f"{frame.reply_code} {frame.reply_text}"
@@ -430,14 +431,14 @@ class EventPublisher:
                 waiting.cancel()
 
     async def _maintain_connection(self) -> None:
-        url = self.settings.amqp_url
-        name = f"sntrack-publisher-{self.settings.worker_id or producer_info().worker_id}"
+        url = self.config.amqp_url
+        name = f"sntrack-publisher-{self.config.worker_id or producer_info().worker_id}"
         delay = RECONNECT_MIN_S
         unreachable_logged = False
         while not self._stopping.is_set():
             self._lost.clear()
             try:
-                connection = await aio_pika.connect(url, timeout=self.settings.publish_confirm_timeout_s,
+                connection = await aio_pika.connect(url, timeout=self.config.confirm_timeout_s,
                                                     client_properties={"connection_name": name})
             except Exception as exc:
                 with self._changed:
@@ -448,7 +449,7 @@ class EventPublisher:
                 self._wakeup.set()
                 if not unreachable_logged and self._refused is None:  # a refusal is the caller's to report
                     log.warning("broker unreachable; spooling events and retrying", url=redact(url),
-                                error=f"{type(exc).__name__}: {exc}"[:300], spool_dir=str(self.settings.spool_dir))
+                                error=f"{type(exc).__name__}: {exc}"[:300], spool_dir=str(self.config.spool_dir))
                     unreachable_logged = True
                 await self._sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX_S)
@@ -474,7 +475,7 @@ class EventPublisher:
                     self._connected = False
                     self._changed.notify_all()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(connection.close(), self.settings.publish_confirm_timeout_s)
+                    await asyncio.wait_for(connection.close(), self.config.confirm_timeout_s)
             if self._stopping.is_set():
                 break
             self._set_spooling()

@@ -28,15 +28,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import optuna
-import psycopg2
 import structlog
 from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
-from psycopg2 import errors, sql
 
+from common.errors import ConfigurationError
+from common.postgres import admin_cursor, create_database
+from common.urls import path_name
 from producer.emitter import TrialEvents
 from producer.search_space import SearchSpace
 from producer.training import TrialConfig, TrialOutcome, TrialRecorder, run_trial
@@ -52,12 +52,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 class StudyError(ValueError):
     """The study cannot be opened as asked (a message for the user)."""
-
-
-def _maintenance_url(storage_url: str) -> tuple[str, str]:
-    parts = urlsplit(storage_url)
-    database = parts.path.lstrip("/")
-    return urlunsplit(parts._replace(scheme="postgresql", path="/postgres")), database
 
 
 @dataclass(frozen=True)
@@ -92,24 +86,14 @@ def open_study(storage_url: str, name: str, *, dataset: str | None, split_seed: 
     study's own (tests/test_studies.py::test_study_remembers_its_settings)."""
     if not storage_url.startswith("postgres"):
         return _load(rdb_storage(storage_url, heartbeat), name, dataset, split_seed, pruner)
-    admin_url, database = _maintenance_url(storage_url)
+    lock = zlib.crc32(f"sntrack-optuna:{path_name(storage_url)}".encode())
     try:
-        admin = psycopg2.connect(admin_url, connect_timeout=10)
-    except psycopg2.OperationalError as exc:
-        raise StudyError(f"cannot reach the Optuna storage server: {str(exc).strip()}") from None
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(%s)", (zlib.crc32(f"sntrack-optuna:{database}".encode()),))
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
-            if cur.fetchone() is None:
-                try:
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-                except errors.DuplicateDatabase:
-                    pass
+        with admin_cursor(storage_url) as cur:  # closing it ends the session, which releases the advisory lock
+            cur.execute("SELECT pg_advisory_lock(%s)", (lock,))
+            create_database(storage_url)
             return _load(rdb_storage(storage_url, heartbeat), name, dataset, split_seed, pruner)
-    finally:
-        admin.close()  # ends the session, which releases the advisory lock
+    except ConfigurationError as exc:
+        raise StudyError(f"cannot reach the Optuna storage server: {exc}") from None
 
 
 def _load(storage: optuna.storages.BaseStorage, name: str, dataset: str | None, split_seed: int,

@@ -36,6 +36,7 @@ import structlog
 import torch
 from torch import nn
 
+from common.errors import ConfigurationError
 from producer.emitter import TrialEvents
 from producer.model import state_dict_copy
 from producer.training import TrialOutcome
@@ -48,7 +49,6 @@ from schemas.mlflow import (
     trial_params,
     trial_tags,
 )
-from sntrack.settings import ConfigurationError
 
 log = structlog.get_logger("sntrack.worker")
 

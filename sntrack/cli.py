@@ -7,12 +7,13 @@ import asyncio
 import sys
 import typing
 
+from common.errors import ConfigurationError
 from sntrack import __version__
 from sntrack.commands import COMMAND_MODULES
 from sntrack.errors import configuration_message
 from sntrack.examples import add_examples
 from sntrack.logging import configure_logging
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 
 class OneLineParser(argparse.ArgumentParser):

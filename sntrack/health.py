@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import aio_pika
 
-from sntrack.refusal import amqp_refusal
-from sntrack.settings import ConfigurationError, Settings, redact
+from common.amqp import amqp_refusal
+from common.errors import ConfigurationError
+from common.urls import redact
+from sntrack.settings import Settings
 
 
 async def check_amqp_login(settings: Settings) -> None:

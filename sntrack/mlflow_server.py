@@ -6,8 +6,8 @@ uvicorn process. One worker also avoids a 40 ms stall per request: uvicorn binds
 several workers, and that socket (created without IPPROTO_TCP) never gets TCP_NODELAY, so every keep-alive
 response waits for the client's delayed ACK (docs/mlflow.md).
 
-    python -m sntrack.mlflow_server start [--port 5000] [--backend postgres|sqlite] [--dir DIR]
-    python -m sntrack.mlflow_server stop|status [--port 5000] [--dir DIR]
+    sntrack mlflow-server start [--port 5000] [--backend postgres|sqlite] [--dir DIR]
+    sntrack mlflow-server stop|status [--port 5000] [--dir DIR]
 
 `start` does nothing when a healthy server already answers on the port. The PostgreSQL backend uses the
 database `sntrack_mlflow` on the server of SNTRACK_DATABASE_URL, created when missing.
@@ -15,8 +15,6 @@ database `sntrack_mlflow` on the server of SNTRACK_DATABASE_URL, created when mi
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import os
 import signal
@@ -28,9 +26,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-from sntrack.settings import ConfigurationError, Settings, _default_state_dir
+from common.errors import ConfigurationError
+from common.postgres import create_database
+from common.urls import with_path
 
 DEFAULT_PORT = 5000
 BACKEND_DATABASE = "sntrack_mlflow"
@@ -54,12 +53,8 @@ def healthy(url: str, timeout_s: float = 1.0) -> bool:
 
 def postgres_backend(database_url: str) -> str:
     """SQLAlchemy's URI of the `sntrack_mlflow` database beside sntrack's own, created when missing."""
-    from consumers.persistence import create_database
-
-    parts = urlsplit(database_url)
-    admin_url = urlunsplit(parts._replace(path=f"/{BACKEND_DATABASE}"))
-    asyncio.run(create_database(admin_url))
-    return urlunsplit(parts._replace(scheme="postgresql+psycopg2", path=f"/{BACKEND_DATABASE}"))
+    create_database(with_path(database_url, BACKEND_DATABASE))
+    return with_path(database_url, BACKEND_DATABASE, scheme="postgresql+psycopg2")
 
 
 @dataclass
@@ -109,6 +104,10 @@ for sig in (signal.SIGTERM, signal.SIGKILL):
 _watchdogs: list[subprocess.Popen] = []  # kept for this process's lifetime: they outlive every server object
 
 
+def pid_file(folder: Path, port: int) -> Path:
+    return folder / f"server-{port}.pid"
+
+
 def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
           timeout_s: float = START_TIMEOUT_S, die_with_parent: bool = False) -> MlflowServer:
     """Start `mlflow server` on `port` with artifacts and its log in `folder`; wait for /health.
@@ -131,7 +130,7 @@ def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
     if die_with_parent:
         _watchdogs.append(subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(process.pid)],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    (folder / f"server-{port}.pid").write_text(str(process.pid))
+    pid_file(folder, port).write_text(str(process.pid))
     server = MlflowServer(url, process.pid)
     while not healthy(url):
         if process.poll() is not None or time.perf_counter() - started > timeout_s:
@@ -141,46 +140,3 @@ def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
         time.sleep(0.2)
     server.startup_s = time.perf_counter() - started
     return server
-
-
-def _pid(folder: Path, port: int) -> int | None:
-    path = folder / f"server-{port}.pid"
-    return int(path.read_text()) if path.exists() else None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sntrack.mlflow_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("start", "stop", "status"))
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    parser.add_argument("--backend", choices=("postgres", "sqlite"), default="postgres",
-                        help=f"backend store: PostgreSQL database {BACKEND_DATABASE} (default) or a SQLite file")
-    parser.add_argument("--dir", type=Path, default=_default_state_dir() / "mlflow",
-                        help="artifacts, log, pid file and SQLite database (default: %(default)s)")
-    args = parser.parse_args(argv)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
-        if args.action == "status":
-            print(f"MLflow at {url}: {'healthy' if healthy(url) else 'not answering'}")
-            return 0 if healthy(url) else 1
-        if args.action == "stop":
-            MlflowServer(url, _pid(args.dir, args.port)).stop()
-            (args.dir / f"server-{args.port}.pid").unlink(missing_ok=True)
-            print(f"MLflow at {url} stopped")
-            return 0
-        backend = (postgres_backend(Settings.from_env().database_url) if args.backend == "postgres"
-                   else f"sqlite:///{(args.dir / 'mlflow.db').resolve()}")
-        args.dir.mkdir(parents=True, exist_ok=True)
-        server = start(args.port, backend, args.dir)
-    except ConfigurationError as exc:
-        print(f"mlflow_server: {exc}", file=sys.stderr)
-        return 2
-    if server.pid is None:
-        print(f"MLflow at {url} is already healthy")
-    else:
-        print(f"MLflow at {url} healthy after {server.startup_s:.1f}s (pid {server.pid}, log {args.dir})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

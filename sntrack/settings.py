@@ -1,12 +1,18 @@
-"""One settings object, read from SNTRACK_* environment variables; defaults work on local services."""
+"""One settings object, read from SNTRACK_* environment variables; defaults work on local services.
+
+The only reader of the environment: the libraries take the typed configs `publisher()` and `consumer()` build."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.errors import ConfigurationError
+from common.urls import path_name
+from consumers.config import ConsumerConfig, MlflowConfig
+from producer.config import PublisherConfig
 
 
 def _default_state_dir() -> Path:
@@ -80,23 +86,22 @@ class Settings(BaseModel):
             if (value := getattr(self, name)) is not None
         }
 
+    def publisher(self) -> PublisherConfig:
+        return PublisherConfig(amqp_url=self.amqp_url, spool_dir=self.spool_dir, buffer=self.publish_buffer,
+                               confirm_timeout_s=self.publish_confirm_timeout_s, worker_id=self.worker_id)
+
+    def consumer(self) -> ConsumerConfig:
+        mlflow = MlflowConfig(enabled=self.mlflow_enabled, tracking_uri=self.mlflow_tracking_uri,
+                              experiment=self.mlflow_experiment, timeout_s=self.mlflow_timeout_s,
+                              max_attempts=self.mlflow_max_attempts)
+        return ConsumerConfig(amqp_url=self.amqp_url, database_url=self.database_url, batch_size=self.batch_size,
+                              prefetch=self.prefetch, max_message_bytes=self.max_message_bytes,
+                              memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow)
+
     @property
     def amqp_vhost(self) -> str:
-        return urlsplit(self.amqp_url).path.lstrip("/") or "/"
+        return path_name(self.amqp_url) or "/"
 
     @property
     def database_name(self) -> str:
-        return urlsplit(self.database_url).path.lstrip("/")
-
-
-class ConfigurationError(Exception):
-    """Bad configuration or an unreachable service: one line telling the user what to fix."""
-
-
-def redact(url: str) -> str:
-    """The URL with its password replaced, safe for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+        return path_name(self.database_url)

@@ -17,12 +17,13 @@ import aio_pika
 import asyncpg
 import pytest
 
+from common.errors import ConfigurationError
+from consumers.broker_admin import ManagementApi
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from schemas import EXCHANGE
-from sntrack.broker import ManagementApi
-from sntrack.sandbox import remove_stale, sandbox
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
+from tests.sandbox import remove_stale, sandbox
 
 TEST_PREFIX = "sntrack-test"
 
@@ -121,7 +122,7 @@ class TestEnv:
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Remove what interrupted sessions left more than a day ago (sntrack.sandbox.remove_stale)."""
+    """Remove what interrupted sessions left more than a day ago (tests.sandbox.remove_stale)."""
     with contextlib.suppress(ConfigurationError, OSError):  # services down: the tests will say so themselves
         asyncio.run(remove_stale(Settings.from_env(), TEST_PREFIX))
 

@@ -39,7 +39,8 @@ async def main(crash_on: str) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await serve_handlers(settings, lambda store: [ProjectionHandler(CrashingJournal(crash_on), store)], stop)
+    handlers = lambda store: [ProjectionHandler(CrashingJournal(crash_on), store)]  # noqa: E731
+    return await serve_handlers(settings.consumer(), handlers, stop)
 
 
 if __name__ == "__main__":

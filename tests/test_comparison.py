@@ -15,12 +15,12 @@ import aio_pika
 import numpy as np
 import pytest
 
-from consumers.comparison.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
-from consumers.comparison.render import RENDERERS, arm_rows, finding_lines, flatten
-from consumers.comparison.report import REPORT_VERSION, ComparisonData, TrialRecord, build_report, load
 from consumers.persistence import apply_events
-from consumers.projections.comparison import OVERALL
+from consumers.projections.sn_comparison import OVERALL
 from consumers.registry import PROJECTIONS
+from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
+from consumers.report.render import RENDERERS, arm_rows, finding_lines, flatten
+from consumers.report.report import REPORT_VERSION, ComparisonData, TrialRecord, build_report, load
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -122,7 +122,7 @@ async def test_sn_comparison_equals_trials_live_with_duplicates_and_after_replay
     stops = [e for e in events if isinstance(e, RunStopped)]
     mixed = events + rng.sample(stops, len(stops) // 3) + rng.sample(events, 20)  # redelivered duplicates
     rng.shuffle(mixed)
-    async with running_consumers(env.settings, ["trials", "comparison"]):
+    async with running_consumers(env.settings.consumer(), ["trials", "comparison"]):
         await publish_in_order(env, mixed)
         await wait_until(lambda: env.fetchval(
             "SELECT count(*) = $1 FROM applied_events WHERE projection = 'comparison'", len(stops)),
@@ -409,8 +409,8 @@ def test_plot_bands_stay_in_range_and_the_title_names_scope_and_n(tmp_path):
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from consumers.comparison import plot
-    from consumers.comparison.report import CurvePoint
+    from consumers.report import plot
+    from consumers.report.report import CurvePoint
 
     rng = random.Random(10)
     trials = [t for i in range(12) for t in _pair(i, rng, lambda hp: 0.01 if hp["lr"] > 0.01 else 0.0)]

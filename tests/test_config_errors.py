@@ -4,14 +4,15 @@ Each case runs the real command line in a subprocess against the real servers.""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from urllib.parse import urlsplit
 
 import pytest
 
-from consumers.persistence import create_database, drop_database
-from sntrack.sandbox import with_path
+from common.postgres import create_database, drop_database
+from common.urls import with_path
 from tests.test_end_to_end import cli_env
 
 
@@ -19,10 +20,10 @@ from tests.test_end_to_end import cli_env
 async def bare_database(env):
     """A database that exists but was never migrated."""
     url = env.settings.database_url + "_bare"
-    await create_database(url)
+    await asyncio.to_thread(create_database, url)
     yield url
-    await drop_database(url)
-    await drop_database(url + "_optuna")  # the worker case's Optuna storage
+    await asyncio.to_thread(drop_database, url)
+    await asyncio.to_thread(drop_database, url + "_optuna")  # the worker case's Optuna storage
 
 
 def _as_role(url: str, role: str) -> str:

@@ -22,7 +22,7 @@ def _break_comparison_queue(env) -> None:
 async def test_failing_consumer_is_restarted_and_its_sibling_keeps_applying(env):
     _break_comparison_queue(env)
     stop = asyncio.Event()
-    daemon = asyncio.create_task(serve(env.settings, ["journal", "comparison"], stop))
+    daemon = asyncio.create_task(serve(env.settings.consumer(), ["journal", "comparison"], stop))
     first = [e for trial in synthetic_study(20, 3, producer=producer_info(), seed=41) for e in trial]
     await env.publish_events(first)
     await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(first)), what="the journal")
@@ -48,7 +48,7 @@ async def test_a_consumer_that_keeps_failing_ends_the_daemon_after_its_restarts(
     events = [e for trial in synthetic_study(10, 3, producer=producer_info(), seed=43) for e in trial]
     await env.publish_events(events)
     with pytest.raises(ChannelPreconditionFailed):
-        await asyncio.wait_for(serve(env.settings, ["journal", "comparison"], asyncio.Event()), 120)
+        await asyncio.wait_for(serve(env.settings.consumer(), ["journal", "comparison"], asyncio.Event()), 120)
     # Meanwhile its sibling applied everything.
     assert await env.fetchval("SELECT count(*) FROM events") == len(events)
     assert RESTART_LIMIT > 1

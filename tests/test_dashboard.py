@@ -70,7 +70,7 @@ async def test_a_published_trial_appears_under_its_constraint_and_completes_with
     events = a_trial(spectral_norm=True, epochs=6)
     trial_id, last_epoch = events[0].trial_id, str(events[-2].payload.epoch)
     config = DashboardConfig(env.settings.database_url, queues=queue_reader(env.settings))
-    async with running_consumers(env.settings, CONSUMERS), running_dashboard(config) as url:
+    async with running_consumers(env.settings.consumer(), CONSUMERS), running_dashboard(config) as url:
         await open_page(browser, url)
         await js(browser, "window.__sameDocument = true")
         queues = "return [...document.querySelectorAll('#queues tbody th')].map(th => th.textContent)"
@@ -137,7 +137,7 @@ async def test_the_verdict_panel_shows_the_numbers_of_sntrack_report_json(env, b
     study = synthetic_study(24, 5, producer=producer_info(), seed=11, paired=True, model_run_id="dash-verdict")
     events = [e for trial in study for e in trial]
     stops = sum(e.event_type == "ml.run.stop" for e in events)
-    async with running_consumers(env.settings, CONSUMERS), \
+    async with running_consumers(env.settings.consumer(), CONSUMERS), \
             running_dashboard(DashboardConfig(env.settings.database_url)) as url:
         await open_page(browser, url)
         await env.publish_events(events)
@@ -177,7 +177,7 @@ async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(
     last = {}
     for event in metrics:
         last[event.trial_id] = str(event.payload.epoch)
-    async with running_consumers(env.settings, CONSUMERS), \
+    async with running_consumers(env.settings.consumer(), CONSUMERS), \
             running_dashboard(DashboardConfig(env.settings.database_url)) as url:
         await open_page(browser, url)
         await env.publish_events(starts)
@@ -225,7 +225,7 @@ async def test_it_reads_with_a_select_only_role_and_asks_for_the_token(env):
         await conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
         reader_url = env.settings.database_url.replace("postgres@", f"{role}@", 1)
         assert reader_url != env.settings.database_url
-        async with running_consumers(env.settings, CONSUMERS), \
+        async with running_consumers(env.settings.consumer(), CONSUMERS), \
                 running_dashboard(DashboardConfig(reader_url, token="s3cret")) as url, aiohttp.ClientSession() as http:
             await env.publish_events(events)
             async with http.get(url) as refused:
@@ -298,7 +298,7 @@ async def _first_event(http: aiohttp.ClientSession, url: str) -> tuple[str, dict
 async def test_a_browser_that_comes_back_gets_a_consistent_snapshot_and_the_static_page_filters(env):
     events = a_trial(spectral_norm=True, epochs=3)
     trial_id = events[0].trial_id
-    async with running_consumers(env.settings, CONSUMERS), \
+    async with running_consumers(env.settings.consumer(), CONSUMERS), \
             running_dashboard(DashboardConfig(env.settings.database_url)) as url, aiohttp.ClientSession() as http:
         await env.publish_events(events[:-1])
         await wait_until(lambda: env.fetchval("SELECT count(*) FROM trial_metrics WHERE trial_id = $1", trial_id),
@@ -323,7 +323,7 @@ async def test_a_browser_that_comes_back_gets_a_consistent_snapshot_and_the_stat
 
 async def test_pushes_resume_after_the_listen_connection_is_lost(env):
     events = a_trial(spectral_norm=False, epochs=2)
-    async with running_consumers(env.settings, CONSUMERS), \
+    async with running_consumers(env.settings.consumer(), CONSUMERS), \
             running_dashboard(DashboardConfig(env.settings.database_url)) as url, aiohttp.ClientSession() as http:
         async with http.get(f"{url}events") as stream:
             assert b"event: snapshot" in await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 30)
@@ -344,7 +344,7 @@ async def test_pushes_resume_after_the_listen_connection_is_lost(env):
 
 async def test_dead_letters_and_consumer_lag_are_pushed_from_the_broker(env):
     config = DashboardConfig(env.settings.database_url, queues=queue_reader(env.settings))
-    async with running_consumers(env.settings, CONSUMERS), running_dashboard(config) as url, \
+    async with running_consumers(env.settings.consumer(), CONSUMERS), running_dashboard(config) as url, \
             aiohttp.ClientSession() as http, http.get(f"{url}events") as stream:
         await env.publish_raw([b"not json"])
 

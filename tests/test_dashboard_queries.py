@@ -4,15 +4,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from consumers.comparison.queries import (
+from consumers.persistence import apply_events
+from consumers.projections.sn_comparison import OVERALL
+from consumers.registry import PROJECTIONS
+from consumers.report.queries import (
     AVG_VAL_ACCURACY_BY_FLAG,
     AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS,
     RECENT_TRIALS,
     TRIALS_BY_FLAG_AND_STATUS,
 )
-from consumers.persistence import apply_events
-from consumers.projections.comparison import OVERALL
-from consumers.registry import PROJECTIONS
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 

@@ -5,10 +5,10 @@ import asyncio
 import aio_pika
 import pytest
 
+from consumers.broker_admin import apply_topology
 from consumers.service import running_consumers
 from consumers.topology import QueueSpec
 from schemas.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER
-from sntrack.broker import apply_topology
 from tests.conftest import wait_until
 
 QUEUE = "sntrack.journal"
@@ -16,7 +16,7 @@ DLQ = f"{QUEUE}.dlq"
 
 
 async def test_missing_then_full_dead_letter_queue_keeps_the_original(env):
-    async with running_consumers(env.settings, ["journal"]) as (runtime,):
+    async with running_consumers(env.settings.consumer(), ["journal"]) as (runtime,):
         env.api.request("DELETE", f"queues/{env.vhost}/{DLQ}")
         await env.publish_raw([b"poison while the DLQ is missing"])
         await wait_until(lambda: runtime.stats.dead_letter_failures >= 2, what="the returned dead letter")

@@ -20,7 +20,7 @@ def cli_env(env) -> dict[str, str]:
 async def test_every_event_lands_exactly_once_and_replay_equals_live(env):
     study = synthetic_study(200, 20, producer=producer_info(), seed=2)
     events = [e for trial in study for e in trial]
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         await env.publish_events(events, duplicates=300)
         await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="journal",
                          timeout=120)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from statsmodels.stats.weightstats import ttost_ind, ttost_paired
 
-from consumers.comparison import equivalence as eq
+from consumers.report import equivalence as eq
 
 RNG = np.random.default_rng(11)
 SN = list(0.95 + RNG.normal(0, 0.01, 30))

@@ -56,7 +56,7 @@ async def test_unstorable_values_are_gate_rejections_for_every_consumer(env):
     bad = unstorable(good)
     bad_stops = sum(doc["event_type"] == "ml.run.stop" for doc in bad)
     stops = sum(e.event_type == "ml.run.stop" for e in good)
-    async with running_consumers(env.settings, CONSUMERS):
+    async with running_consumers(env.settings.consumer(), CONSUMERS):
         half = len(good) // 2
         await env.publish_events(good[:half])
         for doc in bad:
@@ -111,7 +111,7 @@ def at_the_limits(good) -> list:
 async def test_the_most_extreme_valid_values_are_stored_by_every_consumer(env):
     # The other side of the contract: what it accepts, every projection stores, and a replay reproduces.
     extreme = at_the_limits([e for trial in synthetic_study(1, 2, producer=producer_info(), seed=3) for e in trial])
-    async with running_consumers(env.settings, CONSUMERS):
+    async with running_consumers(env.settings.consumer(), CONSUMERS):
         for doc in extreme:
             await env.publish_raw([json.dumps(doc).encode()], routing_key=doc["event_type"])
         for projection, expected in (("journal", 3), ("trials", 3), ("comparison", 1)):

@@ -9,6 +9,8 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +20,7 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 import gateway as gateway_package
+from consumers.broker_admin import GATEWAY_USER, apply_topology
 from consumers.registry import QUEUES
 from consumers.service import running_consumers
 from gateway.client import GatewayClient
@@ -28,7 +31,6 @@ from gateway.tokens import add_token, revoke_token, split_token
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.broker import GATEWAY_USER, apply_topology
 from sntrack.commands.gateway import gateway_config
 from tests.conftest import wait_until
 from tests.faults import TcpProxy
@@ -84,7 +86,7 @@ async def test_good_events_land_exactly_once_including_retries(env):
     _, token = await new_token(env)
     study = synthetic_study(12, 4, producer=producer_info("claimed-by-client"), seed=5)
     events = [e for trial in study for e in trial]
-    async with gateway(env) as (url, session), running_consumers(env.settings, ["journal", "trials"]):
+    async with gateway(env) as (url, session), running_consumers(env.settings.consumer(), ["journal", "trials"]):
         client = GatewayClient(url, token)
         for start in range(0, len(events), 20):
             assert await asyncio.to_thread(client.send, events[start:start + 20]) == \
@@ -153,7 +155,7 @@ async def test_broker_cut_mid_stream_answers_503_and_nothing_is_lost_after_retri
     broker = urlsplit(env.settings.amqp_url)
     with TcpProxy(broker.hostname, broker.port or 5672) as proxy:
         async with gateway(env, amqp_url=proxy.url_for(env.settings.amqp_url)) as (url, session), \
-                running_consumers(env.settings, ["journal"]):
+                running_consumers(env.settings.consumer(), ["journal"]):
             assert (await post(session, url, ndjson(events[:6]), token, NDJSON))[0] == 202
             proxy.cut()
             status, headers, answer = await post(session, url, ndjson(events[6:12]), token, NDJSON)
@@ -332,6 +334,28 @@ def test_token_commands_add_list_revoke(env):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     bad = _cli(env, "token", "add", "")
     assert bad.returncode == 2 and "invalid producer id" in bad.stderr
+
+
+def test_the_command_serves_until_sigterm(env):
+    """`sntrack gateway` builds its config from SNTRACK_* and serves /healthz until SIGTERM ends it cleanly."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "sntrack", "gateway", "--port", str(port)], env=cli_env(env),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway never answered /healthz"
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        assert server.wait(timeout=30) == 0, server.stderr.read()
 
 
 def test_busy_port_is_one_line(env):

@@ -10,8 +10,8 @@ from scipy import stats
 from statsmodels.stats.meta_analysis import combine_effects
 from statsmodels.stats.multitest import multipletests
 
-from consumers.comparison import heterogeneity as het
-from consumers.comparison import stats as st
+from consumers.report import heterogeneity as het
+from consumers.report import stats as st
 
 RNG = np.random.default_rng(5)
 X = RNG.uniform(0, 1, 40)

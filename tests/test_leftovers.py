@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from consumers.persistence import create_database, drop_database
-from sntrack.broker import delete_vhost
+from common.postgres import create_database, drop_database
+from common.urls import with_path
+from consumers.broker_admin import delete_vhost
 from sntrack.mlflow_server import _alive, free_port
-from sntrack.sandbox import remove_stale, with_path
+from tests.sandbox import remove_stale
 
 STARTER = """
 import sys
@@ -45,7 +47,7 @@ async def test_stale_sandboxes_are_removed(env):
              "fresh": (f"{prefix}-{fresh}", f"{prefix.replace('-', '_')}_{fresh.replace('-', '_')}")}
     for vhost, database in names.values():
         env.api.request("PUT", f"vhosts/{vhost}", {})
-        await create_database(with_path(env.settings.database_url, database))
+        await asyncio.to_thread(create_database, with_path(env.settings.database_url, database))
     try:
         removed = await remove_stale(env.settings, prefix)
         assert sorted(removed) == sorted(names["old"])
@@ -57,4 +59,4 @@ async def test_stale_sandboxes_are_removed(env):
         for vhost, database in names.values():
             if env.api.request("GET", f"vhosts/{vhost}") is not None:
                 delete_vhost(env.api, vhost)
-            await drop_database(with_path(env.settings.database_url, database))
+            await asyncio.to_thread(drop_database, with_path(env.settings.database_url, database))

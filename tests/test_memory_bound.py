@@ -2,6 +2,7 @@
 
 import asyncio
 import signal
+from dataclasses import replace
 
 from consumers.runtime import effective_prefetch
 from sntrack.settings import Settings
@@ -16,9 +17,10 @@ RSS_BOUND_MB = 120 + 2 * BUDGET_MB
 
 
 def test_prefetch_follows_the_memory_budget():
-    assert effective_prefetch(Settings(consumer_memory_mb=512)) == 512  # 1 MiB messages
-    assert effective_prefetch(Settings(consumer_memory_mb=512, max_message_bytes=64 * 1024)) == 1000  # prefetch
-    assert effective_prefetch(Settings(consumer_memory_mb=1, max_message_bytes=4 * 1024 * 1024)) == 1
+    config = Settings(consumer_memory_mb=512).consumer()
+    assert effective_prefetch(config) == 512  # 1 MiB messages
+    assert effective_prefetch(replace(config, max_message_bytes=64 * 1024)) == 1000  # prefetch
+    assert effective_prefetch(replace(config, memory_mb=1, max_message_bytes=4 * 1024 * 1024)) == 1
 
 
 def _peak_rss_mb(pid: int) -> float:

@@ -69,7 +69,7 @@ async def synced_study(env, url: str, trials: int, epochs: int, seed: int):
     """A synthetic study through journal, trials and mlflow, until every run is in MLflow."""
     settings = mlflow_settings(env.settings, url)
     study = synthetic_study(trials, epochs, seed=seed, producer=producer_info())
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [e for trial in study for e in trial])
         await wait_synced(settings, study)
     return settings, study
@@ -96,7 +96,7 @@ async def test_start_delivered_three_times_creates_one_run(env, mlflow_server): 
     [trial] = synthetic_study(1, 2, seed=7, producer=producer_info())
     start = trial[0]
     assert start.payload.mlflow_run_id is None
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [start, start])
         await wait_until(lambda: len(search_runs(settings, start.trial_id)) == 1, what="the run")
         await publish(env, [start, *trial[1:]])  # a third delivery, in a later batch, then the rest
@@ -110,7 +110,7 @@ async def test_mlflow_killed_and_restarted_mid_stream(env, own_mlflow_server):  
     settings = mlflow_settings(env.settings, server.url)
     study = synthetic_study(8, 3, seed=11, producer=producer_info())
     first, second = study[:4], study[4:]
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [e for trial in first for e in trial])
         await wait_synced(settings, first)
         server.kill()

@@ -102,7 +102,7 @@ async def test_slow_mlflow_gives_one_run_per_trial(env, storage, mlflow_server, 
     with TcpProxy(host, int(port)) as proxy:
         proxy.delay_s = 0.15  # per answer: a run creation (2-3 calls) exceeds start_wait_s below
         logger = MlflowLogger(proxy.url_for(mlflow_server), settings.mlflow_experiment)
-        async with running_consumers(settings, PIPELINE):
+        async with running_consumers(settings.consumer(), PIPELINE):
             await asyncio.to_thread(run_study_in_process, env, storage, "slow", WorkerPlan(4), mlflow=logger,
                                     start_wait_s=0.2)
             await finished_runs(settings, "slow", 4)
@@ -136,7 +136,8 @@ async def test_two_consumer_instances_give_one_run_per_trial(env, mlflow_server)
                 update={"mlflow_run_id": carried[start.trial_id]})})
     finally:
         await client.close()
-    async with running_consumers(settings, ["journal", "trials", "mlflow"]), running_consumers(settings, ["mlflow"]):
+    config = settings.consumer()
+    async with running_consumers(config, ["journal", "trials", "mlflow"]), running_consumers(config, ["mlflow"]):
         await publish(env, [e for trial in study for e in trial])
         await finished_runs(settings, name, len(study))
     counts = runs_per_trial(settings, name)
@@ -156,7 +157,7 @@ async def test_consumer_relinks_when_its_run_was_deleted(env, mlflow_server):  #
     settings = mlflow_settings(env.settings, mlflow_server)
     study = synthetic_study(2, 3, seed=31, producer=producer_info())
     name = study[0][0].model_run_id
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [trial[0] for trial in study])
         await wait_until(lambda: len(study_runs(settings, name)) == 2, what="the consumer's runs")
         links = {r["trial_id"]: r["run_id"] for r in await env.fetch("SELECT * FROM mlflow_runs")}
@@ -185,7 +186,7 @@ async def test_reconcile_repair_beside_the_consumer(env, mlflow_server):  # noqa
     client = MlflowRest(settings.mlflow_tracking_uri, 10.0)
     conn = await env.db()
     try:
-        async with running_consumers(settings, PIPELINE):
+        async with running_consumers(settings.consumer(), PIPELINE):
             publishing = asyncio.create_task(publish(env, [e for trial in study for e in trial]))
             while not publishing.done() or len(study_runs(settings, name)) < len(study):
                 await reconcile(conn, client, settings.mlflow_experiment, model_run_id=name, fix=True)
@@ -207,7 +208,7 @@ async def test_runs_read_well(env, mlflow_server):  # noqa: F811
     settings = settings.model_copy(update={"mlflow_experiment": settings.mlflow_experiment + "/{study}"})
     study = synthetic_study(4, 3, seed=51, producer=producer_info())
     name = study[0][0].model_run_id
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [e for trial in study for e in trial])
         await finished_runs(settings, name, len(study))
     sn = {t[0].trial_id for t in study if t[0].payload.spectral_norm}
@@ -230,7 +231,7 @@ async def test_reconcile_reports_a_changed_curve_point(env, mlflow_server):  # n
     settings = mlflow_settings(env.settings, mlflow_server)
     study = synthetic_study(2, 3, seed=61, producer=producer_info())
     name = study[0][0].model_run_id
-    async with running_consumers(settings, PIPELINE):
+    async with running_consumers(settings.consumer(), PIPELINE):
         await publish(env, [e for trial in study for e in trial])
         await finished_runs(settings, name, 2)
     [run] = study_runs(settings, name, f"tags.trial_id = '{study[0][0].trial_id}'")
@@ -254,7 +255,7 @@ async def test_repair_gives_a_trial_mlflow_missed_its_params_and_curve(env, mlfl
     settings = mlflow_settings(env.settings, mlflow_server)
     study = synthetic_study(3, 3, seed=63, producer=producer_info())
     name = study[0][0].model_run_id
-    async with running_consumers(settings.model_copy(update={"mlflow_enabled": False}), PIPELINE):
+    async with running_consumers(settings.model_copy(update={"mlflow_enabled": False}).consumer(), PIPELINE):
         await publish(env, [e for trial in study for e in trial])
         await wait_until(lambda: env.fetchval("SELECT count(*) = 3 FROM trials WHERE status <> 'running'"),
                          what="the trials")
@@ -294,7 +295,7 @@ async def test_reconcile_names_close_matches_and_says_when_nothing_was_checked(e
     empty = await asyncio.to_thread(sntrack_cli, env, "reconcile", **variables)
     assert empty.returncode == 0 and "nothing to check" in empty.stdout, empty.stdout + empty.stderr
     study = synthetic_study(1, 2, seed=71, producer=producer_info(), model_run_id="wine-sn-study")
-    async with running_consumers(settings, ["journal", "trials"]):
+    async with running_consumers(settings.consumer(), ["journal", "trials"]):
         await publish(env, study[0])
         await wait_until(lambda: env.fetchval("SELECT count(*) = 1 FROM trials"), what="the trial")
     typo = await asyncio.to_thread(sntrack_cli, env, "reconcile", "--run", "wine-sn-stduy", **variables)

@@ -23,7 +23,7 @@ async def test_database_and_broker_outages_mid_stream(env):
     with _proxy_for(env.settings.amqp_url) as broker, _proxy_for(env.settings.database_url) as database:
         settings = env.settings.model_copy(update={"amqp_url": broker.url_for(env.settings.amqp_url),
                                                    "database_url": database.url_for(env.settings.database_url)})
-        async with running_consumers(settings, ["journal", "trials"]) as runtimes:
+        async with running_consumers(settings.consumer(), ["journal", "trials"]) as runtimes:
             await env.publish_events(thirds[0])
             await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM applied_events"), what="progress")
 

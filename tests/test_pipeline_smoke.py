@@ -7,7 +7,7 @@ from tests.conftest import wait_until
 async def test_events_reach_journal_and_trials(env):
     study = synthetic_study(5, 4, producer=producer_info())
     events = [e for trial in study for e in trial]
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         for e in events:
             await env.publish_raw([e.to_json()], routing_key=e.event_type)
         await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="journal")

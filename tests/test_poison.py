@@ -36,7 +36,7 @@ async def test_poison_messages_go_to_dead_letters_and_good_ones_are_applied(env)
     good = [e for trial in study for e in trial]
     poison = _poison(next(e for e in good if e.event_type == "ml.run.metric"))
     settings = env.settings.model_copy(update={"max_message_bytes": GATE_LIMIT})
-    async with running_consumers(settings, ["journal", "trials"]) as runtimes:
+    async with running_consumers(settings.consumer(), ["journal", "trials"]) as runtimes:
         third = len(good) // 3
         await env.publish_events(good[:third])
         await env.publish_raw(list(poison.values()))
@@ -80,7 +80,7 @@ async def test_event_the_database_refuses_is_dead_lettered_as_handler_error(env)
         """)
     finally:
         await conn.close()
-    async with running_consumers(env.settings, ["trials"]):
+    async with running_consumers(env.settings.consumer(), ["trials"]):
         await env.publish_events(good[:5])
         await env.publish_raw([json.dumps(bad).encode()], routing_key="ml.run.start")
         await env.publish_events(good[5:])

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from consumers.persistence import Store, apply_events
-from consumers.projection import Projection, Statement
+from consumers.projections.base import Projection, Statement
 from consumers.projections.trials import TrialsProjection
 from consumers.registry import PROJECTIONS
 from producer.emitter import TrialEvents, producer_info

@@ -55,8 +55,8 @@ async def _out_of_order(env) -> int:
 
 async def test_published_study_reaches_journal_and_trials(env):
     events = _events(20, 8, seed=1)
-    async with running_consumers(env.settings, ["journal", "trials"]):
-        with EventPublisher(env.settings) as publisher:
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
+        with EventPublisher(env.settings.publisher()) as publisher:
             for event in events:
                 publisher.publish(event)
             assert await asyncio.to_thread(publisher.flush, 30)
@@ -74,7 +74,7 @@ async def test_broker_unreachable_from_start_spools_without_blocking_then_delive
     proxy, settings = _proxied(env)
     with proxy:
         proxy.cut()
-        publisher = EventPublisher(settings).start()
+        publisher = EventPublisher(settings.publisher()).start()
         started = time.perf_counter()
         for event in events:
             publisher.publish(event)
@@ -85,7 +85,7 @@ async def test_broker_unreachable_from_start_spools_without_blocking_then_delive
         assert list(settings.spool_dir.glob("*.jsonl"))
         assert _spooled_events(settings.spool_dir) == len(events)
 
-        async with running_consumers(env.settings, ["journal"]):
+        async with running_consumers(env.settings.consumer(), ["journal"]):
             proxy.restore()
             assert await asyncio.to_thread(publisher.drain, 30)
             await _journal_holds_exactly(env, events)
@@ -100,8 +100,8 @@ async def test_broker_cut_mid_stream_loses_nothing(env):
     events = _events(100, 18, seed=3)[:2000]
     proxy, settings = _proxied(env)
     with proxy:
-        async with running_consumers(env.settings, ["journal"]):
-            publisher = EventPublisher(settings).start()
+        async with running_consumers(env.settings.consumer(), ["journal"]):
+            publisher = EventPublisher(settings.publisher()).start()
             await wait_until(lambda: publisher.stats.connected, timeout=10, what="publisher connected")
             for n, event in enumerate(events):
                 publisher.publish(event)
@@ -123,8 +123,8 @@ async def test_broker_cut_mid_stream_loses_nothing(env):
 async def test_full_buffer_spools_synchronously_in_order(env):
     events = _events(60, 20, seed=8)[:1200]
     settings = env.settings.model_copy(update={"publish_buffer": 20})
-    async with running_consumers(env.settings, ["journal"]):
-        publisher = EventPublisher(settings).start()
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        publisher = EventPublisher(settings.publisher()).start()
         await wait_until(lambda: publisher.stats.connected, timeout=10, what="publisher connected")
         for event in events:
             publisher.publish(event)
@@ -161,8 +161,8 @@ async def test_orphaned_segment_of_a_dead_process_is_drained_by_the_next_publish
     live_events = _events(2, 3, seed=5)
     live.append([Record.from_event(e) for e in live_events])
     try:
-        async with running_consumers(env.settings, ["journal"]):
-            with EventPublisher(env.settings) as publisher:
+        async with running_consumers(env.settings.consumer(), ["journal"]):
+            with EventPublisher(env.settings.publisher()) as publisher:
                 assert await asyncio.to_thread(publisher.drain, 30)
             await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(orphan_ids)))
         rows = await env.fetch("SELECT event_id::text AS id FROM events")
@@ -207,7 +207,7 @@ async def test_cli_publish_sample_and_spool(env, capsys):
     assert "orphaned" in _help(capsys, "spool", "status") and "--timeout" in _help(capsys, "spool", "flush")
 
     environ = {**os.environ, **env.settings.to_env()}
-    async with running_consumers(env.settings, ["journal"]):
+    async with running_consumers(env.settings.consumer(), ["journal"]):
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sntrack", "publish-sample", "--trials", "4", "--epochs", "5", "--rate", "200",
             "--seed", "7", "--run-id", "cli-run", env=environ, stdout=asyncio.subprocess.PIPE,

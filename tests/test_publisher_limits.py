@@ -11,13 +11,13 @@ from urllib.parse import quote
 import aio_pika
 import pytest
 
+from consumers.broker_admin import UNROUTED_POLICY
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher, SpoolFull
 from producer.sample import synthetic_study
 from producer.spool import Record, Spool, inspect
 from schemas import EXCHANGE
-from sntrack.broker import UNROUTED_POLICY
 from sntrack.cli import build_parser
 from tests.conftest import wait_until
 from tests.test_publisher import _journal_holds_exactly, _proxied
@@ -40,7 +40,7 @@ async def test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it
     events = _events(20, 10, seed=11)
     with proxy:
         proxy.cut()
-        publisher = EventPublisher(settings).start()
+        publisher = EventPublisher(settings.publisher()).start()
         accepted = []
         with pytest.raises(SpoolFull, match="spool"):
             for event in events:
@@ -48,7 +48,7 @@ async def test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it
                 accepted.append(event)
         assert len(accepted) == 50
         assert publisher.stats.published == 50 and publisher.stats.pending == 50
-        async with running_consumers(env.settings, ["journal"]):
+        async with running_consumers(env.settings.consumer(), ["journal"]):
             proxy.restore()
             assert await asyncio.to_thread(publisher.drain, 60)
             await _journal_holds_exactly(env, accepted)
@@ -79,7 +79,7 @@ async def test_unroutable_events_are_quarantined_and_never_block_the_spool(env, 
     orphan.append([Record.from_event(e) for e in spooled])
     orphan.close()
     direct = _events(3, 4, seed=13)
-    with EventPublisher(env.settings) as publisher:
+    with EventPublisher(env.settings.publisher()) as publisher:
         assert await asyncio.to_thread(publisher.drain, 30), "an unroutable event must not hold the spool"
         for event in direct:
             publisher.publish(event)
@@ -124,7 +124,7 @@ async def test_a_really_full_disk_loses_and_corrupts_nothing(env, tiny_disk):
     events = _events(60, 20, seed=14)
     with proxy:
         proxy.cut()
-        publisher = EventPublisher(settings).start()
+        publisher = EventPublisher(settings.publisher()).start()
         accepted = []
         with pytest.raises(SpoolFull):
             for event in events:
@@ -132,7 +132,7 @@ async def test_a_really_full_disk_loses_and_corrupts_nothing(env, tiny_disk):
                 accepted.append(event)
         assert 50 < len(accepted) < len(events)
         assert sum(s.events for s in inspect(settings.spool_dir)) + publisher.stats.pending == len(accepted)
-        async with running_consumers(env.settings, ["journal"]):
+        async with running_consumers(env.settings.consumer(), ["journal"]):
             proxy.restore()
             assert await asyncio.to_thread(publisher.drain, 60)
             await _journal_holds_exactly(env, accepted)

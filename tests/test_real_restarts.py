@@ -32,8 +32,8 @@ def _postgres_cluster() -> list[str]:
 async def _stream_through_restart(env, restart) -> None:
     study = synthetic_study(150, 10, producer=producer_info(), seed=31)
     events = [e for trial in study for e in trial]
-    async with running_consumers(env.settings, ["journal", "trials"]):
-        publisher = EventPublisher(env.settings).start()
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
+        publisher = EventPublisher(env.settings.publisher()).start()
         try:
             for i, event in enumerate(events):
                 publisher.publish(event)

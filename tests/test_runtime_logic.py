@@ -63,7 +63,7 @@ class FakeHandler:
 
 
 def _runtime(handler: FakeHandler, **settings) -> ConsumerRuntime:
-    return ConsumerRuntime(handler, Settings(**settings))
+    return ConsumerRuntime(handler, Settings(**settings).consumer())
 
 
 def _messages(log: list, events=EVENTS) -> list[FakeMessage]:

@@ -10,7 +10,7 @@ from scipy import stats
 from statsmodels.stats.meta_analysis import effectsize_smd
 from statsmodels.stats.power import TTestIndPower, TTestPower
 
-from consumers.comparison import stats as st
+from consumers.report import stats as st
 
 SN = [0.951, 0.962, 0.948, 0.970, 0.955, 0.958, 0.949, 0.966]
 BASE = [0.944, 0.950, 0.939, 0.958, 0.947, 0.941, 0.952]
@@ -183,7 +183,7 @@ def test_required_sizes_edge_cases():
 
 
 def test_integer_and_float_spellings_of_a_value_are_one_category():
-    from consumers.comparison.stats import compare_distributions
+    from consumers.report.stats import compare_distributions
 
     same = compare_distributions([1, 2, 1, 2], [1.0, 2.0, 1.0, 2.0])
     assert same is not None and same.test == "fisher" and same.p_value == 1.0

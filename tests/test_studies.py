@@ -12,7 +12,7 @@ import asyncpg
 import optuna
 import pytest
 
-from consumers.persistence import drop_database
+from common.postgres import drop_database
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -28,7 +28,7 @@ PROJECTIONS = ["journal", "trials", "comparison"]
 async def storage(env):
     url = env.settings.database_url + "_optuna"
     yield url
-    await drop_database(url)
+    await asyncio.to_thread(drop_database, url)
 
 
 def sntrack(env, *args: str, storage: str | None = None) -> subprocess.CompletedProcess:
@@ -41,7 +41,7 @@ def sntrack(env, *args: str, storage: str | None = None) -> subprocess.Completed
 
 async def _record(env, events) -> None:
     """Publish and wait until every projection applied every event."""
-    async with running_consumers(env.settings, PROJECTIONS):
+    async with running_consumers(env.settings.consumer(), PROJECTIONS):
         await env.publish_events(events)
         for name in PROJECTIONS:
             ids = [e.event_id for e in events if name != "comparison" or e.event_type == "ml.run.stop"]  # stops only
@@ -168,7 +168,7 @@ async def test_hard_delete_while_consumers_apply_leaves_nothing(env, storage):
                 return
             await asyncio.sleep(0.05)
 
-    async with running_consumers(env.settings, PROJECTIONS):
+    async with running_consumers(env.settings.consumer(), PROJECTIONS):
         publishing = asyncio.create_task(publish())
         await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM trials WHERE model_run_id = 'busy'"),
                          what="first trials applied")

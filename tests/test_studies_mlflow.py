@@ -18,7 +18,7 @@ from tests.test_mlflow import search_runs, synced
 async def test_hard_delete_removes_the_studys_mlflow_runs(env, mlflow_server):  # noqa: F811
     settings = mlflow_settings(env.settings, mlflow_server)
     trials = synthetic_study(3, 2, producer=producer_info(), model_run_id="gone", seed=5)
-    async with running_consumers(settings, ["journal", "trials", "mlflow"]):
+    async with running_consumers(settings.consumer(), ["journal", "trials", "mlflow"]):
         await env.publish_events([e for t in trials for e in t])
         for trial in trials:
             await wait_until(lambda t=trial: synced(settings, t), timeout=120, what=f"{trial[0].trial_id} in MLflow")
@@ -34,7 +34,7 @@ async def test_hard_delete_removes_the_studys_mlflow_runs(env, mlflow_server):  
     # The same events arrive again, late, followed by a trial of another study: once that one is in MLflow, the
     # mlflow consumer has handled the late events before it, and must have recreated no run.
     sentinel = synthetic_study(1, 2, producer=producer_info(), model_run_id="alive", seed=6)[0]
-    async with running_consumers(settings, ["mlflow"]):
+    async with running_consumers(settings.consumer(), ["mlflow"]):
         await env.publish_events([e for t in trials for e in t])
         await env.publish_events(sentinel)
         await wait_until(lambda: synced(settings, sentinel), timeout=120, what="the trial after the late events")

@@ -59,7 +59,7 @@ async def test_an_overflowing_subscriber_queue_drops_its_oldest_and_the_journal_
         dlq = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
         await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
         events = [e for trial in synthetic_study(2, 3, producer=producer_info(), seed=9) for e in trial]
-        async with running_consumers(env.settings, ["journal"]):
+        async with running_consumers(env.settings.consumer(), ["journal"]):
             for event in events:  # one by one, so that "oldest" is well defined
                 await env.publish_events([event])
             await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="journal")

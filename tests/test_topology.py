@@ -11,10 +11,8 @@ import aio_pika
 import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
-from consumers.registry import QUEUES
-from consumers.topology import subscriber_queue
-from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.broker import (
+from common.errors import ConfigurationError
+from consumers.broker_admin import (
     CONSUMER_USER,
     DEFINITIONS_FILE,
     UNROUTED,
@@ -23,7 +21,9 @@ from sntrack.broker import (
     apply_topology,
     build_definitions,
 )
-from sntrack.settings import ConfigurationError
+from consumers.registry import QUEUES
+from consumers.topology import subscriber_queue
+from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE
 from tests.conftest import wait_until
 from tests.test_end_to_end import cli_env
 

@@ -5,6 +5,7 @@ each output line the README quotes is checked."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import shlex
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from consumers.persistence import drop_database
+from common.postgres import drop_database
 from tests.test_end_to_end import cli_env
 from tests.test_readme import readme_block
 
@@ -23,7 +24,7 @@ from tests.test_readme import readme_block
 async def optuna_storage(env):
     url = env.settings.database_url + "_optuna"
     yield url
-    await drop_database(url)
+    await asyncio.to_thread(drop_database, url)
 
 
 def readme_commands() -> list[str]:

@@ -58,7 +58,7 @@ _KILLED_AFTER_TELL = textwrap.dedent("""
     storage, overrides = sys.argv[1], dict(arg.split("=") for arg in sys.argv[2:])
     study = open_study(storage, "killed", dataset="wine", split_seed=0)
     space = SearchSpace.load(overrides=overrides)
-    publisher = EventPublisher(Settings.from_env()).start()
+    publisher = EventPublisher(Settings.from_env().publisher()).start()
     tracker = Tracker(publisher, producer_info("doomed"))
     kill = lambda result: os.kill(os.getpid(), signal.SIGKILL)  # the moment after Optuna's tell
     Worker(study, space, WorkerPlan(3), lambda trial_id: tracker.trial(trial_id, "killed"), on_trial=kill).run()
@@ -82,7 +82,7 @@ async def test_sigkill_right_after_optuna_records_the_trial_finds_its_stop_spool
 
 
 async def test_a_trial_whose_worker_was_killed_is_reported_lost_by_another_worker(env, storage):  # noqa: F811
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         command, environ = worker_command(env, storage, "lost", "--no-mlflow")
         environ["SNTRACK_WORKER_HEARTBEAT_S"] = "1"
         doomed = await asyncio.create_subprocess_exec(*command, "--n-trials", "1", "--epochs", "2000",

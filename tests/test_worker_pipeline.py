@@ -21,7 +21,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from consumers.persistence import drop_database
+from common.postgres import drop_database
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher
@@ -44,7 +44,7 @@ async def storage(env):
     """A per-test Optuna database beside the test's read-model database (Optuna has a `trials` table too)."""
     url = env.settings.database_url + "_optuna"
     yield url
-    await drop_database(url)
+    await asyncio.to_thread(drop_database, url)
 
 
 def worker_command(env, storage: str, study: str, *args: str) -> tuple[list[str], dict[str, str]]:
@@ -60,7 +60,7 @@ def run_study_in_process(env, storage: str, study_name: str, plan: WorkerPlan, *
     settings = settings or env.settings
     study = open_study(storage, study_name, dataset="wine", split_seed=0)
     space = SearchSpace.load(overrides={**FAST, **(overrides or {})})
-    with EventPublisher(settings) as publisher:
+    with EventPublisher(settings.publisher()) as publisher:
         tracker = Tracker(publisher, producer_info("test-worker"), mlflow, start_wait_s=start_wait_s)
         result = Worker(study, space, plan, lambda trial_id: tracker.trial(trial_id, study_name),
                         on_trial=on_trial).run()
@@ -78,7 +78,7 @@ async def projected(env, study_name: str, n: int) -> list:
 async def test_two_paired_workers_share_one_study(env, storage):
     """End to end with two worker processes: trial numbers unique, every trial projected with the flag, the
     hyper-parameters, the curve and the status Optuna recorded; pairs share seed and configuration."""
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         command, environ = worker_command(env, storage, "duo", "--n-trials", "3", "--design", "paired")
         procs = [await asyncio.create_subprocess_exec(*command, env=environ, stderr=PIPE) for _ in range(2)]
         outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 240)
@@ -139,7 +139,7 @@ async def test_broker_outage_mid_study_loses_nothing(env, storage):
         elif result.trials == 3:
             proxy.restore()
 
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         _, result = await asyncio.to_thread(run_study_in_process, env, storage, "outage", WorkerPlan(4),
                                             settings=settings, on_trial=on_trial)
         assert result.trials == 4
@@ -152,7 +152,7 @@ async def test_broker_outage_mid_study_loses_nothing(env, storage):
 
 
 async def test_nan_configuration_ends_failed_not_crashed(env, storage):
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         study, result = await asyncio.to_thread(
             run_study_in_process, env, storage, "nan", WorkerPlan(2),
             overrides={"lr": "1e12", "spectral_norm": "false"})
@@ -163,7 +163,7 @@ async def test_nan_configuration_ends_failed_not_crashed(env, storage):
 
 
 async def test_sigterm_stops_the_running_trial_as_interrupted(env, storage):
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         command, environ = worker_command(env, storage, "term", "--n-trials", "50", "--epochs", "400")
         proc = await asyncio.create_subprocess_exec(*command, env=environ, stderr=PIPE)
         await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM trial_metrics"), timeout=90,
@@ -182,7 +182,7 @@ async def test_mlflow_runs_from_the_training_side(env, storage, mlflow_server, m
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     settings = mlflow_settings(env.settings, mlflow_server)
     logger = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         await asyncio.to_thread(run_study_in_process, env, storage, "tracked", WorkerPlan(2), mlflow=logger)
         rows = await projected(env, "tracked", 2)
     client = MlflowClient(settings.mlflow_tracking_uri)
@@ -200,7 +200,7 @@ async def test_unreachable_mlflow_never_stalls_training(env, storage, monkeypatc
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     logger = MlflowLogger(f"http://127.0.0.1:{free_port()}", "nowhere")
-    async with running_consumers(env.settings, ["journal", "trials"]):
+    async with running_consumers(env.settings.consumer(), ["journal", "trials"]):
         _, result = await asyncio.to_thread(run_study_in_process, env, storage, "untracked", WorkerPlan(2),
                                             mlflow=logger)
         rows = await projected(env, "untracked", 2)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from common.errors import ConfigurationError
 from schemas.mlflow import tracking_uri_problem
-from sntrack.settings import ConfigurationError
 
 API = "/api/2.0/mlflow"
 MAX_RESULTS = 1000  # runs/search page size (the server's maximum for one page)

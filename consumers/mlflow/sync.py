@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from common.errors import ConfigurationError
+from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, RetryLater
 from consumers.mlflow.client import (
     MlflowError,
@@ -44,12 +46,11 @@ from consumers.mlflow.client import (
     filter_string,
 )
 from consumers.mlflow.expected import RUN_STATUS, advisory_key
-from consumers.persistence import Store
+from consumers.persistence import Store, unapplied
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 from schemas.mlflow import epoch_metrics, experiment_name, run_name, trial_params, trial_tags
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
-from sntrack.settings import ConfigurationError, Settings
 
 log = structlog.get_logger("sntrack.mlflow")
 
@@ -77,10 +78,6 @@ ON CONFLICT (trial_id) DO UPDATE SET
     updated_at = now()
 WHERE m.run_id = EXCLUDED.run_id
 """
-SELECT_APPLIED = "SELECT event_id FROM applied_events WHERE projection = $1 AND event_id = ANY($2::uuid[])"
-SELECT_DELETED_STUDIES = "SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($1::text[])"
-INSERT_APPLIED = ("INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[]) "
-                  "ON CONFLICT DO NOTHING")
 
 
 @dataclass(frozen=True)
@@ -140,12 +137,12 @@ class MlflowSync:
     name = "mlflow"
     queue = QueueSpec("sntrack.mlflow", bindings=(RUN_START, RUN_METRIC, RUN_STOP))
 
-    def __init__(self, store: Store, settings: Settings):
-        if settings.mlflow_enabled:
-            check_tracking_uri(settings.mlflow_tracking_uri)
+    def __init__(self, store: Store, config: ConsumerConfig):
+        self.config = config.mlflow
+        if self.config.enabled:
+            check_tracking_uri(self.config.tracking_uri)
         self.store = store
-        self.settings = settings
-        self.log = log.bind(tracking_uri=settings.mlflow_tracking_uri, experiment=settings.mlflow_experiment)
+        self.log = log.bind(tracking_uri=self.config.tracking_uri, experiment=self.config.experiment)
         self._client: MlflowRest | None = None
         self._experiments: dict[str, str] = {}  # experiment name → id
         self._attempts: dict[uuid.UUID, int] = {}
@@ -159,13 +156,13 @@ class MlflowSync:
             self._client = None
 
     async def handle(self, events: Sequence[Event]) -> None:
-        if not self.settings.mlflow_enabled:
+        if not self.config.enabled:
             if not self._said_disabled:
                 self.log.info("MLflow sync is disabled (SNTRACK_MLFLOW_ENABLED=false): events are acked unsynced; "
                               "`sntrack reconcile --repair` catches MLflow up later")
                 self._said_disabled = True
             return
-        self._client = self._client or MlflowRest(self.settings.mlflow_tracking_uri, self.settings.mlflow_timeout_s)
+        self._client = self._client or MlflowRest(self.config.tracking_uri, self.config.timeout_s)
         by_trial, links = await self._pending(events)
         await self._experiments_of({trial[0].model_run_id for trial in by_trial.values()})
         outcomes = await asyncio.gather(*(self._sync_trial(trial_events, links.get(trial_id))
@@ -175,7 +172,7 @@ class MlflowSync:
             await self._settle(failures, single=len(events) == 1)
 
     def experiment(self, model_run_id: str) -> str:
-        return experiment_name(self.settings.mlflow_experiment, model_run_id)
+        return experiment_name(self.config.experiment, model_run_id)
 
     async def _experiments_of(self, studies: set[str]) -> None:
         """The ids of the studies' experiments, created when missing."""
@@ -191,13 +188,9 @@ class MlflowSync:
 
     async def _pending(self, events: Sequence[Event]) -> tuple[dict[str, list[Event]], dict[str, Link]]:
         """The events not applied yet, by trial in seq order, and the trials' recorded links."""
-        unique = {e.event_id: e for e in events}
         async with self.store.pool.acquire() as conn:
-            applied = {r["event_id"] for r in await conn.fetch(SELECT_APPLIED, self.name, list(unique))}
-            # A late event of a study removed for good must not bring its MLflow runs back.
-            deleted = {r["model_run_id"] for r in await conn.fetch(SELECT_DELETED_STUDIES,
-                                                                   list({e.model_run_id for e in events}))}
-            fresh = [e for e in unique.values() if e.event_id not in applied and e.model_run_id not in deleted]
+            # A late event of a study removed for good must not bring its MLflow runs back: unapplied leaves it out.
+            fresh = await unapplied(conn, self.name, events, record=False)
             rows = await conn.fetch(SELECT_LINKS, list({e.trial_id for e in fresh}))
         by_trial: dict[str, list[Event]] = {}
         for event in sorted(fresh, key=lambda e: e.seq):
@@ -277,7 +270,7 @@ class MlflowSync:
                 described = json.loads(envelope)["payload"]
                 if described.get("mlflow_run_id"):
                     return Link(described["mlflow_run_id"], "event", "running")
-            elif self._attempts.get(first.event_id, 0) < self.settings.mlflow_max_attempts:
+            elif self._attempts.get(first.event_id, 0) < self.config.max_attempts:
                 raise StartPending(f"{first.event_type} of trial {first.trial_id} arrived before its start; "
                                    "waiting for it to learn which run holds the trial")
         flag = bool((described or {}).get("spectral_norm", next(
@@ -289,7 +282,7 @@ class MlflowSync:
     async def _record(self, events: list[Event], link: Link) -> None:
         first = events[0]
         async with self.store.pool.acquire() as conn, conn.transaction():
-            await conn.execute(INSERT_APPLIED, self.name, [e.event_id for e in events])
+            await unapplied(conn, self.name, events, record=True)
             await conn.execute(RECORD_STATUS, first.trial_id, link.run_id,
                                self._experiments[self.experiment(first.model_run_id)], link.origin, link.status)
 
@@ -309,13 +302,13 @@ class MlflowSync:
         if all(isinstance(f.error, StartPending) for f in failures):
             raise RetryLater(str(first.error))
         if not await self._client.healthy():
-            raise RetryLater(f"MLflow at {self.settings.mlflow_tracking_uri} is unreachable: {first.error}")
+            raise RetryLater(f"MLflow at {self.config.tracking_uri} is unreachable: {first.error}")
         worst = max(failures, key=lambda f: self._attempts[f.event.event_id])
         attempts = self._attempts[worst.event.event_id]
-        if attempts >= self.settings.mlflow_max_attempts:
+        if attempts >= self.config.max_attempts:
             if single:
                 self._attempts.pop(worst.event.event_id, None)
             raise DeadLetter("mlflow_unavailable", f"{worst.event.event_type} of trial {worst.event.trial_id} "
                              f"failed {attempts} attempts while the server answered /health: {worst.error}")
-        raise RetryLater(f"MLflow call failed (attempt {attempts} of {self.settings.mlflow_max_attempts}): "
+        raise RetryLater(f"MLflow call failed (attempt {attempts} of {self.config.max_attempts}): "
                          f"{first.error}")

@@ -1,0 +1,1 @@
+"""The SQL projections (read models) the runtime applies exactly once; `base` defines what a projection is."""

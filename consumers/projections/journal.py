@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumers.projection import Projection, Statement
+from consumers.projections.base import Projection, Statement
 from consumers.topology import QueueSpec
 from schemas import Event
 

@@ -8,7 +8,7 @@ the same hot row, which halved replay speed (progress of a running trial is max(
 
 from __future__ import annotations
 
-from consumers.projection import Projection, Statement, jsonb
+from consumers.projections.base import Projection, Statement, jsonb
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 

@@ -6,6 +6,7 @@ from sntrack.commands import (
     db,
     export,
     gateway,
+    mlflow_server,
     publish_sample,
     reconcile,
     replay,
@@ -21,5 +22,5 @@ from sntrack.commands import (
 
 COMMAND_MODULES = (
     worker, consume, dashboard, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample,
-    spool, topology, db, gateway,
+    spool, topology, db, gateway, mlflow_server,
 )

@@ -26,4 +26,4 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await serve(settings, args.names, stop)
+    return await serve(settings.consumer(), args.names, stop)

@@ -8,9 +8,11 @@ import sys
 from collections.abc import Callable
 from urllib.parse import quote
 
+from common.errors import ConfigurationError
+from common.urls import redact
+from consumers.broker_admin import ManagementApi
 from consumers.persistence import create_pool
-from sntrack.broker import ManagementApi
-from sntrack.settings import ConfigurationError, Settings, redact
+from sntrack.settings import Settings
 
 EXAMPLES = """examples:
   sntrack dashboard                      # http://127.0.0.1:8050/

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 
 import asyncpg
 
-from consumers.persistence import create_database, create_pool, migrate
+from common.postgres import create_database
+from consumers.persistence import create_pool, migrate
 from sntrack.settings import Settings
 
 
@@ -20,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
-    if args.create and await create_database(settings.database_url):
+    if args.create and await asyncio.to_thread(create_database, settings.database_url):
         print(f"created database {settings.database_name}")
     pool = await create_pool(settings.database_url, max_size=1)
     try:

@@ -10,11 +10,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from common.errors import ConfigurationError
 from consumers.export import curve_rows, trial_rows
 from consumers.persistence import create_pool
 from consumers.studies import UnknownStudy, resolve
 from sntrack.argtypes import output_file
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 FORMATS = ("csv", "jsonl", "parquet")
 

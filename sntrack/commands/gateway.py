@@ -9,11 +9,12 @@ import sys
 
 import asyncpg
 
+from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from gateway.tokens import add_token, check_producer_id, list_tokens, revoke_token
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 EXAMPLE = """example:
   sntrack gateway token add notebook-alice        # prints the token once; store it as a secret

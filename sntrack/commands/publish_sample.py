@@ -6,11 +6,12 @@ import argparse
 import sys
 import time
 
+from common.errors import ConfigurationError
 from producer.emitter import producer_info
 from producer.publisher import EventPublisher
 from producer.sample import synthetic_study
 from sntrack.progress import Progress
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 
 def _positive_int(text: str) -> int:
@@ -62,7 +63,7 @@ def _publish_sample(args: argparse.Namespace, settings: Settings) -> int:
                             model_run_id=args.run_id, sn_effect=args.sn_effect)
     events = [event for trial in study for event in trial]
     started = time.perf_counter()
-    publisher = EventPublisher(settings).start()
+    publisher = EventPublisher(settings.publisher()).start()
     if refusal := publisher.first_contact():
         publisher.close(0)
         raise ConfigurationError(refusal)

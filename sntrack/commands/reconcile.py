@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import difflib
 
+from common.errors import ConfigurationError
 from consumers.mlflow.client import MlflowRest, MlflowUnavailable, check_tracking_uri
 from consumers.mlflow.reconcile import Divergence, reconcile, studies
 from consumers.persistence import create_pool
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:

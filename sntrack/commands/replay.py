@@ -7,11 +7,12 @@ import re
 import sys
 from datetime import UTC, datetime
 
+from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from consumers.registry import PROJECTIONS
 from consumers.replay import ReplayAborted, default_schema, replay
 from sntrack.progress import Progress
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 RESERVED = re.compile(r"public|information_schema|pg_.*|sntrack_.*")

@@ -8,11 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from consumers.comparison.render import FORMATS, PLOT_SUFFIXES, RENDERERS
+from common.errors import ConfigurationError
 from consumers.persistence import create_pool
-from sntrack.settings import ConfigurationError, Settings
+from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
+from sntrack.settings import Settings
 
-MIN_EFFECT = 0.01  # the same default as consumers.comparison.report.MIN_EFFECT (imported lazily, with scipy)
+MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
   sntrack report --run demo-study --min-effect 0.005 --plot demo.png
@@ -68,8 +69,8 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     if args.plot:
         check_plot_path(args.plot)
     # scipy and matplotlib load here, not when `sntrack` builds its parser for another command.
-    from consumers.comparison.plot import plot_report
-    from consumers.comparison.report import UnknownScope, build_report, load
+    from consumers.report.plot import plot_report
+    from consumers.report.report import UnknownScope, build_report, load
 
     pool = await create_pool(settings.database_url, max_size=1)
     try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from common.urls import redact
 from producer.publisher import EventPublisher
 from producer.spool import REJECTED_DIR, inspect
-from sntrack.settings import Settings, redact
+from sntrack.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,7 +54,7 @@ def _flush(args: argparse.Namespace, settings: Settings) -> int:
     if not orphaned:
         print(f"spool {settings.spool_dir}: no orphaned segments to deliver")
         return 0
-    publisher = EventPublisher(settings).start()
+    publisher = EventPublisher(settings.publisher()).start()
     drained = publisher.drain(args.timeout)
     publisher.close(timeout=0)
     print(f"delivered {publisher.stats.flushed_from_spool} spooled events")

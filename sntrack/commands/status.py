@@ -8,10 +8,10 @@ import sys
 import time
 from urllib.parse import quote
 
+from consumers.broker_admin import UNROUTED, ManagementApi
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
 from sntrack.argtypes import seconds
-from sntrack.broker import UNROUTED, ManagementApi
 from sntrack.health import check_amqp_login, warnings
 from sntrack.settings import Settings
 

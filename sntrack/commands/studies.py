@@ -8,6 +8,7 @@ import sys
 
 import asyncpg
 
+from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from consumers.studies import (
     Deletion,
@@ -19,7 +20,7 @@ from consumers.studies import (
     resolve,
     restore,
 )
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 EXAMPLES = """examples:
   sntrack studies list

@@ -7,12 +7,13 @@ import asyncio
 import signal
 import sys
 
+from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
 from consumers.persistence import create_pool
 from consumers.runtime import ConsumerRuntime, connect
 from consumers.subscriber import JsonLinesSubscriber
 from schemas import ROUTING_PATTERN_ALL
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ async def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
     pool = await create_pool(settings.database_url, max_size=2)
     try:
         connection = await connect(settings)
-        runtime = ConsumerRuntime(handler, settings, AttemptLedger(pool, handler.name))
+        runtime = ConsumerRuntime(handler, settings.consumer(), AttemptLedger(pool, handler.name))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from sntrack.broker import (
+from consumers.broker_admin import (
     CONSUMER_USER,
     DEFINITIONS_FILE,
     GATEWAY_USER,

@@ -8,8 +8,9 @@ import json
 
 import asyncpg
 
+from common.errors import ConfigurationError
 from consumers.persistence import create_pool
-from sntrack.settings import ConfigurationError, Settings
+from sntrack.settings import Settings
 from sntrack.sparkline import sparkline
 
 CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")

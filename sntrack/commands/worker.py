@@ -5,25 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from common.errors import ConfigurationError
+from common.urls import redact
 from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
 from sntrack.health import amqp_refusal_now
 from sntrack.progress import EpochCounter, Progress
-from sntrack.settings import ConfigurationError, Settings, redact
+from sntrack.settings import Settings
 
 log = structlog.get_logger("sntrack.worker")
 
-CLOSE_TIMEOUT_S = 30.0
 
 
 WORKER_EXTRA_MISSING = ("the worker needs the worker extra (torch, optuna, scikit-learn): "
@@ -91,10 +89,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except ModuleNotFoundError:
         raise ConfigurationError(WORKER_EXTRA_MISSING) from None
 
-    from producer.emitter import producer_info
-    from producer.publisher import EventPublisher, SpoolFull
-    from producer.study import Heartbeat, StudyError, Worker, WorkerPlan, adopt_space, lost_trial_stop, open_study
-    from producer.tracking import MlflowLogger, Tracker, bound_mlflow_http
+    from producer.publisher import SpoolFull
+    from producer.service import WorkerConfig, WorkerMlflowConfig, WorkerSession, stop_on_signals
+    from producer.study import StudyError, Worker, WorkerPlan, adopt_space, open_study
 
     optuna.logging.set_verbosity(logging.WARNING)
     torch.set_num_threads(max(1, args.threads))
@@ -104,56 +101,25 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if refusal := asyncio.run(amqp_refusal_now(settings)):  # before the Optuna study is created
         raise ConfigurationError(refusal)
     storage = args.storage or settings.optuna_storage
-    producer = producer_info(settings.worker_id)
-
-    def report_lost(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Optuna failed a trial whose worker stopped beating: publish its failed stop (worker_lost), durably."""
-        stop_event = lost_trial_stop(trial, study.study_name, producer)
-        log.warning("a trial's worker stopped beating; reported failed (worker_lost)", optuna_trial_number=trial.number,
-                    trial_id=stop_event.trial_id if stop_event else None)
-        if stop_event is not None:
-            publisher.publish(stop_event)  # the publisher below: Optuna calls this only from worker.run()
-            publisher.flush()
+    mlflow = (WorkerMlflowConfig(settings.mlflow_tracking_uri, settings.mlflow_experiment, settings.mlflow_timeout_s,
+                                 settings.mlflow_start_wait_s)
+              if settings.mlflow_enabled and not args.no_mlflow else None)
+    session = WorkerSession(WorkerConfig(settings.publisher(), settings.worker_heartbeat_s, mlflow, settings.worker_id))
 
     try:
         space = SearchSpace.load(args.search_space, overrides)
         pruner = optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2) if args.pruner == "median" else None
         study = open_study(storage, args.study, dataset=args.dataset, split_seed=args.seed, pruner=pruner,
-                           heartbeat=Heartbeat(settings.worker_heartbeat_s, report_lost))
+                           heartbeat=session.heartbeat())
         given = set(SEARCHABLE) if args.search_space else {n for n, spec in overrides.items() if spec is not None}
         space = adopt_space(study, space, given)
     except (SearchSpaceError, StudyError) as exc:
         raise ConfigurationError(str(exc)) from None
-    stop = threading.Event()
-    signals = 0
-
-    def on_signal(signum: int, _frame) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 2:  # stop now: no more waiting for the broker; what is in memory is spooled on the way out
-            log.warning("second signal: spooling what is in memory and exiting", signal=signal.Signals(signum).name)
-            raise KeyboardInterrupt
-        if signals > 2:
-            return  # the exit is spooling; one more interrupt there would lose the events in memory
-        log.info("stopping: the running trial ends as interrupted", signal=signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-
-    use_mlflow = settings.mlflow_enabled and not args.no_mlflow
-    with EventPublisher(settings) as publisher:
-        if refusal := publisher.first_contact():
-            raise ConfigurationError(refusal)  # unreachable is fine (events spool); refused is a setting to fix
+    stop = stop_on_signals()
+    with session:
         log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials,
-                 mlflow=settings.mlflow_tracking_uri if use_mlflow else None)
-        mlflow = None
-        if use_mlflow:
-            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # no "🏃 View run" per trial
-            bound_mlflow_http(settings.mlflow_timeout_s, max_retries=1)
-            mlflow = MlflowLogger(settings.mlflow_tracking_uri, settings.mlflow_experiment)
-        tracker = Tracker(publisher, producer, mlflow, settings.mlflow_start_wait_s)
+                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials, mlflow=mlflow and mlflow.tracking_uri)
+        tracker = session.tracker
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
             epochs = _most_epochs(space)
@@ -176,10 +142,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         except SpoolFull as exc:
             print(f"sntrack: {exc}", file=sys.stderr)
             return 1
-        finally:
-            tracker.close(CLOSE_TIMEOUT_S)
-        delivered = publisher.close(CLOSE_TIMEOUT_S)
-        stats = publisher.stats
+    stats, delivered = session.stats, session.delivered
     log.info("worker finished", trials=result.trials, **dict(result.statuses), interrupted=result.interrupted,
              events_confirmed=stats.confirmed + stats.flushed_from_spool, events_spooled=stats.spooled,
              all_events_confirmed_or_spooled=delivered)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from consumers.comparison.stats import variance
+from consumers.report.stats import variance
 
 ASO_DT = 0.005  # deepsig's default grid step of the quantile integrals
 ASO_BOOTSTRAP = 1000

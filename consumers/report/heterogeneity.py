@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from consumers.comparison.stats import (
+from consumers.report.stats import (
     Difference,
     TestResult,
     mean_difference,

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.registry import QUEUES
 from consumers.topology import DLQ_MAX_BYTES, DLQ_MAX_LENGTH
 from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE
-from sntrack.settings import ConfigurationError, redact
 
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq" / "definitions.json"
 DEFAULT_VHOST = "sntrack"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from consumers.comparison.render import PLOT_SUFFIXES
-from consumers.comparison.report import ARMS, ComparisonData, complete_pairs
+from consumers.report.render import PLOT_SUFFIXES
+from consumers.report.report import ARMS, ComparisonData, complete_pairs
 
 COLORS = {"spectral_norm": "tab:blue", "baseline": "tab:orange"}
 LABELS = {"spectral_norm": "spectral norm", "baseline": "baseline"}

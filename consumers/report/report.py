@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 import asyncpg
 from pydantic_core import from_json
 
-from consumers.comparison import equivalence as eq
-from consumers.comparison import explore, manipulation, queries, robustness
-from consumers.comparison import stats as st
-from consumers.comparison import verdict as vd
-from consumers.projections.comparison import OVERALL
+from consumers.projections.sn_comparison import OVERALL
+from consumers.report import equivalence as eq
+from consumers.report import explore, manipulation, queries, robustness
+from consumers.report import stats as st
+from consumers.report import verdict as vd
 
 REPORT_VERSION = 2
 MIN_EFFECT = 0.01  # the default smallest difference of interest (absolute accuracy)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 import aio_pika
 import aiormq
 
-from sntrack.settings import redact
+from common.urls import path_name, redact
 
 
 def amqp_refusal(exc: BaseException, url: str) -> str | None:
@@ -20,7 +20,7 @@ def amqp_refusal(exc: BaseException, url: str) -> str | None:
         return f"RabbitMQ refused the credentials in {redact(url)}; check user and password in SNTRACK_AMQP_URL"
     if isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or (
             isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc)):
-        vhost = unquote(urlsplit(url).path.lstrip("/")) or "/"
+        vhost = unquote(path_name(url)) or "/"
         return (f"RabbitMQ at {redact(url)} refused vhost {vhost!r}: it does not exist or the user may not open it "
                 "(sntrack topology apply creates it; check SNTRACK_AMQP_URL)")
     return None

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from consumers.comparison import stats as st
-from consumers.comparison.equivalence import Tost
+from consumers.report import stats as st
+from consumers.report.equivalence import Tost
 
 PAIRED, INDEPENDENT = "paired", "independent"
 TEST_NAMES = {"paired_t": "paired t-test", "wilcoxon_signed_rank": "Wilcoxon signed-rank test",

@@ -15,8 +15,8 @@ from dataclasses import asdict
 import numpy as np
 from scipy import stats
 
-from consumers.comparison import heterogeneity as het
-from consumers.comparison.stats import ALPHA, TestResult
+from consumers.report import heterogeneity as het
+from consumers.report.stats import ALPHA, TestResult
 
 SKIP = frozenset({"spectral_norm"})
 LOG_SPAN = 100.0  # max / min beyond which a positive parameter is related on the log scale

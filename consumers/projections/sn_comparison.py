@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from consumers.projection import Projection, Statement
+from consumers.projections.base import Projection, Statement
 from consumers.topology import QueueSpec
 from schemas import Event, RunStopped
 from schemas.events import ALL_SEARCHES

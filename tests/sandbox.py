@@ -1,4 +1,5 @@
-"""A throw-away vhost and database with the topology and schema applied (tests and benchmarks)."""
+"""A throw-away vhost and database with the topology and schema applied (test and benchmark scaffolding, not
+installed: bench imports it from here)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,17 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from consumers.persistence import create_database, drop_database, migrate
-from sntrack.broker import ManagementApi, apply_topology, delete_vhost
-from sntrack.settings import ConfigurationError, Settings
+from common.errors import ConfigurationError
+from common.postgres import create_database, drop_database
+from common.urls import with_path
+from consumers.broker_admin import ManagementApi, apply_topology, delete_vhost
+from consumers.persistence import migrate
+from sntrack.settings import Settings
 
 STAMP = "%Y%m%d%H%M%S"
-
-
-def with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{path}"))
 
 
 @contextlib.asynccontextmanager
@@ -38,7 +37,7 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) 
     })
     await asyncio.to_thread(apply_topology, api, vhost)
     try:
-        await create_database(settings.database_url)
+        await asyncio.to_thread(create_database, settings.database_url)
         conn = await asyncpg.connect(settings.database_url)
         try:
             await migrate(conn)
@@ -47,7 +46,7 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) 
         yield settings
     finally:
         await asyncio.to_thread(delete_vhost, api, vhost)
-        await drop_database(settings.database_url)
+        await asyncio.to_thread(drop_database, settings.database_url)
 
 
 async def remove_stale(base: Settings, prefix: str, older_than_s: float = 86_400) -> list[str]:
@@ -70,7 +69,7 @@ async def remove_stale(base: Settings, prefix: str, older_than_s: float = 86_400
     vhosts = [v["name"] for v in await asyncio.to_thread(api.request, "GET", "vhosts") or []]
     removed = []
     for name in filter(stale, databases):
-        await drop_database(with_path(base.database_url, name))
+        await asyncio.to_thread(drop_database, with_path(base.database_url, name))
         removed.append(name)
     for name in filter(stale, vhosts):
         with contextlib.suppress(ConfigurationError):  # removed meanwhile by another session

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from consumers.comparison import heterogeneity as het
-from consumers.comparison import stats as st
+from consumers.report import heterogeneity as het
+from consumers.report import stats as st
 
 
 def stability(sn: Sequence[float], base: Sequence[float], pairs: Sequence[tuple[float, float]]) -> dict:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Iterator
 
 FORMATS = ("table", "json", "csv", "markdown")
-PLOT_SUFFIXES = (".png", ".svg")  # the figure of consumers.comparison.plot
+PLOT_SUFFIXES = (".png", ".svg")  # the figure of consumers.report.plot
 
 
 def _num(value: float | None, digits: int = 4, signed: bool = False) -> str:

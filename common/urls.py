@@ -1,0 +1,25 @@
+"""Service URLs: redacting their password for logs, and naming another database or vhost on the same server."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, safe for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def path_name(url: str) -> str:
+    """The database or vhost the URL names (its path, without the leading slash)."""
+    return urlsplit(url).path.lstrip("/")
+
+
+def with_path(url: str, path: str, *, scheme: str | None = None) -> str:
+    """The URL naming `path` (a database or a vhost) on the same server, optionally with another scheme."""
+    parts = urlsplit(url)._replace(path=f"/{path}")
+    return urlunsplit(parts._replace(scheme=scheme) if scheme else parts)

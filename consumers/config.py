@@ -1,0 +1,28 @@
+"""The consumers' configuration, built by the command line from Settings (the library never reads the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    enabled: bool = True
+    tracking_uri: str = "http://127.0.0.1:5000"
+    experiment: str = "sntrack/{study}"  # a name, or a template: {study} = the model_run_id
+    timeout_s: float = 10.0
+    max_attempts: int = 8
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """What ConsumerRuntime and the consumer service need (`Settings.consumer()`)."""
+
+    amqp_url: str
+    database_url: str
+    batch_size: int = 500
+    prefetch: int = 1000
+    max_message_bytes: int = 1_048_576
+    memory_mb: int = 512  # bodies held at once: the effective prefetch is at most memory_mb MiB / max_message_bytes
+    worker_id: str | None = None  # names the connection
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
