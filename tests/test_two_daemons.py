@@ -1,0 +1,65 @@
+"""Two copies of the same daemon on one vhost and database, one of them killed -9 mid-stream and restarted:
+every event applied exactly once per projection, and the live read model equals a fresh replay."""
+
+import asyncio
+import signal
+
+import pytest
+
+from consumers.projections.sn_comparison import OVERALL
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
+from schemas import RunStopped
+from tests.conftest import wait_until
+from tests.test_comparison import SN_ROWS
+from tests.test_crash_recovery import start_daemon
+
+pytestmark = pytest.mark.slow
+
+NAMES = ("journal", "trials", "comparison")
+
+
+async def test_two_daemons_one_killed_apply_every_event_once(env):
+    studies = [synthetic_study(125, 20, seed=31, producer=producer_info(), paired=True),
+               synthetic_study(125, 20, seed=32, producer=producer_info())]
+    events = [e for study in studies for trial in study for e in trial]
+    assert len(events) >= 5_000
+    stops = sum(isinstance(e, RunStopped) for e in events)
+    metrics = sum(e.event_type == "ml.run.metric" for e in events)
+    daemons = [start_daemon(env, *NAMES), start_daemon(env, *NAMES)]
+    try:
+        publishing = asyncio.create_task(env.publish_events(events, duplicates=500))
+        await wait_until(lambda: env.fetchval("SELECT count(*) > 1000 FROM applied_events"), interval=0.02,
+                         timeout=120, what="both daemons to be applying")
+        daemons[0].send_signal(signal.SIGKILL)
+        daemons[0].wait()
+        applied_at_kill = await env.fetchval("SELECT count(*) FROM applied_events")
+        daemons[0] = start_daemon(env, *NAMES)
+        await publishing
+        for name, expected in (("journal", len(events)), ("trials", len(events)), ("comparison", stops)):
+            await wait_until(lambda n=name, x=expected: env.fetchval(
+                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, x), timeout=240,
+                what=f"{name} to catch up")
+    finally:
+        for daemon in daemons:
+            daemon.send_signal(signal.SIGTERM)
+        outcomes = [daemon.communicate(timeout=60) for daemon in daemons]
+    for daemon, (_, stderr) in zip(daemons, outcomes, strict=True):
+        assert daemon.returncode == 0, stderr[-2000:]
+
+    # The kill hit a stream in motion, not an idle or finished pair of consumers.
+    assert 1000 < applied_at_kill < 2 * len(events) + stops, applied_at_kill
+    assert await env.fetchval("SELECT count(*) FROM events") == len(events)
+    assert await env.fetchval("SELECT count(DISTINCT event_id) FROM events") == len(events)
+    assert await env.fetchval("SELECT count(*) FROM trial_metrics") == metrics
+    overall = await env.fetchval("SELECT sum(trials) FROM sn_comparison WHERE model_run_id = $1", OVERALL)
+    assert overall == stops
+    for queue in ("journal", "trials", "comparison"):
+        assert env.queue_depth(f"sntrack.{queue}.dlq") == 0
+
+    live = await env.snapshot("trials", "trial_metrics")
+    live_comparison = [tuple(r) for r in await env.fetch(SN_ROWS)]
+    await env.replay("trials")
+    await env.replay("comparison")
+    assert await env.snapshot("trials", "trial_metrics") == live
+    assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
