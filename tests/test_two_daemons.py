@@ -4,8 +4,6 @@ every event applied exactly once per projection, and the live read model equals 
 import asyncio
 import signal
 
-import pytest
-
 from consumers.projections.sn_comparison import OVERALL
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -13,8 +11,6 @@ from schemas import RunStopped
 from tests.conftest import wait_until
 from tests.test_comparison import SN_ROWS
 from tests.test_crash_recovery import start_daemon
-
-pytestmark = pytest.mark.slow
 
 NAMES = ("journal", "trials", "comparison")
 
