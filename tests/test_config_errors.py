@@ -13,6 +13,10 @@ import pytest
 
 from common.postgres import create_database, drop_database
 from common.urls import with_path
+from consumers.persistence import apply_events
+from consumers.registry import PROJECTIONS
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
 from tests.test_end_to_end import cli_env
 
 
@@ -81,3 +85,17 @@ async def test_configuration_mistake_is_one_line_and_exit_2(env, bare_database, 
     if case == "worker with a wrong vhost":  # refused before anything was created
         assert not await env.fetchval("SELECT 1 FROM pg_database WHERE datname = $1",
                                       urlsplit(bare_database).path[1:] + "_optuna")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+async def test_export_to_a_full_device_is_one_line_and_exit_2(env, fmt):
+    study = synthetic_study(4, 2, seed=1, producer=producer_info(), model_run_id="full")
+    conn = await env.db()
+    try:
+        await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
+    finally:
+        await conn.close()
+    run = subprocess.run([sys.executable, "-m", "sntrack", "export", "--run", "full", "--format", fmt,
+                          "--output", "/dev/full"], env=cli_env(env), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == ["sntrack: cannot write /dev/full: No space left on device"]

@@ -52,7 +52,10 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError(str(exc)) from None
     finally:
         await pool.close()
-    WRITERS[args.format](rows, args.output)
+    try:
+        WRITERS[args.format](rows, args.output)
+    except OSError as exc:  # a full disk or a device that refuses writes (the path itself was checked already)
+        raise ConfigurationError(f"cannot write {args.output or 'standard output'}: {exc.strerror or exc}") from None
     if args.output:
         print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
     return 0
