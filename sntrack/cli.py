@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import sys
 import typing
 
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Writing the output failed: a full disk or device, a closed pipe. Said in one line, like a configuration mistake.
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EFBIG, errno.EDQUOT)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -47,7 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         result = args.run(args, settings)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
+        sys.stdout.flush()  # here, not at exit, so that a failed write is reported below
         return int(result or 0)
+    except OSError as exc:
+        if exc.errno not in OUTPUT_ERRNOS:
+            raise
+        sys.stdout = None  # nothing more may be flushed to it at exit
+        print(f"sntrack: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 2
     except ConfigurationError as exc:
         print(f"sntrack: {exc}", file=sys.stderr)
         return 2

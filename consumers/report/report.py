@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings as _warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -308,6 +309,15 @@ def _curves(data: ComparisonData) -> dict:
 
 def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha: float = st.ALPHA,
                  now: datetime | None = None) -> dict:
+    """The report. Degenerate inputs (zero variance, a single trial) make numpy and scipy warn; the report says
+    itself what it could not compute, so their RuntimeWarnings are not printed
+    (tests/test_config_errors.py::test_a_small_study_reports_without_numerical_warnings)."""
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore", RuntimeWarning)
+        return _build_report(data, min_effect, alpha, now)
+
+
+def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: datetime | None) -> dict:
     done = [t for t in data.trials if t.status == "completed" and t.val is not None]
     sn = [t.val for t in done if t.spectral_norm]
     base = [t.val for t in done if not t.spectral_norm]
