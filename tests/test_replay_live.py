@@ -217,6 +217,7 @@ def test_into_needs_until_and_a_plain_name(env):
 @pytest.mark.slow
 async def test_rebuilds_beside_the_live_daemon_never_deadlock_lose_or_double(env):
     study, events = study_events(600, 15, seed=15)
+    stops = [trial[-1] for trial in study]
     daemon = start_daemon(env, "journal", "trials", "comparison")
     publishing = asyncio.create_task(env.publish_events(events, duplicates=300))
     rebuilds = []
@@ -227,10 +228,16 @@ async def test_rebuilds_beside_the_live_daemon_never_deadlock_lose_or_double(env
             for name in ("trials", "comparison"):
                 rebuilds.append(await run_replay(env, name, journal_wait_s=60))
         await publishing
-        for name in ("journal", "trials", "comparison"):
+        for name in ("journal", "trials"):
             await wait_until(lambda n=name: env.fetchval(
                 "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, len(events)),
                 timeout=180, what=f"{name} to catch up")
+        # The live comparison consumer records the stops it receives, a rebuild every journal event it read: count
+        # the stops, which both record.
+        await wait_until(lambda: env.fetchval(
+            "SELECT count(*) = $1 FROM applied_events a JOIN events e USING (event_id) "
+            "WHERE a.projection = 'comparison' AND e.event_type = 'ml.run.stop'", len(stops)),
+            timeout=180, what="comparison to catch up")
         rebuilds.append(await run_replay(env, "trials"))  # one more with the daemon idle but running
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -240,7 +247,6 @@ async def test_rebuilds_beside_the_live_daemon_never_deadlock_lose_or_double(env
     print(f"{len(rebuilds)} rebuilds beside the live daemon; swaps held the locks "
           f"{max(r.swap_seconds for r in rebuilds) * 1000:.1f} ms at most")
     assert len(rebuilds) >= 3
-    stops = [trial[-1] for trial in study]
     assert await env.fetchval("SELECT count(*) FROM trial_metrics") == sum(
         e.event_type == "ml.run.metric" for e in events)
     assert await env.fetchval("SELECT count(*) FROM trials WHERE status <> 'running'") == len(stops)
