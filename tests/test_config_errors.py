@@ -101,6 +101,16 @@ async def test_export_to_a_full_device_is_one_line_and_exit_2(env, fmt):
     assert run.stderr.strip().splitlines() == ["sntrack: cannot write /dev/full: No space left on device"]
 
 
+async def _record(env, study) -> None:
+    """The study applied by the journal, trials and comparison projections, as the consumers would."""
+    conn = await env.db()
+    try:
+        for name in ("journal", "trials", "comparison"):
+            await apply_events(conn, PROJECTIONS[name], [e for trial in study for e in trial])
+    finally:
+        await conn.close()
+
+
 def _report_into_a_full_device(env) -> subprocess.CompletedProcess:
     with open("/dev/full", "w") as full:
         return subprocess.run([sys.executable, "-m", "sntrack", "report", "--run", "full"], env=cli_env(env),
@@ -109,12 +119,7 @@ def _report_into_a_full_device(env) -> subprocess.CompletedProcess:
 
 async def test_a_report_to_a_full_standard_output_is_one_line_and_exit_2(env):
     study = synthetic_study(40, 3, seed=2, producer=producer_info(), model_run_id="full", paired=True)
-    conn = await env.db()
-    try:
-        for name in ("journal", "trials", "comparison"):
-            await apply_events(conn, PROJECTIONS[name], [e for trial in study for e in trial])
-    finally:
-        await conn.close()
+    await _record(env, study)
     run = await asyncio.to_thread(_report_into_a_full_device, env)
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stderr.strip().splitlines() == ["sntrack: cannot write the output: No space left on device"]
@@ -122,12 +127,7 @@ async def test_a_report_to_a_full_standard_output_is_one_line_and_exit_2(env):
 
 async def test_a_small_study_reports_without_numerical_warnings(env):
     study = synthetic_study(6, 2, seed=2, producer=producer_info(), model_run_id="small")
-    conn = await env.db()
-    try:
-        for name in ("journal", "trials", "comparison"):
-            await apply_events(conn, PROJECTIONS[name], [e for trial in study for e in trial])
-    finally:
-        await conn.close()
+    await _record(env, study)
     run = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "sntrack", "report", "--run", "small"],
                                   env=cli_env(env), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "verdict:" in run.stdout, run.stderr[-2000:]
