@@ -103,6 +103,11 @@ class TestEnv:
         info = self.api.request("GET", f"queues/{self.vhost}/{queue}") or {}
         return int(info.get("messages", 0))
 
+    def consumers(self, queue: str) -> int:
+        """Consumers the broker lists on `queue`; its statistics lag by up to one sampling interval (5 s)."""
+        listed = self.api.request("GET", f"consumers/{self.vhost}") or []
+        return sum(c["queue"]["name"] == queue for c in listed)
+
     async def dead_letters(self, queue: str, limit: int = 1000) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Drain up to `limit` messages from `<queue>.dlq` (acking them)."""
         connection = await aio_pika.connect(self.settings.amqp_url)

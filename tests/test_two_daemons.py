@@ -31,6 +31,10 @@ async def test_two_daemons_one_killed_apply_every_event_once(env):
         daemons[0].wait()
         applied_at_kill = await env.fetchval("SELECT count(*) FROM applied_events")
         daemons[0] = start_daemon(env, *NAMES)
+        # Both daemons consume again: the SIGTERM at the end then stops two running daemons, not one mid-start.
+        for name in NAMES:
+            await wait_until(lambda q=f"sntrack.{name}": env.consumers(q) == 2, timeout=60,
+                             what=f"two consumers on sntrack.{name}")
         await publishing
         for name, expected in (("journal", len(events)), ("trials", len(events)), ("comparison", stops)):
             await wait_until(lambda n=name, x=expected: env.fetchval(
