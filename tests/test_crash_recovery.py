@@ -43,6 +43,10 @@ async def test_kill_9_at_random_moments_loses_and_doubles_nothing(env):
             progress_at_kills.append(applied)
             kills += 1
             daemon = start_daemon(env, "journal", "trials")
+        # The last daemon may find nothing left to apply: wait until it consumes, so the SIGTERM below stops a running
+        # daemon rather than one still starting (which dies of the signal, -15).
+        for queue in ("sntrack.journal", "sntrack.trials"):
+            await wait_until(lambda q=queue: env.consumers(q) == 1, timeout=60, what=f"a consumer on {queue}")
         await publishing
         await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), timeout=180,
                          what="journal to catch up")
