@@ -60,7 +60,7 @@ WHERE s.relkind = 'S' AND s.relnamespace = current_schema()::regnamespace AND t.
 @dataclass(frozen=True)
 class RoleSpec:
     name: str
-    password: str | None
+    password: str | None  # None or empty: not set (an existing role keeps its password)
     password_variable: str  # where the password comes from, for error messages
 
 
@@ -90,27 +90,23 @@ async def ensure_roles(conn: asyncpg.Connection, writer: RoleSpec, reader: RoleS
     if me in (writer.name, reader.name):
         raise ConfigurationError(f"{me!r} runs the migration and cannot also be the writer or reader role; run it "
                                  "as the tables' owner (SNTRACK_ADMIN_DATABASE_URL)")
-    try:
-        async with conn.transaction():
-            done = [await _ensure_login(conn, role) for role in (writer, reader)]
-            relations = [r["relname"] for r in await conn.fetch(RELATIONS)]
-            await _grant(conn, writer.name, {t: p for t, p in WRITER_GRANTS.items() if t in relations})
-            await _grant(conn, reader.name, {t: SELECT for t in relations if t not in NOT_READABLE})
-            sequences = [r["relname"] for r in await conn.fetch(
-                SEQUENCES, [t for t, p in WRITER_GRANTS.items() if "INSERT" in p])]
-            for sequence in sequences:
-                await conn.execute(f"GRANT USAGE ON SEQUENCE {_ident(sequence)} TO {_ident(writer.name)}")
-    except asyncpg.InsufficientPrivilegeError as exc:
-        raise ConfigurationError(f"cannot set up the database roles as {me}: {exc}; run it as the owner of the "
-                                 "database and its tables, with CREATEROLE (SNTRACK_ADMIN_DATABASE_URL)") from None
+    async with conn.transaction():
+        done = [await _ensure_login(conn, role) for role in (writer, reader)]
+        relations = [r["relname"] for r in await conn.fetch(RELATIONS)]
+        await _grant(conn, writer.name, {t: p for t, p in WRITER_GRANTS.items() if t in relations})
+        await _grant(conn, reader.name, {t: SELECT for t in relations if t not in NOT_READABLE})
+        sequences = [r["relname"] for r in await conn.fetch(
+            SEQUENCES, [t for t, p in WRITER_GRANTS.items() if "INSERT" in p])]
+        for sequence in sequences:
+            await conn.execute(f"GRANT USAGE ON SEQUENCE {_ident(sequence)} TO {_ident(writer.name)}")
     return done
 
 
 async def _ensure_login(conn: asyncpg.Connection, role: RoleSpec) -> str:
     found = await conn.fetchrow("SELECT rolsuper FROM pg_roles WHERE rolname = $1", role.name)
-    password = "" if role.password is None else f" PASSWORD '{scram_verifier(role.password)}'"
+    password = "" if not role.password else f" PASSWORD '{scram_verifier(role.password)}'"
     if found is None:
-        if role.password is None:
+        if not role.password:
             raise ConfigurationError(f"role {role.name} does not exist and {role.password_variable} is not set; set "
                                      "it to create the role with that password")
         await conn.execute(f"CREATE ROLE {_ident(role.name)} LOGIN{password}")
@@ -119,7 +115,7 @@ async def _ensure_login(conn: asyncpg.Connection, role: RoleSpec) -> str:
         raise ConfigurationError(f"role {role.name} is a superuser; a daemon's role must not be: name another role "
                                  "or make it NOSUPERUSER")
     await conn.execute(f"ALTER ROLE {_ident(role.name)} LOGIN{password}")
-    return f"{role.name} updated" + (" (new password)" if role.password is not None else " (password kept)")
+    return f"{role.name} updated" + (" (new password)" if role.password else " (password kept)")
 
 
 async def _grant(conn: asyncpg.Connection, role: str, grants: dict[str, tuple[str, ...]]) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from common.errors import ConfigurationError
 from common.postgres import create_database
 from common.urls import path_name
 from consumers.persistence import migrate
@@ -56,6 +58,10 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         async with pool.acquire() as conn:
             applied = await migrate(conn)
             roles = await ensure_roles(conn, *_roles(settings)) if args.roles else []
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise ConfigurationError(
+            f"`sntrack db migrate` as {urlsplit(url).username} was refused: {exc}; run it as the owner of the database "
+            f"and its tables{', with CREATEROLE' if args.roles else ''} (SNTRACK_ADMIN_DATABASE_URL)") from None
     finally:
         await pool.close()
     print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
