@@ -132,7 +132,7 @@ async def test_migrate_roles_by_a_non_superuser_owner_is_idempotent_and_stores_o
         assert not any(p in run.stdout + run.stderr for p in (*prod.passwords.values(), "another-writer-pw"))
 
 
-async def test_role_set_up_mistakes_are_one_line(prod):
+async def test_role_mistakes_are_one_line(prod):
     cases: list[tuple[dict[str, str], str]] = [
         ({"SNTRACK_DB_WRITER_ROLE": prod.writer + "_new", "SNTRACK_DB_WRITER_PASSWORD": ""},
          f"role {prod.writer}_new does not exist and SNTRACK_DB_WRITER_PASSWORD is not set"),
@@ -146,6 +146,11 @@ async def test_role_set_up_mistakes_are_one_line(prod):
         assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert not await prod.value(prod.owner_url, "SELECT count(*) FROM pg_roles WHERE rolname = $1",
                                 prod.writer + "_new")  # nothing half-done
+    # An owner's command run with the writer's login: refused by the server, said in one line.
+    for args in (("replay", "trials"), ("gateway", "token", "add", "someone")):
+        run = prod.sntrack(*args, SNTRACK_ADMIN_DATABASE_URL=prod.writer_url)
+        assert run.returncode == 2 and "PostgreSQL refused: permission denied" in run.stderr, (args, run.stderr)
+        assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
 
 
 async def _refusals(url: str, statements: list[str]) -> list[str]:
