@@ -284,6 +284,7 @@ async def test_daemons_run_as_the_writer_reports_as_the_reader_and_a_replay_keep
         await conn.execute(UPSERT_LINK, trial, "run-1", "exp-1", "created", "running")
         await conn.execute("INSERT INTO consumer_attempts (consumer, message_key, attempts) VALUES ('t', 'k', 1)")
         await conn.execute("DELETE FROM consumer_attempts WHERE consumer = 't'")
+        await conn.fetch("SELECT producer_id FROM gateway_tokens")  # the gateway daemon checks tokens
     finally:
         await conn.close()
 
