@@ -50,9 +50,10 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", **overrides) 
 
 
 async def remove_stale(base: Settings, prefix: str, older_than_s: float = 86_400) -> list[str]:
-    """Drop the databases and vhosts `sandbox(prefix=...)` named more than `older_than_s` ago: what interrupted runs
-    left behind (tests/test_leftovers.py::test_stale_sandboxes_are_removed). Names without a time are left alone:
-    their age is unknown and another run may be using them."""
+    """Drop the databases and vhosts `sandbox(prefix=...)` named more than `older_than_s` ago, and the roles named
+    after such a database (tests/test_db_roles.py): what interrupted runs left behind
+    (tests/test_leftovers.py::test_stale_sandboxes_are_removed, ::test_stale_roles_are_removed). Names without a
+    time are left alone: their age is unknown and another run may be using them."""
     api = ManagementApi(base.rabbitmq_admin_url)
     pattern = re.compile(rf"^{re.escape(prefix.replace('_', '-'))}-(\d{{14}})-")  # databases use _ for -
     cutoff = time.time() - older_than_s
@@ -64,13 +65,18 @@ async def remove_stale(base: Settings, prefix: str, older_than_s: float = 86_400
     conn = await asyncpg.connect(with_path(base.database_url, "postgres"))
     try:
         databases = [r["datname"] for r in await conn.fetch("SELECT datname FROM pg_database")]
+        vhosts = [v["name"] for v in await asyncio.to_thread(api.request, "GET", "vhosts") or []]
+        removed = []
+        for name in filter(stale, databases):
+            await asyncio.to_thread(drop_database, with_path(base.database_url, name))
+            removed.append(name)
+        for name in filter(stale, [r["rolname"] for r in await conn.fetch("SELECT rolname FROM pg_roles")]):
+            role = '"' + name.replace('"', '""') + '"'
+            with contextlib.suppress(asyncpg.DependentObjectsStillExistError):  # still owns objects elsewhere
+                await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+                removed.append(name)
     finally:
         await conn.close()
-    vhosts = [v["name"] for v in await asyncio.to_thread(api.request, "GET", "vhosts") or []]
-    removed = []
-    for name in filter(stale, databases):
-        await asyncio.to_thread(drop_database, with_path(base.database_url, name))
-        removed.append(name)
     for name in filter(stale, vhosts):
         with contextlib.suppress(ConfigurationError):  # removed meanwhile by another session
             await asyncio.to_thread(delete_vhost, api, name)

@@ -60,3 +60,21 @@ async def test_stale_sandboxes_are_removed(env):
             if env.api.request("GET", f"vhosts/{vhost}") is not None:
                 delete_vhost(env.api, vhost)
             await asyncio.to_thread(drop_database, with_path(env.settings.database_url, database))
+
+
+async def test_stale_roles_are_removed(env):
+    prefix = f"sntrack-staleroles{os.getpid()}"
+    old, fresh = (f"{prefix.replace('-', '_')}_{stamp}_0123abcd_writer"
+                  for stamp in ("20000101000000", time.strftime("%Y%m%d%H%M%S", time.gmtime())))
+    for role in (old, fresh):
+        await env.fetch(f'CREATE ROLE "{role}" LOGIN')
+    await env.fetch(f'GRANT CONNECT ON DATABASE "{env.database}" TO "{old}"')  # DROP ROLE alone would refuse
+    try:
+        assert await remove_stale(env.settings, prefix) == [old]
+        assert {r["rolname"] for r in await env.fetch("SELECT rolname FROM pg_roles WHERE rolname = ANY($1)",
+                                                       [old, fresh])} == {fresh}
+    finally:
+        for role in (old, fresh):
+            if await env.fetchval("SELECT count(*) FROM pg_roles WHERE rolname = $1", role):
+                await env.fetch(f'DROP OWNED BY "{role}"')
+                await env.fetch(f'DROP ROLE "{role}"')

@@ -40,3 +40,14 @@ async def test_read_model_behind_the_journal_is_said(env):
     run = sntrack(env, "status")
     assert run.returncode == 0, run.stderr
     assert "warning: the read model is behind the journal by 1 trials" in run.stdout
+
+
+async def test_a_superuser_database_login_is_warned_about(env):
+    """The sandbox logs in as PostgreSQL's `postgres`; the writer role's login gets no such line
+    (tests/test_db_roles.py::test_daemons_run_as_the_writer_reports_as_the_reader_and_a_replay_keeps_both_working)."""
+    run = sntrack(env, "status")
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stdout.splitlines() if "superuser" in line]
+    user = env.settings.database_url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[0]
+    assert said == [f"warning: SNTRACK_DATABASE_URL logs in as {user}, a PostgreSQL superuser; give the daemons the "
+                    "writer role (`sntrack db migrate --roles`, README: Production set-up and security)"]

@@ -8,7 +8,7 @@ import difflib
 from common.errors import ConfigurationError
 from consumers.mlflow.client import MlflowRest, MlflowUnavailable, check_tracking_uri
 from consumers.mlflow.reconcile import Divergence, reconcile, studies
-from consumers.persistence import create_pool
+from sntrack.pools import read_pool, writer_pool
 from sntrack.settings import Settings
 
 
@@ -42,7 +42,8 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.mlflow_enabled:
         raise ConfigurationError("MLflow is disabled (SNTRACK_MLFLOW_ENABLED=false); nothing to reconcile")
     check_tracking_uri(settings.mlflow_tracking_uri)
-    pool = await create_pool(settings.database_url, max_size=1)
+    # Checking only reads; --repair records the links it fixes (mlflow_runs), as the mlflow consumer does.
+    pool = await (writer_pool if args.repair else read_pool)(settings)
     client = MlflowRest(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
     try:
         async with pool.acquire() as conn:

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from consumers.broker_admin import UNROUTED, ManagementApi
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
+from consumers.roles import is_superuser
 from sntrack.argtypes import seconds
 from sntrack.health import check_amqp_login, warnings
 from sntrack.settings import Settings
@@ -51,6 +52,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
             started = await conn.fetchval("SELECT count(*) FROM events WHERE event_type = 'ml.run.start'")
             trials = await conn.fetch(
                 "SELECT spectral_norm, status, count(*) AS n FROM trials GROUP BY 1, 2 ORDER BY 1, 2")
+            role, superuser = await is_superuser(conn)
     finally:
         await pool.close()
     print(f"journal: {events} events")
@@ -68,7 +70,7 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
                   f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
     unrouted = api.request("GET", f"queues/{vhost}/{quote(UNROUTED, safe='')}") or {}
     print(f"  {UNROUTED:28} ready={unrouted.get('messages_ready', '?'):<7} (events no queue was bound for)")
-    for line in warnings(consumed, started, sum(r["n"] for r in trials)):
+    for line in warnings(consumed, started, sum(r["n"] for r in trials), role if superuser else None):
         print(line)
     if not caught_up:
         print(f"consumers did not catch up within {args.wait_idle:.0f} s", file=sys.stderr)
