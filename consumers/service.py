@@ -52,6 +52,13 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
         try:
             await runtime.run(connection)
             return
+        except ConfigurationError as exc:
+            # A missing queue or a refused permission: restarting cannot help. At start-up the command line says it
+            # in one line; a consumer that had run (its queue deleted under it) makes the daemon exit.
+            if runtime.ready.is_set():
+                log.error("consumer cannot go on", consumer=runtime.handler.name, error=str(exc))
+            runtime.gave_up.set()
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure of one consumer must spare its siblings
             if runtime.stopping:
                 return
@@ -72,6 +79,8 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
 
 
 HandlerFactory = Callable[[Store], Sequence[Handler]]
+# A cancelled consumer failed in nothing; a ConfigurationError is said by the command line or by `supervise`.
+NOT_LOGGED = (asyncio.CancelledError, ConfigurationError)
 
 
 @contextlib.asynccontextmanager
@@ -94,6 +103,7 @@ async def running_handlers(config: ConsumerConfig,
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
+            ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # cancelled below: not an error
             try:
                 done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 for task in tasks:
@@ -106,7 +116,7 @@ async def running_handlers(config: ConsumerConfig,
                     runtime.stop()
                 for runtime, outcome in zip(runtimes, await asyncio.gather(*tasks, return_exceptions=True),
                                             strict=True):
-                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, NOT_LOGGED):
                         log.error("consumer failed", consumer=runtime.handler.name, error=repr(outcome))
                 # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
                 await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),
