@@ -52,14 +52,12 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
         try:
             await runtime.run(connection)
             return
-        except ConfigurationError as exc:
-            # A missing queue or a refused permission: restarting cannot help. At start-up the command line says it
-            # in one line; a consumer that had run (its queue deleted under it) makes the daemon exit.
-            if runtime.ready.is_set():
-                log.error("consumer cannot go on", consumer=runtime.handler.name, error=str(exc))
-            runtime.gave_up.set()
-            raise
         except Exception as exc:  # noqa: BLE001 - any failure of one consumer must spare its siblings
+            if isinstance(exc, ConfigurationError) and not runtime.ready.is_set():
+                # At its first start, a missing queue or a refused permission is a configuration mistake, which the
+                # command line says in one line (exit 2). Later (its queue deleted) it is restarted like any failure.
+                runtime.gave_up.set()
+                raise
             if runtime.stopping:
                 return
             if runtime.stats.batches > progress:
