@@ -15,6 +15,7 @@ from consumers.broker_admin import (
     render_definitions,
     user_name,
 )
+from sntrack.argtypes import user_prefix
 from sntrack.settings import Settings
 
 
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         + ", ".join(f"{var} ({user_name(role)})" for role, var in PASSWORD_VARIABLES.items())
         + " when set; existing users keep theirs otherwise.")
     apply.add_argument("--vhost", help="vhost to declare (default: the one in SNTRACK_AMQP_URL)")
-    apply.add_argument("--user-prefix", default=DEFAULT_USER_PREFIX, metavar="PREFIX",
+    apply.add_argument("--user-prefix", default=DEFAULT_USER_PREFIX, metavar="PREFIX", type=user_prefix,
                        help=f"users are named PREFIX-worker, PREFIX-consumer, … (default {DEFAULT_USER_PREFIX})")
     apply.set_defaults(run=_apply)
     export = actions.add_parser("export", help="write infra/rabbitmq/definitions.json from the code")
