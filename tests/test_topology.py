@@ -1,6 +1,7 @@
 """infra/rabbitmq/definitions.json, the code's topology and the live broker agree; each role may do only its job:
 the broker refuses the rest (ACCESS_REFUSED), each refusal asserted against the real broker."""
 
+import asyncio
 import json
 import re
 import signal
@@ -25,8 +26,6 @@ from consumers.broker_admin import (
 )
 from consumers.registry import QUEUES
 from consumers.topology import subscriber_queue
-from producer.emitter import producer_info
-from producer.sample import synthetic_study
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, ROUTING_PATTERN_ALL
 from schemas.topology import REASON_HEADER
 from tests.conftest import wait_until
@@ -220,14 +219,20 @@ def _start_consume(env, url: str, *names: str) -> subprocess.Popen:
 
 
 async def test_consume_as_the_consumer_role_applies_events_and_dead_letters_poison(env):
-    events = [e for trial in synthetic_study(3, 2, producer=producer_info(), seed=4) for e in trial]
+    # The real publisher as the worker role, the real daemon as the consumer role: their permissions suffice.
     daemon = _start_consume(env, env.roles["consumer"], "journal", "trials")
     try:
-        await env.publish_events(events)
+        published = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "sntrack", "publish-sample", "--trials", "3", "--epochs", "2"],
+            env={**cli_env(env), "SNTRACK_AMQP_URL": env.roles["worker"]}, capture_output=True, text=True,
+            timeout=120)
+        assert published.returncode == 0, published.stderr
+        events = int(re.search(r"published (\d+) events", published.stdout).group(1))
+        assert f": {events} confirmed" in published.stdout
         await env.publish_raw([b"not json"])
         for name in ("journal", "trials"):
             await wait_until(lambda n=name: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, len(events)), timeout=60,
+                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, events), timeout=60,
                 what=f"{name} to apply every event")
         letters = {name: await wait_until(lambda n=name: env.dead_letters(f"sntrack.{n}"), timeout=60,
                                           what=f"the poison's dead letter from {name}")
