@@ -23,15 +23,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.amqp import amqp_refusal
 from common.errors import ConfigurationError
-from common.urls import redact
+from common.urls import path_name, redact
 from consumers.attempts import AttemptLedger, message_key
 from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, Handler, RetryLater
@@ -114,10 +116,10 @@ class ConsumerRuntime:
 
     async def run(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         """Consume until stopped. May be called again after it raised: it starts on a fresh channel."""
-        spec = self.handler.queue
         self._inbox = asyncio.Queue()  # deliveries of an earlier channel can no longer be acked
         self.finished.clear()
         channels: list[aio_pika.abc.AbstractChannel] = []
+        started = False
         try:
             channel = await connection.channel()
             channels.append(channel)
@@ -126,15 +128,15 @@ class ConsumerRuntime:
             dead_letters = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channels.append(dead_letters)
             await channel.set_qos(prefetch_count=self.prefetch)
-            # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
-            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-            dead = await channel.declare_queue(spec.dead_letter_queue, durable=True,
-                                               arguments=spec.dead_letter_arguments)
-            await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
-            for pattern in spec.bindings:
-                await queue.bind(EXCHANGE, routing_key=pattern)
+            try:
+                queue = await self._open_queue(channel)
+                consumer_tag = await queue.consume(self._inbox.put)
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigurationError(
+                    f"RabbitMQ refused the user of {redact(self.config.amqp_url)}: {exc}; built-in consumers run as "
+                    "the consumer role's user, `sntrack subscribe` as the subscriber role's") from None
             dlx = await dead_letters.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
-            consumer_tag = await queue.consume(self._inbox.put)
+            started = True
             self.ready.set()
             self.log.info("consumer started", prefetch=self.prefetch, batch_size=self.batch_size)
             try:
@@ -150,7 +152,27 @@ class ConsumerRuntime:
                 with contextlib.suppress(Exception):
                     await each.close()
             self.finished.set()
-            self.log.info("consumer stopped", **vars(self.stats))
+            if started:
+                self.log.info("consumer stopped", **vars(self.stats))
+
+    async def _open_queue(self, channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+        """The handler's queue. A built-in consumer's queue was declared and bound by `sntrack topology apply`: it
+        is only checked (a passive declare, which needs no permission; the consumer role may configure nothing).
+        A subscriber declares and binds its own queue and dead-letter queue here, idempotently."""
+        spec = self.handler.queue
+        if not spec.runtime_declares:
+            try:
+                return await channel.declare_queue(spec.name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                vhost = unquote(path_name(self.config.amqp_url)) or "/"
+                raise ConfigurationError(f"queue {spec.name} does not exist in vhost {vhost!r}; an administrator "
+                                         "declares it with `sntrack topology apply`") from None
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        dead = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
+        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
+        for pattern in spec.bindings:
+            await queue.bind(EXCHANGE, routing_key=pattern)
+        return queue
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(self._inbox.get())

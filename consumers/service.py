@@ -53,6 +53,11 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
             await runtime.run(connection)
             return
         except Exception as exc:  # noqa: BLE001 - any failure of one consumer must spare its siblings
+            if isinstance(exc, ConfigurationError) and not runtime.ready.is_set():
+                # At its first start, a missing queue or a refused permission is a configuration mistake, which the
+                # command line says in one line (exit 2). Later (its queue deleted) it is restarted like any failure.
+                runtime.gave_up.set()
+                raise
             if runtime.stopping:
                 return
             if runtime.stats.batches > progress:
@@ -72,6 +77,8 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
 
 
 HandlerFactory = Callable[[Store], Sequence[Handler]]
+# A cancelled consumer failed in nothing; a ConfigurationError is said by the command line or by `supervise`.
+NOT_LOGGED = (asyncio.CancelledError, ConfigurationError)
 
 
 @contextlib.asynccontextmanager
@@ -94,6 +101,7 @@ async def running_handlers(config: ConsumerConfig,
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
+            ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # cancelled below: not an error
             try:
                 done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 for task in tasks:
@@ -106,7 +114,7 @@ async def running_handlers(config: ConsumerConfig,
                     runtime.stop()
                 for runtime, outcome in zip(runtimes, await asyncio.gather(*tasks, return_exceptions=True),
                                             strict=True):
-                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, NOT_LOGGED):
                         log.error("consumer failed", consumer=runtime.handler.name, error=repr(outcome))
                 # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
                 await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),

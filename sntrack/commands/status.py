@@ -8,7 +8,9 @@ import sys
 import time
 from urllib.parse import quote
 
-from consumers.broker_admin import UNROUTED, ManagementApi
+from common.errors import ConfigurationError
+from common.urls import login_name
+from consumers.broker_admin import UNROUTED, ManagementApi, user_tags
 from consumers.persistence import create_pool
 from consumers.registry import QUEUES
 from consumers.roles import is_superuser
@@ -38,6 +40,27 @@ async def _wait_idle(api: ManagementApi, vhost: str, timeout_s: float) -> bool:
             return True
         await asyncio.sleep(1.0)
     return False
+
+
+def administrator_warnings(settings: Settings, api: ManagementApi) -> list[str]:
+    """A line for each daemon broker URL (SNTRACK_AMQP_URL, SNTRACK_GATEWAY_AMQP_URL) whose user is an administrator:
+    a daemon needs only its role's permissions (tests/test_status.py)."""
+    out = []
+    for variable, url in (("SNTRACK_AMQP_URL", settings.amqp_url),
+                          ("SNTRACK_GATEWAY_AMQP_URL", settings.gateway_amqp_url)):
+        if url is None:
+            continue
+        user = login_name(url) or "guest"  # the AMQP default
+        try:
+            info = api.request("GET", f"users/{quote(user, safe='')}") or {}
+        except ConfigurationError:
+            out.append(f"note: could not check whether {variable}'s user {user!r} is a broker administrator (the "
+                       "management API user of SNTRACK_RABBITMQ_ADMIN_URL may not read users)")
+            continue
+        if "administrator" in user_tags(info):
+            out.append(f"warning: {variable} logs in as {user!r}, a broker administrator; in production each daemon "
+                       "logs in as its role's user (sntrack topology apply creates them)")
+    return out
 
 
 async def _status(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,7 +93,8 @@ async def _status(args: argparse.Namespace, settings: Settings) -> int:
                   f"unacked={info.get('messages_unacknowledged', '?'):<7} consumers={info.get('consumers', '?')}")
     unrouted = api.request("GET", f"queues/{vhost}/{quote(UNROUTED, safe='')}") or {}
     print(f"  {UNROUTED:28} ready={unrouted.get('messages_ready', '?'):<7} (events no queue was bound for)")
-    for line in warnings(consumed, started, sum(r["n"] for r in trials), role if superuser else None):
+    for line in [*warnings(consumed, started, sum(r["n"] for r in trials), role if superuser else None),
+                 *administrator_warnings(settings, api)]:
         print(line)
     if not caught_up:
         print(f"consumers did not catch up within {args.wait_idle:.0f} s", file=sys.stderr)
