@@ -27,6 +27,15 @@ def with_login(url: str, user: str, password: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
 
 
+def scrub(text: str, *urls: str) -> str:
+    """`text` (an exception's, which may quote a URL) with the password of each URL replaced by ***."""
+    for url in urls:
+        if password := urlsplit(url).password:
+            for form in {password, unquote(password)}:
+                text = text.replace(form, "***")
+    return text
+
+
 def path_name(url: str) -> str:
     """The database or vhost the URL names (its path, without the leading slash)."""
     return urlsplit(url).path.lstrip("/")

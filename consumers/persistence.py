@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
 
 import asyncpg
 
 from common.errors import ConfigurationError
+from common.tls import certificate_problem
 from common.urls import redact
 from consumers.projections.base import Projection, Statement
 from schemas import Event
@@ -53,6 +55,10 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
     except asyncpg.InvalidAuthorizationSpecificationError as exc:  # wrong password, unknown role, pg_hba refusal
         raise ConfigurationError(
             f"PostgreSQL refused the login in {redact(database_url)}: {exc}; check {variable}") from None
+    except ssl.SSLCertVerificationError as exc:  # an OSError too: before the next clause
+        raise ConfigurationError(
+            f"refusing PostgreSQL at {redact(database_url)}: {certificate_problem(exc)}; check sslrootcert= (the "
+            f"CA's certificate) and the host name in {variable}") from None
     except (TimeoutError, OSError) as exc:
         raise ConfigurationError(
             f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set {variable}"

@@ -6,6 +6,7 @@ import argparse
 import difflib
 
 from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.mlflow.client import MlflowRest, MlflowUnavailable, check_tracking_uri
 from consumers.mlflow.reconcile import Divergence, reconcile, studies
 from sntrack.pools import read_pool, writer_pool
@@ -53,11 +54,11 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
             outcome = await reconcile(conn, client, settings.mlflow_experiment, model_run_id=args.model_run_id,
                                       fix=args.repair)
     except MlflowUnavailable as exc:
-        raise ConfigurationError(f"cannot reach MLflow at {settings.mlflow_tracking_uri}: {exc}") from None
+        raise ConfigurationError(f"cannot reach MLflow at {redact(settings.mlflow_tracking_uri)}: {exc}") from None
     finally:
         await client.close()
         await pool.close()
-    where = f"experiment {settings.mlflow_experiment!r} at {settings.mlflow_tracking_uri}"
+    where = f"experiment {settings.mlflow_experiment!r} at {redact(settings.mlflow_tracking_uri)}"
     if outcome.checked == 0:
         print("no trials in the read model: nothing to check (are the journal and trials consumers running?)")
         return 0

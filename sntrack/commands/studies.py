@@ -9,6 +9,7 @@ import sys
 import asyncpg
 
 from common.errors import ConfigurationError
+from common.urls import scrub
 from consumers.studies import (
     Deletion,
     UnknownStudy,
@@ -126,7 +127,8 @@ def _optuna_attrs(storage: str, name: str) -> dict | None:
     except KeyError:
         return None
     except Exception as exc:  # SQLAlchemy's errors: the storage is away or not an Optuna database
-        raise ConfigurationError(f"cannot read the Optuna storage: {str(exc).splitlines()[0]}") from None
+        raise ConfigurationError(
+            f"cannot read the Optuna storage: {scrub(str(exc).splitlines()[0], storage)}") from None
 
 
 def _delete_optuna(storage: str, name: str) -> str:

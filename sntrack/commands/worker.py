@@ -118,7 +118,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     stop = stop_on_signals()
     with session:
         log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials, mlflow=mlflow and mlflow.tracking_uri)
+                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials,
+                 mlflow=mlflow and redact(mlflow.tracking_uri))
         tracker = session.tracker
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
