@@ -21,9 +21,15 @@ async def writer_pool(settings: Settings, *, max_size: int = 1) -> asyncpg.Pool:
 
 
 async def read_pool(settings: Settings, *, max_size: int = 1) -> asyncpg.Pool:
-    return await create_pool(settings.read_url, max_size=max_size, variable="SNTRACK_READ_DATABASE_URL")
+    return await create_pool(settings.read_url, max_size=max_size,
+                             variable=_named(settings.read_database_url, "SNTRACK_READ_DATABASE_URL"))
 
 
 async def admin_pool(settings: Settings, *, min_size: int = 1, max_size: int = 1) -> asyncpg.Pool:
     return await create_pool(settings.admin_url, min_size=min_size, max_size=max_size,
-                             variable="SNTRACK_ADMIN_DATABASE_URL")
+                             variable=_named(settings.admin_database_url, "SNTRACK_ADMIN_DATABASE_URL"))
+
+
+def _named(url: str | None, variable: str) -> str:
+    """The variable an error should point at: the one that gave the URL, SNTRACK_DATABASE_URL when it is unset."""
+    return variable if url else "SNTRACK_DATABASE_URL"
