@@ -3,6 +3,7 @@ when cut half-way, purge asks first."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -114,14 +115,15 @@ async def test_requeue_cut_half_way_loses_nothing(env):
     with TcpProxy("127.0.0.1", 5672) as proxy:
         proxy.delay_s = 0.01  # every answer of the broker is slow: the requeue takes seconds
         environ = {**cli_env(env), "SNTRACK_AMQP_URL": proxy.url_for(env.settings.amqp_url)}
-        run = subprocess.Popen([sys.executable, "-m", "sntrack", "dlq", "requeue", "trials"], env=environ,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = await asyncio.create_subprocess_exec(sys.executable, "-m", "sntrack", "dlq", "requeue", "trials",
+                                                   env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             await wait_until(lambda: _depth(env, "sntrack.trials"), timeout=60, what="the first copies")
             proxy.cut()
-            out, err = run.communicate(timeout=60)
+            out, err = (s.decode() for s in await asyncio.wait_for(run.communicate(), timeout=60))
         finally:
-            run.kill()
+            if run.returncode is None:
+                run.kill()
     assert run.returncode == 2 and "lost the connection to RabbitMQ" in err, (out, err)
     assert err.strip().count("\n") == 0
     moved, left = await _depth(env, "sntrack.trials"), await _depth(env, "sntrack.trials.dlq")
@@ -136,6 +138,31 @@ async def test_requeue_cut_half_way_loses_nothing(env):
             len(ids), ids), what="every event applied", timeout=90)
     assert await env.fetchval("SELECT count(*) FROM trials WHERE status <> 'running'") == 60
     assert await _depth(env, "sntrack.trials.dlq") == 0 and await _depth(env, "sntrack.trials") == 0
+
+
+async def test_requeue_refused_half_way_keeps_what_was_not_confirmed(env):
+    """The original queue refuses copies once full: each one the broker did not confirm stays a dead letter."""
+    events = [e for t in synthetic_study(30, 8, producer=producer_info(), seed=6) for e in t]
+    await _dead_letter(env, [e.to_json() for e in events], "handler_error")
+    policy = f"policies/{env.vhost}/full-trials-queue"
+    env.api.request("PUT", policy, {"pattern": r"^sntrack\.trials$", "apply-to": "queues",
+                                    "definition": {"max-length": 100}})
+    await wait_until(lambda: (env.api.request("GET", f"queues/{env.vhost}/sntrack.trials") or {}).get(
+        "effective_policy_definition"), what="the policy applied")
+    refused = sntrack(env, "dlq", "requeue", "trials")
+    assert refused.returncode == 1 and "refused the copy for sntrack.trials" in refused.stderr, refused.stderr
+    moved, left = await _depth(env, "sntrack.trials"), await _depth(env, "sntrack.trials.dlq")
+    assert f"requeued {moved} to sntrack.trials" in refused.stdout
+    assert 0 < moved < len(events) and moved + left == len(events)
+    env.api.request("DELETE", policy)
+
+    async with running_consumers(env.settings.consumer(), ["trials"]):
+        rest = sntrack(env, "dlq", "requeue", "trials")
+        assert rest.returncode == 0 and f"requeued {left} to" in rest.stdout, rest.stderr
+        ids = [e.event_id for e in events]
+        await wait_until(lambda: env.fetchval(
+            "SELECT count(*) = $1 FROM applied_events WHERE projection = 'trials' AND event_id = ANY($2::uuid[])",
+            len(ids), ids), what="every event applied", timeout=90)
 
 
 def _purge(env, *args: str, answer: str | None) -> subprocess.CompletedProcess:
