@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from consumers.topology import QueueSpec
 from schemas.topology import ROUTING_KEYS
 
 LAG_SQL = """
@@ -54,6 +55,13 @@ class Lag:
     consumer: str
     position: int
     events: int
+
+
+def consumer_queues() -> list[tuple[str, QueueSpec]]:
+    """Every consumer `sntrack consume` can run, by name, with its queue."""
+    from consumers.registry import PROJECTIONS, SIDE_EFFECTS  # the registry imports every handler
+
+    return [(n, p.queue) for n, p in PROJECTIONS.items()] + [(n, c.queue) for n, c in SIDE_EFFECTS.items()]
 
 
 async def journal_head(conn: asyncpg.Connection) -> int:

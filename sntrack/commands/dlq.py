@@ -16,7 +16,8 @@ from common.errors import ConfigurationError
 from common.urls import redact
 from consumers import dead_letters as dl
 from consumers.broker_admin import UNROUTED, ManagementApi
-from consumers.registry import PROJECTIONS, QUEUES, SIDE_EFFECTS
+from consumers.lag import consumer_queues
+from consumers.registry import QUEUES
 from sntrack.settings import Settings
 
 DEFAULT_SHOWN = 20
@@ -88,10 +89,6 @@ async def _connection(settings: Settings) -> AsyncIterator[aio_pika.abc.Abstract
             await connection.close()
 
 
-def _consumer_queues() -> dict[str, str]:
-    return {name: p.queue.name for name, p in PROJECTIONS.items()} | {n: c.queue.name for n, c in SIDE_EFFECTS.items()}
-
-
 def _every_dlq(settings: Settings) -> list[str]:
     """Consumer queues' dead-letter queues, subscribers' (from the management API), and ml.events.unrouted."""
     listed = ManagementApi(settings.rabbitmq_admin_url).request(
@@ -102,7 +99,9 @@ def _every_dlq(settings: Settings) -> list[str]:
 
 
 def _queues(args: argparse.Namespace, settings: Settings) -> list[str]:
-    return [dl.dead_letter_queue(args.queue, _consumer_queues())] if args.queue else _every_dlq(settings)
+    if not args.queue:
+        return _every_dlq(settings)
+    return [dl.dead_letter_queue(args.queue, {name: spec.name for name, spec in consumer_queues()})]
 
 
 def _selection(args: argparse.Namespace, default_limit: int | None) -> dl.Selection:
