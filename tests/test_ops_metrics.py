@@ -143,3 +143,15 @@ async def _applied(port: int, consumer: str, n: int) -> bool:
 
 async def _sample(port: int, name: str, want: float, **labels: str) -> bool:
     return value(await metrics(port), name, **labels) == want
+
+
+def test_a_port_in_use_is_one_line(env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "sntrack", "consume", "journal", "--metrics-port", str(port)],
+                             env=cli_env(env), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip() == (f"sntrack: cannot serve /healthz and /metrics on 127.0.0.1:{port} (the port is in "
+                                  "use); choose another --metrics-port, or 0 to turn them off")
