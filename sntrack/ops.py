@@ -38,5 +38,12 @@ def ops_server(args: argparse.Namespace, settings: Settings, registry: Collector
 
 
 def on_loop(make: Callable[[], Coroutine], loop: asyncio.AbstractEventLoop) -> Callable:
-    """A function for the server's thread that runs `make()` on the daemon's event loop and returns its result."""
-    return lambda: asyncio.run_coroutine_threadsafe(make(), loop).result(timeout=LOOP_TIMEOUT_S)
+    """A function for the server's thread that runs `make()` on the daemon's event loop and returns its result,
+    cancelled after LOOP_TIMEOUT_S (a broker away must not pile up waiting checks)."""
+    def run():
+        future = asyncio.run_coroutine_threadsafe(make(), loop)
+        try:
+            return future.result(timeout=LOOP_TIMEOUT_S)
+        finally:
+            future.cancel()
+    return run

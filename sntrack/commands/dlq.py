@@ -116,6 +116,7 @@ def _line(info: dl.DeadLetterInfo) -> str:
 
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
     selection = _selection(args, DEFAULT_SHOWN)
+    shown = 0
     async with _connection(settings) as connection:
         for queue in _queues(args, settings):
             available = await dl.depth(connection, queue)
@@ -123,10 +124,13 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
                 if args.queue:
                     raise ConfigurationError(f"no dead-letter queue {queue} in this vhost")
                 continue
+            shown += 1
             infos = await dl.peek(connection, queue, selection)
             print(f"{queue}: {available} dead letters" + (f", {len(infos)} shown" if len(infos) < available else ""))
             for info in infos:
                 print(_line(info))
+    if not shown:
+        print("no dead letters")
     return 0
 
 
