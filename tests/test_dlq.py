@@ -104,6 +104,12 @@ async def test_requeue_applies_a_fixed_message_and_a_still_bad_one_returns_with_
     assert back.consumer == "trials" and back.detail
 
 
+async def _all_there(env, n: int) -> tuple[int, int] | None:
+    """(in the queue, in the dead-letter queue) once together they hold at least n messages."""
+    moved, left = await _depth(env, "sntrack.trials"), await _depth(env, "sntrack.trials.dlq")
+    return (moved, left) if moved + left >= n else None
+
+
 async def _two(env) -> bool:
     return await _depth(env, "sntrack.trials.dlq") == 2
 
@@ -126,8 +132,9 @@ async def test_requeue_cut_half_way_loses_nothing(env):
                 run.kill()
     assert run.returncode == 2 and "lost the connection to RabbitMQ" in err, (out, err)
     assert err.strip().count("\n") == 0
-    moved, left = await _depth(env, "sntrack.trials"), await _depth(env, "sntrack.trials.dlq")
-    assert 0 < moved < len(events) and moved + left >= len(events)  # cut half-way; a copy may be in both
+    # The broker hands the unconfirmed dead letters back once it has seen the connection go.
+    moved, left = await wait_until(lambda: _all_there(env, len(events)), what="every event somewhere")
+    assert 0 < moved < len(events), (moved, left)  # cut half-way; a copy may be in both places
 
     async with running_consumers(env.settings.consumer(), ["trials"]):
         rest = sntrack(env, "dlq", "requeue", "trials")
@@ -151,7 +158,7 @@ async def test_requeue_refused_half_way_keeps_what_was_not_confirmed(env):
         "effective_policy_definition"), what="the policy applied")
     refused = sntrack(env, "dlq", "requeue", "trials")
     assert refused.returncode == 1 and "refused the copy for sntrack.trials" in refused.stderr, refused.stderr
-    moved, left = await _depth(env, "sntrack.trials"), await _depth(env, "sntrack.trials.dlq")
+    moved, left = await wait_until(lambda: _all_there(env, len(events)), what="every event somewhere")
     assert f"requeued {moved} to sntrack.trials" in refused.stdout
     assert 0 < moved < len(events) and moved + left == len(events)
     env.api.request("DELETE", policy)
