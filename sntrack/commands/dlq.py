@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "list": ("one line per dead letter: its place, reason, event type, event id and detail",
                  f"List dead letters (at most --limit per queue, default {DEFAULT_SHOWN}) with the reason the "
                  "runtime gave (x-sntrack-reason) or the broker's (x-death: delivery_limit, maxlen), and the detail."),
-        "show": ("each dead letter in full: reasons, x-death, requeues, headers and body",
+        "show": ("each dead letter in full: reason, detail, x-death, requeues, ids and body",
                  f"Print each selected dead letter in full (at most --limit per queue, default {DEFAULT_SHOWN})."),
         "requeue": ("send dead letters back to the queue they died in, through the consumer's gate again",
                     "Publish each selected dead letter back to the queue it died in (ml.events.unrouted: to "
