@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -101,6 +102,7 @@ class ConsumerRuntime:
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.gave_up = asyncio.Event()  # set by consumers.service.supervise when restarts did not help
+        self.metrics = None  # a consumers.metrics.ConsumerMetrics while the daemon serves /metrics
 
     def stop(self) -> None:
         self._stopping.set()
@@ -279,7 +281,10 @@ class ConsumerRuntime:
         backoff, failures = 0.1, 0
         while True:
             try:
+                started = time.perf_counter()
                 await self.handler.handle([event for _, event in accepted])
+                if self.metrics is not None:
+                    self.metrics.applied(self.handler.name, [e for _, e in accepted], time.perf_counter() - started)
                 return True
             except (RetryLater, *TRANSIENT_ERRORS) as exc:
                 if self._stopping.is_set():
@@ -356,6 +361,8 @@ class ConsumerRuntime:
                     return False
                 backoff = min(backoff * 2, DEAD_LETTER_MAX_BACKOFF_S)
         self.stats.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.dead_lettered(self.handler.name, event, str(reason))
         self.stats.reasons[str(reason)] = self.stats.reasons.get(str(reason), 0) + 1
         self.log.warning("message dead-lettered", reason=str(reason), detail=detail[:300], **ids)
         if message.redelivered:

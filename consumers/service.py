@@ -13,6 +13,7 @@ from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
 from consumers.config import ConsumerConfig
 from consumers.handler import Handler, ProjectionHandler
+from consumers.metrics import ConsumerMetrics
 from consumers.persistence import Store, create_pool
 from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
@@ -90,14 +91,17 @@ async def running_consumers(config: ConsumerConfig, names: Sequence[str]) -> Asy
 
 
 @contextlib.asynccontextmanager
-async def running_handlers(config: ConsumerConfig,
-                           make_handlers: HandlerFactory) -> AsyncIterator[list[ConsumerRuntime]]:
-    """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns."""
+async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory,
+                           metrics: ConsumerMetrics | None = None) -> AsyncIterator[list[ConsumerRuntime]]:
+    """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns; `metrics`, when
+    given, counts what they do and checks their connection and pool."""
     pool = await create_pool(config.database_url, max_size=8)
     try:
         connection = await connect(config)
         try:
             runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
+            if metrics is not None:
+                metrics.attach(connection, pool, runtimes)
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
@@ -125,16 +129,18 @@ async def running_handlers(config: ConsumerConfig,
         await pool.close()
 
 
-async def serve(config: ConsumerConfig, names: Sequence[str], stop: asyncio.Event) -> int:
+async def serve(config: ConsumerConfig, names: Sequence[str], stop: asyncio.Event,
+                metrics: ConsumerMetrics | None = None) -> int:
     """Run the named consumers until `stop` is set (0)."""
     resolve_names(names)
-    return await serve_handlers(config, lambda store: build_handlers(names, store, config), stop)
+    return await serve_handlers(config, lambda store: build_handlers(names, store, config), stop, metrics)
 
 
-async def serve_handlers(config: ConsumerConfig, make_handlers: HandlerFactory, stop: asyncio.Event) -> int:
+async def serve_handlers(config: ConsumerConfig, make_handlers: HandlerFactory, stop: asyncio.Event,
+                         metrics: ConsumerMetrics | None = None) -> int:
     """Run until `stop` is set (0), or until a consumer keeps failing after restarts (1: let a supervisor
     restart us). A consumer that fails is restarted in-process; its siblings keep running."""
-    async with running_handlers(config, make_handlers) as runtimes:
+    async with running_handlers(config, make_handlers, metrics) as runtimes:
         log.info("consumers running", consumers=[r.handler.name for r in runtimes])
         waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.gave_up.wait()) for r in runtimes)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

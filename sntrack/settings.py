@@ -78,6 +78,11 @@ class Settings(BaseModel):
     gateway_token_cache_s: float = Field(default=5.0, ge=0)
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
 
+    # `consume` and `worker` serve /healthz and /metrics on this port (--metrics-port); 0: not at all. Off by
+    # default: several daemons share a machine, so each is given its own port (sntrack.ops).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 lets a Prometheus on another machine scrape
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         environ = os.environ if environ is None else environ
