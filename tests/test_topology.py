@@ -264,19 +264,28 @@ def test_consume_without_its_queue_or_its_permission_is_one_line(env):
     assert "ACCESS_REFUSED" in line and "sntrack.journal" in line and "consumer role" in line, line
 
 
-def test_topology_apply_names_users_by_prefix_and_sets_passwords_from_the_environment(env):
+async def test_topology_apply_names_users_by_prefix_and_sets_passwords_from_the_environment(env):
     prefix = f"{env.vhost}-cli"
+
+    def apply(extra: dict[str, str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sntrack", "topology", "apply", "--vhost", env.vhost,
+                               "--user-prefix", prefix], env={**cli_env(env), **extra},
+                              capture_output=True, text=True, timeout=60)
+
     try:
-        run = subprocess.run([sys.executable, "-m", "sntrack", "topology", "apply", "--vhost", env.vhost,
-                              "--user-prefix", prefix],
-                             env={**cli_env(env), "SNTRACK_SUBSCRIBER_PASSWORD": "subscriber-secret"},
-                             capture_output=True, text=True, timeout=60)
+        run = apply({"SNTRACK_SUBSCRIBER_PASSWORD": "subscriber-secret"})
         assert run.returncode == 0, run.stderr
         assert f"ok  user {prefix}-subscriber (password set)" in run.stdout
         assert f"ok  user {prefix}-worker (no password: it cannot log in until one is set)" in run.stdout
         permissions = {p["user"]: p for p in env.api.request("GET", f"vhosts/{env.vhost}/permissions")}
         for role, expected in ROLE_PERMISSIONS.items():
             assert {k: permissions[user_name(role, prefix)][k] for k in expected} == expected
+        # Applied again without the variable, the existing user keeps its password.
+        again = apply({})
+        assert again.returncode == 0 and "password set" not in again.stdout, again.stdout + again.stderr
+        connection = await aio_pika.connect(
+            with_login(env.settings.amqp_url, user_name("subscriber", prefix), "subscriber-secret"))
+        await connection.close()
     finally:
         delete_users(env.api, prefix)
     assert not [u for u in env.api.request("GET", "users") if u["name"].startswith(prefix)]
