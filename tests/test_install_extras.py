@@ -5,6 +5,7 @@ Each check runs a fresh interpreter whose import system refuses the worker extra
 installed, then drives the command line in process.
 """
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -72,7 +73,12 @@ def test_pyproject_declares_ranges_and_keeps_the_heavy_packages_in_the_worker_ex
     pins = dict(line.split("==") for line in (ROOT / "infra" / "constraints.txt").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert pins["torch"] == "2.13.0" and "sntrack" not in pins
-    assert names <= {n.lower() for n in pins}
+    assert {_normal(n) for n in names} <= {_normal(n) for n in pins}
+
+
+def _normal(name: str) -> str:
+    """PEP 503: `prometheus_client` and `Prometheus-Client` are one project."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _name(requirement: str) -> str:

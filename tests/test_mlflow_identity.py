@@ -77,8 +77,8 @@ async def finished_runs(settings, study: str, trials: int, timeout: float = 90) 
         raise AssertionError(f"{exc}; runs by (state, status tag): {dict(seen)}") from None
 
 
-async def assert_reconciled(env, settings, study: str) -> None:
-    """`reconcile` (tags, params, curves, final metrics, state) finds nothing to repair."""
+async def divergences(env, settings, study: str) -> list:
+    """What `reconcile` (tags, params, curves, final metrics, state) would repair."""
     client = MlflowRest(settings.mlflow_tracking_uri, 10.0)
     conn = await env.db()
     try:
@@ -87,7 +87,12 @@ async def assert_reconciled(env, settings, study: str) -> None:
         await conn.close()
         await client.close()
     assert outcome.checked > 0
-    assert outcome.divergences == [], outcome.divergences
+    return outcome.divergences
+
+
+async def assert_reconciled(env, settings, study: str) -> None:
+    found = await divergences(env, settings, study)
+    assert found == [], found
 
 
 async def test_slow_mlflow_gives_one_run_per_trial(env, storage, mlflow_server, monkeypatch, capfd):  # noqa: F811
@@ -140,6 +145,10 @@ async def test_two_consumer_instances_give_one_run_per_trial(env, mlflow_server)
     async with running_consumers(config, ["journal", "trials", "mlflow"]), running_consumers(config, ["mlflow"]):
         await publish(env, [e for trial in study for e in trial])
         await finished_runs(settings, name, len(study))
+        # A trial's run can be finished by one instance while the other still logs its earlier epochs: stop the
+        # consumers only once MLflow has converged.
+        await wait_until(lambda: _none(divergences(env, settings, name)), timeout=60, interval=0.5,
+                         what="MLflow to converge")
     counts = runs_per_trial(settings, name)
     assert counts == Counter({trial[0].trial_id: 1 for trial in study})
     for run in study_runs(settings, name):
@@ -300,3 +309,7 @@ async def test_reconcile_names_close_matches_and_says_when_nothing_was_checked(e
         await wait_until(lambda: env.fetchval("SELECT count(*) = 1 FROM trials"), what="the trial")
     typo = await asyncio.to_thread(sntrack_cli, env, "reconcile", "--run", "wine-sn-stduy", **variables)
     assert typo.returncode == 2 and "wine-sn-study" in typo.stderr, typo.stdout + typo.stderr
+
+
+async def _none(found) -> bool:
+    return not await found
