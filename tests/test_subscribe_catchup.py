@@ -1,0 +1,249 @@
+"""Catch-up subscribers (`sntrack subscribe`, consumers/catchup.py): the journal's history, then the live queue,
+with no gap and no duplicate at the switch; a subscriber killed with kill -9 resumes with no gap."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from consumers.catchup import CatchUpSubscriber, Start, run_subscriber
+from consumers.persistence import create_pool
+from consumers.runtime import ConsumerRuntime, connect
+from consumers.service import running_consumers
+from consumers.subscriber import matching_types, topic_matches
+from producer.emitter import producer_info
+from producer.sample import synthetic_study
+from tests.conftest import wait_until
+from tests.test_end_to_end import cli_env
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def study_events(trials: int, epochs: int, seed: int) -> list:
+    return [e for trial in synthetic_study(trials, epochs, producer=producer_info(), seed=seed) for e in trial]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+async def start_subscriber(env, name: str, out: Path, *extra: str, delay_s: float = 0.0):
+    """The subscriber as a process; its log goes to `out` with .log added."""
+    log = open(f"{out}.log", "ab")  # noqa: SIM115 - the child holds it
+    try:
+            return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", name, "--bind", "ml.run.#", "--from-start",
+            "--handler", "tests.subscriber_handlers:record", *extra, cwd=REPO,
+            env={**cli_env(env), "SNTRACK_TEST_OUT": str(out), "SNTRACK_TEST_DELAY_S": str(delay_s),
+                 "PYTHONPATH": str(REPO), "SNTRACK_LOG_JSON": "true"},
+            stdout=asyncio.subprocess.DEVNULL, stderr=log)
+    finally:
+        log.close()
+
+
+async def bound(out: Path) -> None:
+    """Wait until the subscriber's queue is bound and consumed (the runtime logs it; the broker's statistics lag)."""
+    log = Path(f"{out}.log")
+    await wait_until(lambda: log.exists() and "consumer started" in log.read_text(), what="the subscriber to bind")
+
+
+async def stop(process, out: Path) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 0, Path(f"{out}.log").read_text()[-3000:]
+
+
+async def test_catch_up_then_live_loses_and_doubles_nothing_even_what_the_journal_had_not_written(env, tmp_path):
+    history = study_events(60, 40, seed=1)      # 2,520 events: more than a page, slow enough to publish during it
+    before_bind = study_events(10, 5, seed=2)   # published before the bind, journaled only after the catch-up read
+    during = study_events(20, 5, seed=3)        # published while the subscriber catches up
+    after = study_events(20, 5, seed=4)         # published once it is live
+    out = tmp_path / "out.txt"
+    config = env.settings.consumer()
+    async with running_consumers(config, ["journal"]):
+        await env.publish_events(history)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="journal")
+    await env.publish_events(before_bind)  # the journal consumer is stopped: they wait in sntrack.journal
+    process = await start_subscriber(env, "all", out, delay_s=0.001)
+    try:
+        await bound(out)
+        await env.publish_events(during)
+        assert len(lines(out)) < len(history), "the catch-up ended before the events meant for it were published"
+        # The first live event is not in the journal: the subscriber waits for it before it switches.
+        async with running_consumers(config, ["journal"]):
+            await wait_until(lambda: len(lines(out)) >= len(history) + len(before_bind) + len(during), timeout=60,
+                             what="history, the events published before the bind and during the catch-up")
+            await env.publish_events(after)
+            expected = history + before_bind + during + after
+            await wait_until(lambda: len(lines(out)) >= len(expected), timeout=60, what="the live events")
+            await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(expected)), what="journal")
+            await asyncio.sleep(1)  # a duplicate would come within the next live batch: give it time to show
+    finally:
+        await stop(process, out)
+    got = lines(out)
+    assert [e for e, n in Counter(got).items() if n > 1] == []
+    assert sorted(got) == sorted(str(e.event_id) for e in expected)
+    journal_order = [r["event_id"] for r in await env.fetch(
+        "SELECT event_id::text FROM events ORDER BY position LIMIT $1", len(history))]
+    assert got[:len(history)] == journal_order  # the history in journal order, first
+    row = await env.fetch("SELECT position, bindings FROM subscriber_positions WHERE name = 'all'")
+    assert row[0]["bindings"] == ["ml.run.#"] and row[0]["position"] >= len(history)
+
+
+async def test_a_subscriber_killed_with_kill_9_resumes_with_no_gap(env, tmp_path):
+    history = study_events(40, 30, seed=5)  # 1,280 events
+    live = study_events(40, 10, seed=6)
+    out = tmp_path / "out.txt"
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(history)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="journal")
+        process = await start_subscriber(env, "crashy", out, delay_s=0.002)
+        await wait_until(lambda: len(lines(out)) > 200, what="the catch-up to be under way")
+        process.kill()  # kill -9 in the middle of the catch-up
+        await process.wait()
+        killed_at = len(lines(out))
+        assert killed_at < len(history)
+        process = await start_subscriber(env, "crashy", out, delay_s=0.002)
+        publishing = asyncio.create_task(env.publish_events(live))
+        await wait_until(lambda: len(set(lines(out))) > len(history) + 100, timeout=60, what="live events")
+        process.kill()  # kill -9 while live, with the queue filling
+        await process.wait()
+        await publishing
+        process = await start_subscriber(env, "crashy", out)
+        try:
+            expected = {str(e.event_id) for e in history + live}
+            await wait_until(lambda: set(lines(out)) >= expected, timeout=90, what="every event after two kills")
+        finally:
+            await stop(process, out)
+    got = lines(out)
+    assert set(got) == expected
+    # At least once: what was in hand at each kill may come again, and nothing else does.
+    doubled = sum(n - 1 for n in Counter(got).values())
+    assert doubled <= 2 * 2000, doubled
+    # The first run resumed where it stopped, not from the start.
+    assert Counter(got[:killed_at])[got[0]] == 1
+
+
+@contextlib.asynccontextmanager
+async def subscribed(env, pool, sink, name: str, max_length: int):
+    """An in-process subscriber whose queue is bounded to `max_length`, live when this yields."""
+    config = env.settings.consumer()
+    subscriber = CatchUpSubscriber(name, ["ml.run.#"], sink, pool)
+    subscriber.queue = replace(subscriber.queue, max_length=max_length)
+    await subscriber.load(Start())
+    connection = await connect(config)
+    running = asyncio.create_task(run_subscriber(subscriber, ConsumerRuntime(subscriber, config), connection))
+    try:
+        await wait_until(subscriber.caught_up.is_set, what="the subscriber to go live")
+        yield subscriber
+    finally:
+        subscriber.stop()
+        await running
+        await connection.close()
+
+
+async def test_an_overflowed_queue_is_filled_from_the_journal(env):
+    first, overflowing = study_events(2, 3, seed=7), study_events(4, 5, seed=8)
+    received: list[str] = []
+
+    async def sink(event) -> None:
+        received.append(str(event.event_id))
+
+    async def journaled(n: int) -> bool:
+        return await env.fetchval("SELECT count(*) FROM events") == n
+
+    pool = await create_pool(env.settings.database_url)
+    try:
+        async with running_consumers(env.settings.consumer(), ["journal"]):
+            async with subscribed(env, pool, sink, "tiny", max_length=3):
+                await env.publish_events(first)
+                await wait_until(lambda: len(received) == len(first), what="the first events, live")
+                await wait_until(lambda: journaled(len(first)), what="the journal")
+            await env.publish_events(overflowing)  # stopped: its queue keeps the last 3
+            await wait_until(lambda: journaled(len(first + overflowing)), what="the journal")
+            letters = await wait_until(lambda: env.dead_letters("sntrack.sub.tiny"), what="maxlen dead letters")
+            assert {m.headers["x-first-death-reason"] for m in letters} == {"maxlen"}
+            assert len(letters) == len(overflowing) - 3
+            async with subscribed(env, pool, sink, "tiny", max_length=3) as subscriber:
+                await wait_until(lambda: len(received) >= len(first + overflowing), what="the gap, from the journal")
+                # The 3 still queued come live after the catch-up delivered them: skipped, not delivered again.
+                await wait_until(lambda: subscriber.delivered["skipped"] == 3, what="the queued 3 to be skipped")
+                assert subscriber.delivered["journal"] == len(overflowing)
+    finally:
+        await pool.close()
+    assert received == [str(e.event_id) for e in first + overflowing]
+
+
+async def test_the_best_trial_per_arm_example_prints_each_new_best(env):
+    events = study_events(12, 3, seed=9)
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(events)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="journal")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "best", "--bind", "ml.run.stop", "--from-start",
+            "--handler", "examples.best_trial_per_arm:handle", cwd=REPO, env={**cli_env(env), "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        printed = []
+        try:
+            stops = [e for e in events if e.event_type == "ml.run.stop" and e.payload.status == "completed"]
+            bests, expected = {}, []
+            for stop_event in stops:
+                arm, accuracy = stop_event.payload.spectral_norm, stop_event.payload.measurements["final_val_accuracy"]
+                if arm not in bests or accuracy > bests[arm]:
+                    bests[arm] = accuracy
+                    expected.append(stop_event.trial_id)
+            for _ in expected:
+                printed.append((await asyncio.wait_for(process.stdout.readline(), 30)).decode())
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    assert [line.split()[2] for line in printed] == expected
+    assert all(line.startswith(("best SN: ", "best baseline: ")) for line in printed)
+
+
+async def test_a_catch_up_without_the_journal_consumer_stops_after_the_wait_and_acks_nothing(env, tmp_path):
+    await env.publish_events(study_events(1, 1, seed=10))  # not journaled: no journal consumer runs
+    out = tmp_path / "out.txt"
+    process = await start_subscriber(env, "waiting", out, "--journal-wait", "1")
+    await bound(out)
+    await env.publish_events(study_events(1, 1, seed=11))
+    await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 2
+    last = Path(f"{out}.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("sntrack: the journal does not hold event") and "sntrack consume journal" in last
+    assert env.queue_depth("sntrack.sub.waiting") or await wait_until(
+        lambda: env.queue_depth("sntrack.sub.waiting") == 3, what="the live events, still queued")
+
+
+def test_cli_errors_are_one_line(env):
+    import subprocess
+
+    for argv, message in ((["subscribe", "x", "--bind", "foo.bar"], "matches no event type"),
+                          (["subscribe", "x", "--handler", "nope"], "module:function"),
+                          (["subscribe", "x", "--handler", "no_such_module_xyz:f"], "No module named")):
+        run = subprocess.run([sys.executable, "-m", "sntrack", *argv], env=cli_env(env), capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("pattern", "key", "matches"), [
+    ("ml.run.#", "ml.run.stop", True), ("#", "ml.run.stop", True), ("ml.*.stop", "ml.run.stop", True),
+    ("ml.run.stop", "ml.run.stop", True), ("ml.run.*", "ml.run", False), ("ml.run.#", "ml.run", True),
+    ("*.stop", "ml.run.stop", False), ("#.stop", "ml.run.stop", True), ("ml.#.stop", "ml.stop", True),
+    ("ml.run.start", "ml.run.stop", False),
+])
+def test_topic_patterns_match_as_the_broker_routes(pattern, key, matches):
+    assert topic_matches(pattern, key) is matches
+
+
+def test_patterns_become_event_types():
+    assert matching_types(["ml.run.stop", "ml.*.start"]) == ["ml.run.start", "ml.run.stop"]
