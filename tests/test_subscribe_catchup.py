@@ -36,7 +36,7 @@ def lines(path: Path) -> list[str]:
 
 async def start_subscriber(env, name: str, out: Path, *extra: str, delay_s: float = 0.0):
     """The subscriber as a process; its log goes to `out` with .log added."""
-    log = open(f"{out}.log", "ab")  # noqa: SIM115 - the child holds it
+    log = open(f"{out}.log", "ab")  # noqa: SIM115, ASYNC230 - the child holds it
     try:
             return await asyncio.create_subprocess_exec(
             sys.executable, "-m", "sntrack", "subscribe", name, "--bind", "ml.run.#", "--from-start",
@@ -77,7 +77,11 @@ async def test_catch_up_then_live_loses_and_doubles_nothing_even_what_the_journa
         await bound(out)
         await env.publish_events(during)
         assert len(lines(out)) < len(history), "the catch-up ended before the events meant for it were published"
-        # The first live event is not in the journal: the subscriber waits for it before it switches.
+        # The catch-up read the journal without before_bind, and the first live event is not in the journal: the
+        # subscriber waits for it, then finds before_bind below it.
+        log = Path(f"{out}.log")
+        await wait_until(lambda: "caught up from the journal" in log.read_text(), what="the catch-up to end")
+        assert len(lines(out)) == len(history)
         async with running_consumers(config, ["journal"]):
             await wait_until(lambda: len(lines(out)) >= len(history) + len(before_bind) + len(during), timeout=60,
                              what="history, the events published before the bind and during the catch-up")
@@ -94,6 +98,8 @@ async def test_catch_up_then_live_loses_and_doubles_nothing_even_what_the_journa
     journal_order = [r["event_id"] for r in await env.fetch(
         "SELECT event_id::text FROM events ORDER BY position LIMIT $1", len(history))]
     assert got[:len(history)] == journal_order  # the history in journal order, first
+    # What was published before the bind comes before anything published after it.
+    assert set(got[len(history):len(history) + len(before_bind)]) == {str(e.event_id) for e in before_bind}
     row = await env.fetch("SELECT position, bindings FROM subscriber_positions WHERE name = 'all'")
     assert row[0]["bindings"] == ["ml.run.#"] and row[0]["position"] >= len(history)
 
@@ -134,8 +140,9 @@ async def test_a_subscriber_killed_with_kill_9_resumes_with_no_gap(env, tmp_path
 
 @contextlib.asynccontextmanager
 async def subscribed(env, pool, sink, name: str, max_length: int):
-    """An in-process subscriber whose queue is bounded to `max_length`, live when this yields."""
-    config = env.settings.consumer()
+    """An in-process subscriber whose queue is bounded to `max_length`, taking one message at a time; live when
+    this yields."""
+    config = replace(env.settings.consumer(), prefetch=1)
     subscriber = CatchUpSubscriber(name, ["ml.run.#"], sink, pool)
     subscriber.queue = replace(subscriber.queue, max_length=max_length)
     await subscriber.load(Start())
@@ -151,35 +158,45 @@ async def subscribed(env, pool, sink, name: str, max_length: int):
 
 
 async def test_an_overflowed_queue_is_filled_from_the_journal(env):
-    first, overflowing = study_events(2, 3, seed=7), study_events(4, 5, seed=8)
+    live, stopped = study_events(3, 4, seed=7), study_events(4, 5, seed=8)
     received: list[str] = []
+    flowing = asyncio.Event()
 
     async def sink(event) -> None:
+        await flowing.wait()
         received.append(str(event.event_id))
 
     async def journaled(n: int) -> bool:
         return await env.fetchval("SELECT count(*) FROM events") == n
 
+    async def maxlen_letters() -> int:
+        letters = await wait_until(lambda: env.dead_letters("sntrack.sub.tiny"), what="maxlen dead letters")
+        assert {m.headers["x-first-death-reason"] for m in letters} == {"maxlen"}
+        return len(letters)
+
     pool = await create_pool(env.settings.database_url)
     try:
         async with running_consumers(env.settings.consumer(), ["journal"]):
-            async with subscribed(env, pool, sink, "tiny", max_length=3):
-                await env.publish_events(first)
-                await wait_until(lambda: len(received) == len(first), what="the first events, live")
-                await wait_until(lambda: journaled(len(first)), what="the journal")
-            await env.publish_events(overflowing)  # stopped: its queue keeps the last 3
-            await wait_until(lambda: journaled(len(first + overflowing)), what="the journal")
-            letters = await wait_until(lambda: env.dead_letters("sntrack.sub.tiny"), what="maxlen dead letters")
-            assert {m.headers["x-first-death-reason"] for m in letters} == {"maxlen"}
-            assert len(letters) == len(overflowing) - 3
+            # Live, with its handler stuck on the first event: the queue keeps 3 and drops the others.
             async with subscribed(env, pool, sink, "tiny", max_length=3) as subscriber:
-                await wait_until(lambda: len(received) >= len(first + overflowing), what="the gap, from the journal")
+                await env.publish_events(live)
+                await wait_until(lambda: journaled(len(live)), what="the journal")
+                assert await maxlen_letters() >= len(live) - 5
+                flowing.set()
+                await wait_until(lambda: len(received) >= len(live), what="the live events and the gap")
+                assert subscriber.delivered["journal"] >= len(live) - 5
+            # Stopped: the queue keeps the last 3 of what is published meanwhile.
+            await env.publish_events(stopped)
+            await wait_until(lambda: journaled(len(live + stopped)), what="the journal")
+            assert await maxlen_letters() == len(stopped) - 3
+            async with subscribed(env, pool, sink, "tiny", max_length=3) as subscriber:
+                await wait_until(lambda: len(received) >= len(live + stopped), what="the gap, from the journal")
                 # The 3 still queued come live after the catch-up delivered them: skipped, not delivered again.
                 await wait_until(lambda: subscriber.delivered["skipped"] == 3, what="the queued 3 to be skipped")
-                assert subscriber.delivered["journal"] == len(overflowing)
+                assert subscriber.delivered["journal"] == len(stopped)
     finally:
         await pool.close()
-    assert received == [str(e.event_id) for e in first + overflowing]
+    assert received == [str(e.event_id) for e in live + stopped]  # each once, in order
 
 
 async def test_the_best_trial_per_arm_example_prints_each_new_best(env):
