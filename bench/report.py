@@ -109,8 +109,20 @@ def _dashboard(r: dict) -> list[str]:
             f"{r['notify_cost']['notify_ms_p50']:.3f} ms."]
 
 
+def _catchup(r: dict) -> list[str]:
+    sub, rp = r["subscriber"], r["replay"]
+    return [f"## Catch-up of a new subscriber ({r['journal_events']:,} journal events)", "",
+            "| figure | events | seconds | events/s |", "|---|---|---|---|",
+            f"| `sntrack subscribe NAME --from-start --jsonl FILE`: bind, read the journal, deliver each event as a "
+            f"flushed JSON line, until live | {sub['events']:,} | {sub['seconds']} | {sub['events_per_s']:,} |",
+            f"| baseline: `sntrack replay trials` over the same journal | {rp['events']:,} | {rp['seconds']} | "
+            f"{rp['events_per_s']:,} |",
+            "", f"Catch-up / replay = {r['ratio']} on {r['cpus']} CPUs."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report, "gateway": _gateway, "dashboard": _dashboard}
+            "report": _report, "gateway": _gateway, "dashboard": _dashboard,
+            "catchup": _catchup}
 
 
 def render_markdown(results: dict) -> str:
