@@ -285,6 +285,8 @@ class CatchUpSubscriber:
                 # comes from the journal first.
                 await self._fence(conn)
                 await self._journal_until(conn, top, exclude=[e.event_id for e in fresh])
+                if self.position < top:
+                    raise RetryLater("stopping before the gap below this batch was filled")
             for event in fresh:
                 if event.event_id in done:
                     self.delivered["skipped"] += 1
