@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import sys
 from collections import Counter
@@ -225,6 +226,44 @@ async def test_the_best_trial_per_arm_example_prints_each_new_best(env):
     assert process.returncode == 0, stderr.decode()[-2000:]
     assert [line.split()[2] for line in printed] == expected
     assert all(line.startswith(("best SN: ", "best baseline: ")) for line in printed)
+
+
+async def test_exec_failures_are_retried_then_dead_lettered_with_their_reason(env, tmp_path):
+    history, live = study_events(3, 2, seed=12), study_events(3, 2, seed=13)
+    bad = {history[1].trial_id, live[1].trial_id}  # every event of these two trials fails
+    out = tmp_path / "out.txt"
+    command = (f'read -r line; case "$line" in *\\"{sorted(bad)[0]}\\"*|*\\"{sorted(bad)[1]}\\"*) exit 1;; esac; '
+               f"printf '%s\\n' \"$line\" >> {out}")
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(history)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="journal")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "hook", "--bind", "ml.run.#", "--from-start", "--exec",
+            command, env=cli_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            good = [e for e in history + live if e.trial_id not in bad]
+            await env.publish_events(live)
+            await wait_until(lambda: len(out.read_text().splitlines()) >= len(good) if out.exists() else False,
+                             timeout=60, what="the good events")
+            failing = [e for e in history + live if e.trial_id in bad]
+            letters = []
+            await wait_until(lambda: _gather_letters(env, letters, len(failing)), timeout=60, what="dead letters")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 0
+    assert sorted(json.loads(line)["event_id"] for line in out.read_text().splitlines()) == \
+        sorted(str(e.event_id) for e in good)
+    assert sorted(m.message_id for m in letters) == sorted(str(e.event_id) for e in failing)
+    assert {m.headers["x-sntrack-reason"] for m in letters} == {"handler_error"}
+    assert all("--exec exited with 1" in m.headers["x-sntrack-detail"] for m in letters)
+    from_journal = {m.message_id for m in letters if m.headers.get("x-sntrack-source") == "journal"}
+    assert from_journal >= {str(e.event_id) for e in history if e.trial_id in bad}  # the live ones may be too
+
+
+async def _gather_letters(env, letters: list, n: int) -> bool:
+    letters.extend(await env.dead_letters("sntrack.sub.hook"))
+    return len(letters) >= n
 
 
 async def test_a_catch_up_without_the_journal_consumer_stops_after_the_wait_and_acks_nothing(env, tmp_path):
