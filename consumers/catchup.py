@@ -10,9 +10,10 @@ at the switch, resuming where it stopped. The argument is in docs/design.md ("Ca
 - Live: a queued event whose journal position is at or below W was delivered from the journal and is skipped. The
   first live batch after a catch-up waits (bounded by journal_wait_s) until the journal holds one of its events;
   the journal consumer writes in queue order, so every event published before the bind is then at or below that
-  event's position. Before each batch, the matching journal events between W and the batch's highest position
-  that the subscriber has not delivered are delivered from the journal: what was published before the bind and
-  journaled late, or what the queue dropped when it overflowed (x-max-length). Then W moves up to that position.
+  event's position. For each batch, the matching journal events between W and the batch's highest position that
+  the subscriber has not delivered are delivered from the journal, in its order (what was published before the
+  bind and journaled late, what the queue dropped when it overflowed (x-max-length), and the batch's own journaled
+  events); W moves up to that position; the rest of the batch, not journaled yet, is delivered from the queue.
 - Events delivered from the queue before the journal held them are remembered (the last RECENT ids), so neither
   path delivers them twice. At least once overall: after a crash the batch in hand comes again.
 """
@@ -47,6 +48,7 @@ log = structlog.get_logger("sntrack.subscriber")
 PAGE = 2000
 RECENT = 100_000  # ids delivered from the queue that the journal may not hold yet, remembered for dedupe
 POLL_S = 0.1
+SAVE_EVERY_S = 0.5
 DEAD_LETTER_BACKOFF_S = 10.0
 
 # The fence. Positions are taken in insert order, not commit order, so "the highest position visible" does not yet
@@ -69,8 +71,8 @@ ON CONFLICT (name) DO UPDATE SET position = excluded.position,
 """
 JOURNAL_PAGE = """
 SELECT position, envelope::text AS envelope FROM events
-WHERE position > $1 AND position <= $2 AND event_type = ANY($3::text[]) AND event_id <> ALL($4::uuid[])
-ORDER BY position LIMIT $5
+WHERE position > $1 AND position <= $2 AND event_type = ANY($3::text[])
+ORDER BY position LIMIT $4
 """
 SINCE = """
 SELECT position, event_id FROM events WHERE position > $1 AND position <= $2 AND event_type = ANY($3::text[])
@@ -201,23 +203,24 @@ class CatchUpSubscriber:
         finally:
             self.caught_up.set()
 
-    async def _journal_until(self, conn: asyncpg.Connection, top: int, exclude: Sequence[UUID] = ()) -> int:
-        """Deliver the matching journal events in (position, top] not in `exclude` nor delivered from the queue,
-        in journal order, saving the position after each page; how many were read."""
+    async def _journal_until(self, conn: asyncpg.Connection, top: int) -> int:
+        """Deliver the matching journal events in (position, top] not delivered from the queue already, in journal
+        order, saving the position after each page and every SAVE_EVERY_S; how many were read."""
         read = 0
         while self.position < top and not self.stopping.is_set():
-            rows = await conn.fetch(JOURNAL_PAGE, self.position, top, self.types, list(exclude), PAGE)
-            if not rows:
-                self.position = top
-                await self._save(conn, None)
-                break
-            events = [EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows]
-            for event in events:
+            rows = await conn.fetch(JOURNAL_PAGE, self.position, top, self.types, PAGE)
+            saved = time.monotonic()
+            for row in rows:
+                event = EVENT_ADAPTER.validate_json(row["envelope"])
                 if event.event_id not in self.recent:
                     await self._deliver_from_journal(event)
+                if time.monotonic() - saved > SAVE_EVERY_S:  # a crash repeats at most this much work
+                    self.position = row["position"]
+                    await self._save(conn, event.event_id)
+                    saved = time.monotonic()
             read += len(rows)
             self.position = rows[-1]["position"] if len(rows) == PAGE else top
-            await self._save(conn, events[-1].event_id)
+            await self._save(conn, None)
         return read
 
     async def _deliver_from_journal(self, event: Event) -> None:
@@ -279,14 +282,15 @@ class CatchUpSubscriber:
             return
         async with self.pool.acquire() as conn:
             journaled = await self._positions(conn, fresh)
-            done = {i for i, position in journaled.items() if position <= self.position}  # from the journal
             if journaled and (top := max(journaled.values())) > self.position:
-                # Whatever the queue lacks below this batch (published before the bind, or dropped on overflow)
-                # comes from the journal first.
+                # Up to the batch's highest position, everything comes from the journal, in its order: what the
+                # queue lacks below the batch (published before the bind, or dropped on overflow), and the batch's
+                # own journaled events.
                 await self._fence(conn)
-                await self._journal_until(conn, top, exclude=[e.event_id for e in fresh])
+                await self._journal_until(conn, top)
                 if self.position < top:
                     raise RetryLater("stopping before the gap below this batch was filled")
+            done = {i for i, position in journaled.items() if position <= self.position}  # from the journal
             for event in fresh:
                 if event.event_id in done:
                     self.delivered["skipped"] += 1

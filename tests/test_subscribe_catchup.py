@@ -113,7 +113,7 @@ async def test_a_subscriber_killed_with_kill_9_resumes_with_no_gap(env, tmp_path
         await env.publish_events(history)
         await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="journal")
         process = await start_subscriber(env, "crashy", out, delay_s=0.002)
-        await wait_until(lambda: len(lines(out)) > 200, what="the catch-up to be under way")
+        await wait_until(lambda: len(lines(out)) > 800, what="the catch-up to be under way")
         process.kill()  # kill -9 in the middle of the catch-up
         await process.wait()
         killed_at = len(lines(out))
@@ -135,8 +135,9 @@ async def test_a_subscriber_killed_with_kill_9_resumes_with_no_gap(env, tmp_path
     # At least once: what was in hand at each kill may come again, and nothing else does.
     doubled = sum(n - 1 for n in Counter(got).values())
     assert doubled <= 2 * 2000, doubled
-    # The first run resumed where it stopped, not from the start.
-    assert Counter(got[:killed_at])[got[0]] == 1
+    # The second run resumed where the first stopped (its position is saved every 0.5 s), not from the start.
+    again = set(got[:killed_at]) & set(got[killed_at:])
+    assert len(again) < killed_at / 2, (len(again), killed_at)
 
 
 @contextlib.asynccontextmanager
