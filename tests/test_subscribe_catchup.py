@@ -267,6 +267,28 @@ async def _gather_letters(env, letters: list, n: int) -> bool:
     return len(letters) >= n
 
 
+async def test_from_time_starts_at_the_first_event_that_occurred_then_and_jsonl_appends(env, tmp_path):
+    earlier, later = study_events(3, 2, seed=14), study_events(3, 2, seed=15)  # `later` occurred after `earlier`
+    out = tmp_path / "events.jsonl"
+    out.write_text("")
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(earlier + later)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(earlier + later)), what="jnl")
+        since = min(e.occurred_at for e in later).isoformat()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "recent", "--bind", "ml.run.start", "ml.run.stop",
+            "--from", since, "--jsonl", str(out), env=cli_env(env), stderr=asyncio.subprocess.DEVNULL)
+        wanted = [str(e.event_id) for e in later if e.event_type != "ml.run.metric"]
+        try:
+            await wait_until(lambda: len(out.read_text().splitlines()) >= len(wanted), what="the events since then")
+            await asyncio.sleep(0.5)  # nothing more may come
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    assert process.returncode == 0
+    assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == wanted
+
+
 async def test_a_catch_up_without_the_journal_consumer_stops_after_the_wait_and_acks_nothing(env, tmp_path):
     await env.publish_events(study_events(1, 1, seed=10))  # not journaled: no journal consumer runs
     out = tmp_path / "out.txt"
