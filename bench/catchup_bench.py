@@ -77,6 +77,7 @@ async def _catch_up(settings: Settings, out: Path) -> dict:
 
 async def run(base: Settings, events: int = 100_000) -> dict:
     records = await asyncio.to_thread(_records, events)
+    load_before = round(os.getloadavg()[0], 2)
     async with sandbox(base, prefix="sntrack-bench-catchup") as settings:
         await _fill(settings.database_url, records)
         with tempfile.TemporaryDirectory(prefix="sntrack-bench-catchup-") as folder:
@@ -89,4 +90,5 @@ async def run(base: Settings, events: int = 100_000) -> dict:
     return {"journal_events": len(records), "subscriber": subscriber,
             "replay": {"events": replayed.events, "seconds": round(replayed.seconds, 2),
                        "events_per_s": round(replayed.events_per_s)},
-            "ratio": round(subscriber["events_per_s"] / replayed.events_per_s, 2), "cpus": os.cpu_count()}
+            "ratio": round(subscriber["events_per_s"] / replayed.events_per_s, 2), "cpus": os.cpu_count(),
+            "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)]}

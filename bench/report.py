@@ -117,7 +117,8 @@ def _catchup(r: dict) -> list[str]:
             f"flushed JSON line, until live | {sub['events']:,} | {sub['seconds']} | {sub['events_per_s']:,} |",
             f"| baseline: `sntrack replay trials` over the same journal | {rp['events']:,} | {rp['seconds']} | "
             f"{rp['events_per_s']:,} |",
-            "", f"Catch-up / replay = {r['ratio']} on {r['cpus']} CPUs."]
+            "", f"Catch-up / replay = {r['ratio']} on {r['cpus']} CPUs; 1-minute load average before / after: "
+            f"{' / '.join(map(str, r['load_avg_1m']))}."]
 
 
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
