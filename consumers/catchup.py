@@ -93,10 +93,6 @@ class Start:
         return self.from_start or self.since is not None
 
 
-class JournalBehind(Exception):
-    pass
-
-
 class Recent:
     """A bounded set: the last `size` ids added."""
 
@@ -211,15 +207,18 @@ class CatchUpSubscriber:
             rows = await conn.fetch(JOURNAL_PAGE, self.position, top, self.types, PAGE)
             saved = time.monotonic()
             for row in rows:
+                if self.stopping.is_set():  # what was delivered so far counts
+                    await self._save(conn, None)
+                    return read
                 event = EVENT_ADAPTER.validate_json(row["envelope"])
                 if event.event_id not in self.recent:
                     await self._deliver_from_journal(event)
+                self.position, read = row["position"], read + 1
                 if time.monotonic() - saved > SAVE_EVERY_S:  # a crash repeats at most this much work
-                    self.position = row["position"]
                     await self._save(conn, event.event_id)
                     saved = time.monotonic()
-            read += len(rows)
-            self.position = rows[-1]["position"] if len(rows) == PAGE else top
+            if len(rows) < PAGE:
+                self.position = top  # no other matching event up to top
             await self._save(conn, None)
         return read
 
