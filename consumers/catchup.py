@@ -63,9 +63,9 @@ WHERE locktype = 'relation' AND relation = 'events'::regclass AND mode = 'RowExc
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 STILL_RUNNING = "SELECT count(*) FROM pg_locks WHERE locktype = 'virtualxid' AND virtualxid = ANY($1::text[])"
-LOAD = "SELECT bindings, position FROM subscriber_positions WHERE name = $1"
+LOAD = "SELECT bindings, position, floor FROM subscriber_positions WHERE name = $1"
 SAVE = """
-INSERT INTO subscriber_positions (name, bindings, position, last_event_id) VALUES ($1, $2, $3, $4)
+INSERT INTO subscriber_positions (name, bindings, position, last_event_id, floor) VALUES ($1, $2, $3, $4, $3)
 ON CONFLICT (name) DO UPDATE SET position = excluded.position,
     last_event_id = coalesce(excluded.last_event_id, subscriber_positions.last_event_id), updated_at = now()
 """
@@ -127,6 +127,7 @@ class CatchUpSubscriber:
         self.pool = pool
         self.journal_wait_s = journal_wait_s
         self.position = 0
+        self.floor = 0  # where it began: queued events at or below it were never delivered from the journal
         self.recent = Recent()
         self.unjournaled = Recent()  # delivered from the queue before the journal held them: W has not passed them
         self.awaiting_marker = False  # the first live batch must find itself in the journal first
@@ -153,7 +154,7 @@ class CatchUpSubscriber:
                     raise ConfigurationError(
                         f"subscriber {self.subscriber} is bound to {' '.join(row['bindings'])}; run it with the same "
                         "--bind, or choose another name")
-                self.position, self.awaiting_marker = row["position"], True
+                self.position, self.floor, self.awaiting_marker = row["position"], row["floor"], True
                 return
             if start.from_start:
                 self.position = 0
@@ -162,7 +163,7 @@ class CatchUpSubscriber:
                 self.position = await self._head(conn) if first is None else first
             else:
                 self.position = await self._head(conn)
-            self.awaiting_marker = start.catches_up
+            self.awaiting_marker, self.floor = start.catches_up, self.position
             await conn.execute(SAVE, self.subscriber, self.bindings, self.position, None)
 
     async def _save(self, conn: asyncpg.Connection, last: UUID | None) -> None:
@@ -289,7 +290,7 @@ class CatchUpSubscriber:
                 await self._journal_until(conn, top)
                 if self.position < top:
                     raise RetryLater("stopping before the gap below this batch was filled")
-            done = {i for i, position in journaled.items() if position <= self.position}  # from the journal
+            done = {i for i, p in journaled.items() if self.floor < p <= self.position}  # from the journal
             for event in fresh:
                 if event.event_id in done:
                     self.delivered["skipped"] += 1

@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+import aio_pika
 import pytest
 
 from consumers.catchup import CatchUpSubscriber, Start, run_subscriber
@@ -19,8 +20,10 @@ from consumers.persistence import create_pool
 from consumers.runtime import ConsumerRuntime, connect
 from consumers.service import running_consumers
 from consumers.subscriber import matching_types, topic_matches
+from consumers.topology import subscriber_queue
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
+from schemas import EXCHANGE
 from tests.conftest import wait_until
 from tests.test_end_to_end import cli_env
 
@@ -35,12 +38,13 @@ def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-async def start_subscriber(env, name: str, out: Path, *extra: str, delay_s: float = 0.0):
+async def start_subscriber(env, name: str, out: Path, *extra: str, delay_s: float = 0.0,
+                           start: tuple[str, ...] = ("--from-start",)):
     """The subscriber as a process; its log goes to `out` with .log added."""
     log = open(f"{out}.log", "ab")  # noqa: SIM115, ASYNC230 - the child holds it
     try:
             return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sntrack", "subscribe", name, "--bind", "ml.run.#", "--from-start",
+            sys.executable, "-m", "sntrack", "subscribe", name, "--bind", "ml.run.#", *start,
             "--handler", "tests.subscriber_handlers:record", *extra, cwd=REPO,
             env={**cli_env(env), "SNTRACK_TEST_OUT": str(out), "SNTRACK_TEST_DELAY_S": str(delay_s),
                  "PYTHONPATH": str(REPO), "SNTRACK_LOG_JSON": "true"},
@@ -287,6 +291,32 @@ async def test_from_time_starts_at_the_first_event_that_occurred_then_and_jsonl_
             await asyncio.wait_for(process.wait(), 60)
     assert process.returncode == 0
     assert [json.loads(line)["event_id"] for line in out.read_text().splitlines()] == wanted
+
+
+async def test_a_queue_older_than_its_position_keeps_its_backlog(env, tmp_path):
+    """A subscriber of an earlier version had a queue and no position: what it holds is delivered, once."""
+    backlog, live = study_events(2, 3, seed=18), study_events(2, 3, seed=19)
+    spec = subscriber_queue("old", ("ml.run.#",))
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        await queue.bind(EXCHANGE, routing_key="ml.run.#")
+    finally:
+        await connection.close()
+    out = tmp_path / "out.txt"
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(backlog)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(backlog)), what="journal")
+        process = await start_subscriber(env, "old", out, start=())  # from now: the backlog is older
+        try:
+            await wait_until(lambda: len(lines(out)) >= len(backlog), what="the backlog, from the queue")
+            await env.publish_events(live)
+            await wait_until(lambda: len(lines(out)) >= len(backlog + live), what="the live events")
+            await asyncio.sleep(0.5)
+        finally:
+            await stop(process, out)
+    assert lines(out) == [str(e.event_id) for e in backlog + live]
 
 
 async def test_a_catch_up_without_the_journal_consumer_stops_after_the_wait_and_acks_nothing(env, tmp_path):
