@@ -23,7 +23,8 @@ def admin_cursor(database_url: str) -> Iterator[psycopg2.extensions.cursor]:
     try:
         conn = psycopg2.connect(admin_url, connect_timeout=10)
     except psycopg2.OperationalError as exc:
-        raise ConfigurationError(f"cannot reach PostgreSQL at {redact(admin_url)} ({str(exc).strip()})") from None
+        reason = " ".join(str(exc).split())  # libpq's text spans lines; an error here is one
+        raise ConfigurationError(f"cannot reach PostgreSQL at {redact(admin_url)} ({reason})") from None
     conn.autocommit = True
     try:
         with conn.cursor() as cur:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 
 def redact(url: str) -> str:
@@ -12,6 +12,28 @@ def redact(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def login_name(url: str) -> str | None:
+    """The user the URL logs in as."""
+    username = urlsplit(url).username
+    return None if username is None else unquote(username)
+
+
+def with_login(url: str, user: str, password: str) -> str:
+    """The URL logging in as `user` with `password` on the same server and path."""
+    parts = urlsplit(url)
+    host = f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
+
+
+def scrub(text: str, *urls: str) -> str:
+    """`text` (an exception's, which may quote a URL) with the password of each URL replaced by ***."""
+    for url in urls:
+        if password := urlsplit(url).password:
+            for form in {password, unquote(password)}:
+                text = text.replace(form, "***")
+    return text
 
 
 def path_name(url: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -18,9 +19,7 @@ from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE
 
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq" / "definitions.json"
 DEFAULT_VHOST = "sntrack"
-WORKER_USER = "sntrack-worker"
-CONSUMER_USER = "sntrack-consumer"
-GATEWAY_USER = "sntrack-gateway"  # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes
+DEFAULT_USER_PREFIX = "sntrack"
 
 # ml.events' alternate exchange: an event no binding matches lands in this bounded queue instead of being dropped
 # or returned. Set by a policy, so that an existing ml.events gets it without being re-declared.
@@ -29,23 +28,41 @@ UNROUTED_POLICY = "sntrack-ml-events-alternate-exchange"
 UNROUTED_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": DLQ_MAX_LENGTH, "x-max-length-bytes": DLQ_MAX_BYTES,
                       "x-overflow": "reject-publish"}
 
-# Least privilege: a worker may only publish to ml.events; consumers read and bind their own sntrack.* queues
-# (binding needs read on the exchange) and may publish only to the dead-letter exchange (gate rejections carry
-# their reason there).
-PERMISSIONS = {
-    WORKER_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
-    GATEWAY_USER: {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
-    CONSUMER_USER: {
-        "configure": r"^sntrack\..*",
-        "write": r"^(sntrack\..*|ml\.events\.dlx)$",
-        "read": r"^(sntrack\..*|ml\.events|ml\.events\.dlx)$",
-    },
+
+def _exactly(names: tuple[str, ...]) -> str:
+    return "^(" + "|".join(re.escape(name) for name in names) + ")$"
+
+
+# Least privilege, one broker user per role (RabbitMQ 3.10 checks configure for an active queue.declare and
+# queue.delete, write on the queue and read on the exchange for queue.bind, read for basic.get/consume, write on
+# the exchange for basic.publish; a passive declare needs none). Only an administrator (SNTRACK_RABBITMQ_ADMIN_URL,
+# through `sntrack topology apply`) declares the vhost, exchanges, built-in queues and bindings.
+ROLE_PERMISSIONS = {
+    # `sntrack worker` and the producer library: publish events, nothing else.
+    "worker": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+    # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes.
+    "gateway": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+    # `sntrack consume`: reads the built-in consumers' queues (the runtime only checks that they exist, a passive
+    # declare) and publishes dead letters with their reason; declares, binds and deletes nothing.
+    "consumer": {"configure": "^$", "write": r"^ml\.events\.dlx$", "read": _exactly(tuple(q.name for q in QUEUES))},
+    # `sntrack subscribe`: declares, binds and reads only its own sntrack.sub.* queues and their .dlq (binding needs
+    # read on ml.events and ml.events.dlx), and publishes its dead letters.
+    "subscriber": {"configure": r"^sntrack\.sub\..*$", "write": r"^(sntrack\.sub\..*|ml\.events\.dlx)$",
+                   "read": r"^(sntrack\.sub\..*|ml\.events|ml\.events\.dlx)$"},
 }
+ROLES = tuple(ROLE_PERMISSIONS)
+# `sntrack topology apply` reads each role's password from SNTRACK_<ROLE>_PASSWORD.
+PASSWORD_VARIABLES = {role: f"SNTRACK_{role.upper()}_PASSWORD" for role in ROLES}
 
 
-def build_definitions(vhost: str = DEFAULT_VHOST) -> dict:
+def user_name(role: str, prefix: str = DEFAULT_USER_PREFIX) -> str:
+    """The broker user of `role`: `sntrack-worker` etc.; a sandbox passes its vhost as the prefix."""
+    return f"{prefix}-{role}"
+
+
+def build_definitions(vhost: str = DEFAULT_VHOST, user_prefix: str = DEFAULT_USER_PREFIX) -> dict:
     """The whole topology in `rabbitmqctl import_definitions` form. Users carry no password (set it with
-    `sntrack topology apply` and SNTRACK_WORKER_PASSWORD / SNTRACK_CONSUMER_PASSWORD, or rabbitmqctl)."""
+    `sntrack topology apply` and SNTRACK_<ROLE>_PASSWORD, or rabbitmqctl)."""
     queues, bindings = [], []
     for spec in QUEUES:
         queues.append({"name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False,
@@ -64,10 +81,12 @@ def build_definitions(vhost: str = DEFAULT_VHOST) -> dict:
     return {
         "vhosts": [{"name": vhost}],
         "users": [
-            {"name": user, "password_hash": "", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}
-            for user in PERMISSIONS
+            {"name": user_name(role, user_prefix), "password_hash": "",
+             "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""}
+            for role in ROLES
         ],
-        "permissions": [{"user": user, "vhost": vhost, **perms} for user, perms in PERMISSIONS.items()],
+        "permissions": [{"user": user_name(role, user_prefix), "vhost": vhost, **perms}
+                        for role, perms in ROLE_PERMISSIONS.items()],
         "exchanges": [
             {"name": EXCHANGE, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False,
              "internal": False, "arguments": {}},
@@ -108,8 +127,8 @@ class ManagementApi:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
-            if exc.code == 404 and method == "GET":
-                return None
+            if exc.code == 404 and method in ("GET", "DELETE"):
+                return None  # absent, or already gone
             if exc.code == 401:
                 raise ConfigurationError(
                     f"RabbitMQ management API at {redact(self.base_url)} refused the credentials; "
@@ -129,25 +148,34 @@ class ManagementApi:
         return urlsplit(self.base_url).username or "guest"
 
 
+def user_tags(user: dict) -> list[str]:
+    """The tags of a user as GET /api/users returns it (a list; a comma-separated string before RabbitMQ 3.9)."""
+    tags = user.get("tags") or []
+    return [t for t in tags.split(",") if t] if isinstance(tags, str) else list(tags)
+
+
 def _q(value: str) -> str:
     return quote(value, safe="")
 
 
-def apply_topology(api: ManagementApi, vhost: str, passwords: dict[str, str] | None = None) -> list[str]:
+def apply_topology(api: ManagementApi, vhost: str, passwords: dict[str, str] | None = None, *,
+                   user_prefix: str) -> list[str]:
     """Declare vhost, users, permissions, exchanges, queues and bindings; safe to run any number of times.
 
-    A user that already exists keeps its password unless a new one is given. Returns what was done."""
+    The users are `<user_prefix>-<role>` (`sntrack-worker`, …; a test's own users are named after its vhost: no
+    default, so that no caller touches the global users by accident). `passwords` maps a role (ROLES) to its user's
+    password; a user that already exists keeps its password unless a new one is given. Returns what was done."""
     passwords = passwords or {}
-    definitions = build_definitions(vhost)
+    definitions = build_definitions(vhost, user_prefix)
     done = []
     api.request("PUT", f"vhosts/{_q(vhost)}", {})
     full = {"configure": ".*", "write": ".*", "read": ".*"}
     api.request("PUT", f"permissions/{_q(vhost)}/{_q(api.admin_user)}", full)
     done.append(f"vhost {vhost}")
-    for user in definitions["users"]:
-        name = user["name"]
-        if name in passwords:
-            api.request("PUT", f"users/{_q(name)}", {"password": passwords[name], "tags": ""})
+    for role in ROLES:
+        name = user_name(role, user_prefix)
+        if role in passwords:
+            api.request("PUT", f"users/{_q(name)}", {"password": passwords[role], "tags": ""})
             done.append(f"user {name} (password set)")
         elif api.request("GET", f"users/{_q(name)}") is None:
             api.request("PUT", f"users/{_q(name)}", {"password_hash": "", "tags": ""})
@@ -188,3 +216,9 @@ def _declare_queue(api: ManagementApi, vhost: str, queue: dict) -> None:
 
 def delete_vhost(api: ManagementApi, vhost: str) -> None:
     api.request("DELETE", f"vhosts/{_q(vhost)}")
+
+
+def delete_users(api: ManagementApi, user_prefix: str) -> None:
+    """Remove the role users `apply_topology(..., user_prefix=user_prefix)` created (absent ones are skipped)."""
+    for role in ROLES:
+        api.request("DELETE", f"users/{_q(user_name(role, user_prefix))}")

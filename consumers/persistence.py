@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
 
 import asyncpg
 
 from common.errors import ConfigurationError
+from common.tls import certificate_problem
 from common.urls import redact
 from consumers.projections.base import Projection, Statement
 from schemas import Event
@@ -39,7 +41,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     so a returned connection needs no reset query: one round trip less per consumer batch."""
 
 
-async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4,
+                      variable: str = "SNTRACK_DATABASE_URL") -> asyncpg.Pool:
+    """A pool on `database_url`; its errors are one line naming `variable`, the setting the URL came from."""
     try:
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
                                          reset=_keep_session)
@@ -50,10 +54,14 @@ async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4
         ) from None
     except asyncpg.InvalidAuthorizationSpecificationError as exc:  # wrong password, unknown role, pg_hba refusal
         raise ConfigurationError(
-            f"PostgreSQL refused the login in {redact(database_url)}: {exc}; check SNTRACK_DATABASE_URL") from None
+            f"PostgreSQL refused the login in {redact(database_url)}: {exc}; check {variable}") from None
+    except ssl.SSLCertVerificationError as exc:  # an OSError too: before the next clause
+        raise ConfigurationError(
+            f"refusing PostgreSQL at {redact(database_url)}: {certificate_problem(exc)}; check sslrootcert= (the "
+            f"CA's certificate) and the host name in {variable}") from None
     except (TimeoutError, OSError) as exc:
         raise ConfigurationError(
-            f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set SNTRACK_DATABASE_URL"
+            f"cannot reach PostgreSQL at {redact(database_url)} ({exc}); is it running? set {variable}"
         ) from None
 
 

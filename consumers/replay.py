@@ -173,6 +173,11 @@ SELECT a.privilege_type AS privilege, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE
 FROM pg_class c CROSS JOIN aclexplode(c.relacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
 WHERE c.oid = $1::regclass AND a.grantee <> c.relowner
 """
+# The live table's owner when it is not the role replaying (a superuser replaying the owner's tables).
+OTHER_OWNER = """
+SELECT quote_ident(pg_get_userbyid(relowner)) FROM pg_class
+WHERE oid = $1::regclass AND relowner <> (SELECT oid FROM pg_roles WHERE rolname = current_user)
+"""
 
 
 def _retarget(definition: str, live: str, shadow: str, table: str) -> str:
@@ -202,13 +207,16 @@ async def _create_tables(conn: asyncpg.Connection, projection: Projection, live:
 
 async def _finish_tables(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, *,
                          triggers: bool) -> None:
-    """The other indexes (same names as live), the grants, and (for a table that will be swapped in) triggers."""
+    """The other indexes (same names as live), the grants and owner (the writer and reader roles keep working after
+    a swap: tests/test_db_roles.py), and (for a table that will be swapped in) triggers."""
     for table in projection.tables:
         for index in await _catalog(conn, INDEXES, live, table):
             if index["contype"] is None:
                 await conn.execute(_retarget(index["def"], live, shadow, table))
         for grant in await _catalog(conn, GRANTS, live, table):
             await conn.execute(f"GRANT {grant['privilege']} ON {_ident(shadow)}.{_ident(table)} TO {grant['grantee']}")
+        if owner := await conn.fetchval(OTHER_OWNER, f"{_ident(live)}.{_ident(table)}"):
+            await conn.execute(f"ALTER TABLE {_ident(shadow)}.{_ident(table)} OWNER TO {owner}")
         if triggers:
             for trigger in await _catalog(conn, TRIGGERS, live, table):
                 await conn.execute(_retarget(trigger["def"], live, shadow, table))

@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.amqp import amqp_refusal
 from common.errors import ConfigurationError
-from common.urls import redact
+from common.urls import path_name, redact
 from consumers.attempts import AttemptLedger, message_key
 from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, Handler, RetryLater
@@ -99,6 +102,7 @@ class ConsumerRuntime:
         self.ready = asyncio.Event()
         self.finished = asyncio.Event()
         self.gave_up = asyncio.Event()  # set by consumers.service.supervise when restarts did not help
+        self.metrics = None  # a consumers.metrics.ConsumerMetrics while the daemon serves /metrics
 
     def stop(self) -> None:
         self._stopping.set()
@@ -114,10 +118,10 @@ class ConsumerRuntime:
 
     async def run(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         """Consume until stopped. May be called again after it raised: it starts on a fresh channel."""
-        spec = self.handler.queue
         self._inbox = asyncio.Queue()  # deliveries of an earlier channel can no longer be acked
         self.finished.clear()
         channels: list[aio_pika.abc.AbstractChannel] = []
+        started = False
         try:
             channel = await connection.channel()
             channels.append(channel)
@@ -126,15 +130,15 @@ class ConsumerRuntime:
             dead_letters = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channels.append(dead_letters)
             await channel.set_qos(prefetch_count=self.prefetch)
-            # Declared (idempotently) here too, so a new subscriber needs nothing beyond the exchanges.
-            queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
-            dead = await channel.declare_queue(spec.dead_letter_queue, durable=True,
-                                               arguments=spec.dead_letter_arguments)
-            await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
-            for pattern in spec.bindings:
-                await queue.bind(EXCHANGE, routing_key=pattern)
+            try:
+                queue = await self._open_queue(channel)
+                consumer_tag = await queue.consume(self._inbox.put)
+            except aiormq.exceptions.ChannelAccessRefused as exc:
+                raise ConfigurationError(
+                    f"RabbitMQ refused the user of {redact(self.config.amqp_url)}: {exc}; built-in consumers run as "
+                    "the consumer role's user, `sntrack subscribe` as the subscriber role's") from None
             dlx = await dead_letters.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
-            consumer_tag = await queue.consume(self._inbox.put)
+            started = True
             self.ready.set()
             self.log.info("consumer started", prefetch=self.prefetch, batch_size=self.batch_size)
             try:
@@ -150,7 +154,27 @@ class ConsumerRuntime:
                 with contextlib.suppress(Exception):
                     await each.close()
             self.finished.set()
-            self.log.info("consumer stopped", **vars(self.stats))
+            if started:
+                self.log.info("consumer stopped", **vars(self.stats))
+
+    async def _open_queue(self, channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+        """The handler's queue. A built-in consumer's queue was declared and bound by `sntrack topology apply`: it
+        is only checked (a passive declare, which needs no permission; the consumer role may configure nothing).
+        A subscriber declares and binds its own queue and dead-letter queue here, idempotently."""
+        spec = self.handler.queue
+        if not spec.runtime_declares:
+            try:
+                return await channel.declare_queue(spec.name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                vhost = unquote(path_name(self.config.amqp_url)) or "/"
+                raise ConfigurationError(f"queue {spec.name} does not exist in vhost {vhost!r}; an administrator "
+                                         "declares it with `sntrack topology apply`") from None
+        queue = await channel.declare_queue(spec.name, durable=True, arguments=spec.arguments)
+        dead = await channel.declare_queue(spec.dead_letter_queue, durable=True, arguments=spec.dead_letter_arguments)
+        await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=spec.name)
+        for pattern in spec.bindings:
+            await queue.bind(EXCHANGE, routing_key=pattern)
+        return queue
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(self._inbox.get())
@@ -257,7 +281,10 @@ class ConsumerRuntime:
         backoff, failures = 0.1, 0
         while True:
             try:
+                started = time.perf_counter()
                 await self.handler.handle([event for _, event in accepted])
+                if self.metrics is not None:
+                    self.metrics.applied(self.handler.name, [e for _, e in accepted], time.perf_counter() - started)
                 return True
             except (RetryLater, *TRANSIENT_ERRORS) as exc:
                 if self._stopping.is_set():
@@ -334,6 +361,8 @@ class ConsumerRuntime:
                     return False
                 backoff = min(backoff * 2, DEAD_LETTER_MAX_BACKOFF_S)
         self.stats.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.dead_lettered(self.handler.name, event, str(reason))
         self.stats.reasons[str(reason)] = self.stats.reasons.get(str(reason), 0) + 1
         self.log.warning("message dead-lettered", reason=str(reason), detail=detail[:300], **ids)
         if message.redelivered:

@@ -13,6 +13,7 @@ from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
 from consumers.config import ConsumerConfig
 from consumers.handler import Handler, ProjectionHandler
+from consumers.metrics import ConsumerMetrics
 from consumers.persistence import Store, create_pool
 from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
@@ -53,6 +54,11 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
             await runtime.run(connection)
             return
         except Exception as exc:  # noqa: BLE001 - any failure of one consumer must spare its siblings
+            if isinstance(exc, ConfigurationError) and not runtime.ready.is_set():
+                # At its first start, a missing queue or a refused permission is a configuration mistake, which the
+                # command line says in one line (exit 2). Later (its queue deleted) it is restarted like any failure.
+                runtime.gave_up.set()
+                raise
             if runtime.stopping:
                 return
             if runtime.stats.batches > progress:
@@ -72,6 +78,8 @@ async def supervise(runtime: ConsumerRuntime, connection: aio_pika.abc.AbstractR
 
 
 HandlerFactory = Callable[[Store], Sequence[Handler]]
+# A cancelled consumer failed in nothing; a ConfigurationError is said by the command line or by `supervise`.
+NOT_LOGGED = (asyncio.CancelledError, ConfigurationError)
 
 
 @contextlib.asynccontextmanager
@@ -83,17 +91,21 @@ async def running_consumers(config: ConsumerConfig, names: Sequence[str]) -> Asy
 
 
 @contextlib.asynccontextmanager
-async def running_handlers(config: ConsumerConfig,
-                           make_handlers: HandlerFactory) -> AsyncIterator[list[ConsumerRuntime]]:
-    """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns."""
+async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory,
+                           metrics: ConsumerMetrics | None = None) -> AsyncIterator[list[ConsumerRuntime]]:
+    """Start a consumer runtime, supervised, for each handler `make_handlers(store)` returns; `metrics`, when
+    given, counts what they do and checks their connection and pool."""
     pool = await create_pool(config.database_url, max_size=8)
     try:
         connection = await connect(config)
         try:
             runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
+            if metrics is not None:
+                metrics.attach(connection, pool, runtimes)
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))
+            ready.add_done_callback(lambda f: f.cancelled() or f.exception())  # cancelled below: not an error
             try:
                 done, _ = await asyncio.wait([ready, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 for task in tasks:
@@ -106,7 +118,7 @@ async def running_handlers(config: ConsumerConfig,
                     runtime.stop()
                 for runtime, outcome in zip(runtimes, await asyncio.gather(*tasks, return_exceptions=True),
                                             strict=True):
-                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, NOT_LOGGED):
                         log.error("consumer failed", consumer=runtime.handler.name, error=repr(outcome))
                 # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
                 await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),
@@ -117,16 +129,18 @@ async def running_handlers(config: ConsumerConfig,
         await pool.close()
 
 
-async def serve(config: ConsumerConfig, names: Sequence[str], stop: asyncio.Event) -> int:
+async def serve(config: ConsumerConfig, names: Sequence[str], stop: asyncio.Event,
+                metrics: ConsumerMetrics | None = None) -> int:
     """Run the named consumers until `stop` is set (0)."""
     resolve_names(names)
-    return await serve_handlers(config, lambda store: build_handlers(names, store, config), stop)
+    return await serve_handlers(config, lambda store: build_handlers(names, store, config), stop, metrics)
 
 
-async def serve_handlers(config: ConsumerConfig, make_handlers: HandlerFactory, stop: asyncio.Event) -> int:
+async def serve_handlers(config: ConsumerConfig, make_handlers: HandlerFactory, stop: asyncio.Event,
+                         metrics: ConsumerMetrics | None = None) -> int:
     """Run until `stop` is set (0), or until a consumer keeps failing after restarts (1: let a supervisor
     restart us). A consumer that fails is restarted in-process; its siblings keep running."""
-    async with running_handlers(config, make_handlers) as runtimes:
+    async with running_handlers(config, make_handlers, metrics) as runtimes:
         log.info("consumers running", consumers=[r.handler.name for r in runtimes])
         waits = [asyncio.ensure_future(stop.wait()), *(asyncio.ensure_future(r.gave_up.wait()) for r in runtimes)]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

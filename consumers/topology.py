@@ -30,6 +30,9 @@ class QueueSpec:
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     max_length: int | None = None  # None: unbounded (a built-in consumer's queue must hold the whole backlog)
     max_bytes: int | None = None
+    # False: `sntrack topology apply` declares the queue and its bindings and the runtime only checks that it exists,
+    # so the consumer role needs no configure permission. True: the runtime declares and binds it (a subscriber's).
+    runtime_declares: bool = False
 
     @property
     def dead_letter_queue(self) -> str:
@@ -62,4 +65,4 @@ class QueueSpec:
 def subscriber_queue(name: str, patterns: tuple[str, ...]) -> QueueSpec:
     """The bounded queue of an extra subscriber `sntrack.sub.<name>`."""
     return QueueSpec(f"sntrack.sub.{name}", bindings=patterns, max_length=SUBSCRIBER_MAX_LENGTH,
-                     max_bytes=SUBSCRIBER_MAX_BYTES)
+                     max_bytes=SUBSCRIBER_MAX_BYTES, runtime_declares=True)

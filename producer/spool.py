@@ -16,6 +16,12 @@ read, each opened on demand (tests/test_spool.py::test_two_thousand_segments_und
 A draining crash leaves the segment in place, so its events may be published again: consumers dedupe by
 event_id (at-least-once).
 
+Trust: the spool directory must be this user's own, mode 0700 when created here, and is refused (SpoolDirError)
+when it is a symbolic link, owned by another user, or writable by group or others: anyone who could write there
+could plant segments that this worker adopts and publishes under its own identity. Symlinked segments and lock
+files are skipped with a warning and never followed (opens use O_NOFOLLOW, or O_EXCL when creating). Proved by
+tests/test_spool_security.py.
+
 Thread-safe: appends, reads and commits may come from different threads.
 """
 
@@ -25,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import threading
 import time
 import uuid
@@ -35,6 +42,7 @@ from pathlib import Path
 
 import structlog
 
+from common.errors import ConfigurationError
 from schemas import Event
 
 log = structlog.get_logger("sntrack.spool")
@@ -44,6 +52,52 @@ SEGMENT_MAX_EVENTS = 2000
 LOCK_PREFIX = ".owner-"
 LOCK_SUFFIX = ".lock"
 REJECTED_DIR = "rejected"  # unroutable events, kept with the reason the broker gave
+
+
+class SpoolDirError(ConfigurationError):
+    """The spool directory is not safe to use: a symlink, another user's, or writable by others."""
+
+
+def secure_directory(directory: Path) -> Path:
+    """Create the spool directory 0700 when missing; refuse it unless it is a real directory of this user that
+    nobody else may write to. Returns the path."""
+    directory = Path(directory)
+    if not os.path.lexists(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700)
+            os.chmod(directory, 0o700, follow_symlinks=False)  # the umask could have taken bits off, never added
+        except FileExistsError:
+            pass  # another process created it first: checked below like any existing directory
+    return _check_directory(directory)
+
+
+def _check_directory(directory: Path) -> Path:
+    where = f"spool directory {directory} (SNTRACK_SPOOL_DIR)"
+    try:
+        info = os.lstat(directory)
+    except OSError as exc:
+        raise SpoolDirError(f"cannot use the {where}: {exc.strerror}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise SpoolDirError(f"refusing the {where}: it is a symbolic link; point SNTRACK_SPOOL_DIR at the real "
+                            "directory")
+    if not stat.S_ISDIR(info.st_mode):
+        raise SpoolDirError(f"refusing the {where}: it is not a directory")
+    if info.st_uid != os.geteuid():
+        raise SpoolDirError(f"refusing the {where}: it is owned by uid {info.st_uid}, not by this user "
+                            f"(uid {os.geteuid()}); use a directory of your own")
+    if info.st_mode & 0o022:
+        raise SpoolDirError(f"refusing the {where}: it is writable by group or others (mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}); chmod 700 it")
+    return directory
+
+
+def _is_symlink(path: Path) -> bool:
+    """True (with a warning) for a symbolic link where a segment or lock file should be: skipped, never followed."""
+    if not path.is_symlink():
+        return False
+    log.warning("skipping a symbolic link in the spool directory; it is never followed", path=str(path))
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +191,15 @@ def _lock_path(directory: Path, owner: str) -> Path:
 def _lock_dead_owner(directory: Path, owner: str) -> int | None:
     """The locked descriptor of `owner`'s lock file when that owner is gone (-1: no lock file); None: alive."""
     try:
-        fd = os.open(_lock_path(directory, owner), os.O_RDWR)
+        fd = os.open(_lock_path(directory, owner), os.O_RDWR | os.O_NOFOLLOW)
     except FileNotFoundError:
         return -1
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        log.warning("skipping a symbolic link in the spool directory; it is never followed",
+                    path=str(_lock_path(directory, owner)))
+        return None  # not a lock we can judge: its owner's segments stay where they are
     if _try_lock(fd):
         return fd
     os.close(fd)
@@ -156,8 +216,7 @@ class Spool:
     """This process's share of a spool directory: the segments it writes and the orphans it adopted."""
 
     def __init__(self, directory: Path, max_segment_events: int = SEGMENT_MAX_EVENTS):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = secure_directory(directory)
         self.max_segment_events = max_segment_events
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._owner_fd: int | None = None  # our lock, taken before our first segment exists
@@ -185,11 +244,12 @@ class Spool:
         """Quarantine events the broker returned as unroutable: appended, with the reason, to
         `rejected/<owner>.jsonl` beside the segments, fsync'ed when this returns."""
         folder = self.directory / REJECTED_DIR
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         at = datetime.now(UTC).isoformat()
         data = b"".join(json.dumps({"reason": reason, "rejected_at": at, "event": json.loads(record.body)},
                                    separators=(",", ":")).encode() + b"\n" for record, reason in rejected)
-        fd = os.open(folder / f"{self.owner}{SEGMENT_SUFFIX}", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(folder / f"{self.owner}{SEGMENT_SUFFIX}",
+                     os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
             _durable_append(fd, data, os.fstat(fd).st_size)
         finally:
@@ -227,7 +287,8 @@ class Spool:
         with self._lock:
             by_owner: dict[str, list[Path]] = {}
             for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
-                by_owner.setdefault(_owner_of(path), []).append(path)
+                if not _is_symlink(path):
+                    by_owner.setdefault(_owner_of(path), []).append(path)
             by_owner.pop(self.owner, None)
             stale_locks = {path.name[len(LOCK_PREFIX):-len(LOCK_SUFFIX)]
                            for path in self.directory.glob(f"{LOCK_PREFIX}*{LOCK_SUFFIX}")}
@@ -261,7 +322,7 @@ class Spool:
                 os.rename(path, mine)
             except FileNotFoundError:
                 continue  # another process adopted it first
-            taken.append(_Segment(mine, mine.stat().st_size))
+            taken.append(_Segment(mine, mine.lstat().st_size))
         return taken
 
     def next_chunk(self, limit: int) -> Chunk | None:
@@ -276,7 +337,7 @@ class Spool:
         if self._reading is not None and self._reading[0] is segment:
             return self._reading[1]
         self._close_reader()
-        fd = os.open(segment.path, os.O_RDONLY)
+        fd = os.open(segment.path, os.O_RDONLY | os.O_NOFOLLOW)
         self._reading = (segment, fd)
         return fd
 
@@ -361,11 +422,17 @@ def _count_lines(path: Path) -> int:
 
 
 def inspect(directory: Path) -> list[SegmentInfo]:
-    """Every segment in a spool directory, with its event count and whether a live process owns it."""
+    """Every segment in a spool directory, with its event count and whether a live process owns it (none when the
+    directory does not exist; SpoolDirError when it is not safe, as for a Spool)."""
     directory = Path(directory)
+    if not os.path.lexists(directory):
+        return []
+    _check_directory(directory)
     alive: dict[str, bool] = {}
     infos = []
     for path in sorted(directory.glob(f"*{SEGMENT_SUFFIX}")):
+        if _is_symlink(path):
+            continue
         owner = _owner_of(path)
         if owner not in alive:
             fd = _lock_dead_owner(directory, owner)

@@ -63,11 +63,15 @@ class Heartbeat:
     on_lost: Callable[[optuna.Study, FrozenTrial], None]
 
 
-def rdb_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages.RDBStorage:
-    """Optuna's storage at `url`. SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; we ship psycopg2."""
+def sqlalchemy_url(url: str) -> str:
+    """SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3; we ship psycopg2."""
     scheme, sep, rest = url.partition("://")
-    if scheme in ("postgresql", "postgres"):
-        url = f"postgresql+psycopg2{sep}{rest}"
+    return f"postgresql+psycopg2{sep}{rest}" if scheme in ("postgresql", "postgres") else url
+
+
+def rdb_storage(url: str, heartbeat: Heartbeat | None = None) -> optuna.storages.RDBStorage:
+    """Optuna's storage at `url`."""
+    url = sqlalchemy_url(url)
     if heartbeat is None:
         return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
     with warnings.catch_warnings():

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from common.errors import ConfigurationError
+from common.urls import redact, scrub
 from producer.emitter import TrialEvents
 from producer.model import state_dict_copy
 from producer.training import TrialOutcome
@@ -214,8 +215,9 @@ class MlflowLogger:
             return fn(*args, **kwargs)
         except Exception as exc:
             self._down_until = time.monotonic() + COOLDOWN_S
-            log.warning(f"MLflow: could not {what}; training goes on, MLflow rests", tracking_uri=self.tracking_uri,
-                        cooldown_s=COOLDOWN_S, error=f"{type(exc).__name__}: {exc}"[:300])
+            log.warning(f"MLflow: could not {what}; training goes on, MLflow rests",
+                        tracking_uri=redact(self.tracking_uri), cooldown_s=COOLDOWN_S,
+                        error=scrub(f"{type(exc).__name__}: {exc}", self.tracking_uri)[:300])
             return None
 
     def _experiment_id(self, model_run_id: str) -> str:

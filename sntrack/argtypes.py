@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 
 
@@ -28,3 +29,11 @@ def output_file(text: str) -> Path:
     if not os.access(folder, os.W_OK) or path.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}")
     return path
+
+
+def user_prefix(text: str) -> str:
+    """The start of broker user names (PREFIX-worker, …): letters, digits, '.', '_' and '-', starting with a letter
+    or digit."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"must be 1-64 of letters, digits, '.', '_' and '-': {text!r}")
+    return text

@@ -12,4 +12,7 @@ def configuration_message(exc: BaseException) -> str | None:
 
     if isinstance(exc, asyncpg.UndefinedTableError):
         return f"the database has no sntrack schema ({exc}); run `sntrack db migrate`"
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):  # a command run with another job's login
+        return (f"PostgreSQL refused: {exc}; this command needs another login (README: Production set-up and "
+                "security, which command uses which SNTRACK_*DATABASE_URL)")
     return None

@@ -16,7 +16,7 @@ EXAMPLES = {
     "sntrack spool": "sntrack spool status",
     "sntrack spool status": "sntrack spool status",
     "sntrack spool flush": "sntrack spool flush --timeout 30",
-    "sntrack topology": "sntrack topology apply   # passwords from SNTRACK_WORKER_PASSWORD, SNTRACK_CONSUMER_PASSWORD",
+    "sntrack topology": "sntrack topology apply   # passwords from SNTRACK_WORKER_PASSWORD, SNTRACK_CONSUMER_PASSWORD…",
     "sntrack topology apply": "sntrack topology apply --vhost sntrack",
     "sntrack topology export": "sntrack topology export --vhost sntrack",
     "sntrack topology check": "sntrack topology check",

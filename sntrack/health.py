@@ -34,11 +34,16 @@ async def _login(settings: Settings, timeout_s: float) -> Exception | None:
     return None
 
 
-def warnings(queues: dict[str, dict], journal_trials: int, read_model_trials: int) -> list[str]:
-    """Lines telling the user what the figures imply: a queue nobody reads, a read model behind the journal."""
+def warnings(queues: dict[str, dict], journal_trials: int, read_model_trials: int,
+             superuser: str | None = None) -> list[str]:
+    """Lines telling the user what the figures imply: a queue nobody reads, a read model behind the journal, the
+    daemons' database login (`superuser`: its name when it is a superuser)."""
     out = [f"warning: no consumer on {name} ({info.get('messages', 0)} messages waiting); start `sntrack consume all`"
            for name, info in queues.items() if info and not info.get("consumers")]
     if journal_trials > read_model_trials:
         out.append(f"warning: the read model is behind the journal by {journal_trials - read_model_trials} trials: "
                    "the trials consumer is behind or not running")
+    if superuser is not None:
+        out.append(f"warning: SNTRACK_DATABASE_URL logs in as {superuser}, a PostgreSQL superuser; give the daemons "
+                   "the writer role (`sntrack db migrate --roles`, README: Production set-up and security)")
     return out

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common.errors import ConfigurationError
 from common.postgres import create_database
-from common.urls import with_path
+from common.urls import scrub, with_path
 
 DEFAULT_PORT = 5000
 BACKEND_DATABASE = "sntrack_mlflow"
@@ -120,9 +120,11 @@ def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
     folder.mkdir(parents=True, exist_ok=True)
     mlflow = Path(sys.executable).with_name("mlflow")
     command = [str(mlflow), "server", "--workers", "1", "--host", host, "--port", str(port),
-               "--backend-store-uri", backend_uri, "--serve-artifacts",
-               "--artifacts-destination", str(folder / "artifacts")]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+               "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
+    # The backend URI holds the database password: `mlflow server` reads it from this variable (click's envvar of
+    # --backend-store-uri), never from the command line, which `ps` shows to every local user
+    # (tests/test_no_secret_leaks.py).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_BACKEND_STORE_URI": backend_uri}
     started = time.perf_counter()
     with open(folder / f"server-{port}.log", "ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -135,7 +137,7 @@ def start(port: int, backend_uri: str, folder: Path, *, host: str = "127.0.0.1",
     while not healthy(url):
         if process.poll() is not None or time.perf_counter() - started > timeout_s:
             server.stop(kill=True)
-            tail = (folder / f"server-{port}.log").read_text(errors="replace")[-2000:]
+            tail = scrub((folder / f"server-{port}.log").read_text(errors="replace")[-2000:], backend_uri)
             raise ConfigurationError(f"MLflow server on port {port} did not become healthy:\n{tail}")
         time.sleep(0.2)
     server.startup_s = time.perf_counter() - started

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from common.errors import ConfigurationError
 from common.urls import path_name
@@ -20,12 +20,27 @@ def _default_state_dir() -> Path:
     return Path(base) / "sntrack"
 
 
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/sntrack"
     rabbitmq_admin_url: str = "http://guest:guest@127.0.0.1:15672"
+    # The daemons' login (a writer role in production); read-only commands use read_database_url, schema changes
+    # (migrate, replay, hard deletes, gateway tokens) admin_database_url; both default to database_url.
     database_url: str = "postgresql://postgres@127.0.0.1:5432/sntrack"
+    read_database_url: str | None = None
+    admin_database_url: str | None = None
+    # The roles `sntrack db migrate --roles` creates or updates (cluster-wide names), and their passwords.
+    db_writer_role: str = Field(default="sntrack_writer", min_length=1, max_length=63)
+    db_reader_role: str = Field(default="sntrack_reader", min_length=1, max_length=63)
+    db_writer_password: SecretStr | None = None
+    db_reader_password: SecretStr | None = None
     # The dashboard reads with this URL (a read-only role); unset: database_url, in read-only transactions anyway.
     dashboard_database_url: str | None = None
     dashboard_token: str | None = None  # when set, the dashboard asks for it (?token=, cookie or Bearer header)
@@ -63,6 +78,11 @@ class Settings(BaseModel):
     gateway_token_cache_s: float = Field(default=5.0, ge=0)
     log_json: bool | None = None  # None: JSON when stderr is not a terminal
 
+    # `consume` and `worker` serve /healthz and /metrics on this port (--metrics-port); 0: not at all. Off by
+    # default: several daemons share a machine, so each is given its own port (sntrack.ops).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 lets a Prometheus on another machine scrape
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> Settings:
         environ = os.environ if environ is None else environ
@@ -81,7 +101,7 @@ class Settings(BaseModel):
     def to_env(self) -> dict[str, str]:
         """The SNTRACK_* variables from which `from_env` rebuilds these settings (for child processes)."""
         return {
-            f"SNTRACK_{name.upper()}": str(value).lower() if isinstance(value, bool) else str(value)
+            f"SNTRACK_{name.upper()}": _env_value(value)
             for name in type(self).model_fields
             if (value := getattr(self, name)) is not None
         }
@@ -97,6 +117,16 @@ class Settings(BaseModel):
         return ConsumerConfig(amqp_url=self.amqp_url, database_url=self.database_url, batch_size=self.batch_size,
                               prefetch=self.prefetch, max_message_bytes=self.max_message_bytes,
                               memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow)
+
+    @property
+    def read_url(self) -> str:
+        """What read-only commands (report, export, trial, studies list/show, reconcile) connect with."""
+        return self.read_database_url or self.database_url
+
+    @property
+    def admin_url(self) -> str:
+        """What commands that change the schema or administer connect with: the tables' owner."""
+        return self.admin_database_url or self.database_url
 
     @property
     def amqp_vhost(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,14 +19,17 @@ import asyncpg
 import pytest
 
 from common.errors import ConfigurationError
-from consumers.broker_admin import ManagementApi
+from common.urls import with_login
+from consumers.broker_admin import ROLES, ManagementApi, user_name
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from schemas import EXCHANGE
 from sntrack.settings import Settings
-from tests.sandbox import remove_stale, sandbox
+from tests.broker_audit import differences, export_access
+from tests.sandbox import remove_stale, sandbox, session_id
 
 TEST_PREFIX = "sntrack-test"
+BROKER_ACCESS = pytest.StashKey[dict]()
 
 
 @dataclass
@@ -34,6 +38,7 @@ class TestEnv:
     vhost: str
     database: str
     api: ManagementApi
+    roles: dict[str, str]  # role (worker, gateway, consumer, subscriber) → SNTRACK_AMQP_URL of the sandbox's user
 
     async def db(self) -> asyncpg.Connection:
         return await asyncpg.connect(self.settings.database_url)
@@ -126,18 +131,51 @@ class TestEnv:
         return out
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    session_id()  # set before pytest-xdist starts its workers, which inherit it and name their sandboxes with it
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Remove what interrupted sessions left more than a day ago (tests.sandbox.remove_stale)."""
+    """In the controller (pytest-xdist's, or the only process): remove what interrupted sessions left more than a day
+    ago (tests.sandbox.remove_stale), then export the broker's users and permissions for pytest_sessionfinish."""
+    if hasattr(session.config, "workerinput"):
+        return
+    settings = Settings.from_env()
     with contextlib.suppress(ConfigurationError, OSError):  # services down: the tests will say so themselves
-        asyncio.run(remove_stale(Settings.from_env(), TEST_PREFIX))
+        asyncio.run(remove_stale(settings, TEST_PREFIX))
+        session.config.stash[BROKER_ACCESS] = export_access(ManagementApi(settings.rabbitmq_admin_url))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Fail the session when the broker's users and permissions differ from what it found (tests.broker_audit)."""
+    before = session.config.stash.get(BROKER_ACCESS, None)
+    if before is None or hasattr(session.config, "workerinput"):
+        return
+    try:
+        after = export_access(ManagementApi(Settings.from_env().rabbitmq_admin_url))
+    except ConfigurationError as exc:
+        lines = [f"could not export them again: {exc}"]
+    else:
+        lines = differences(before, after, session_id())
+    if lines:
+        report = session.config.pluginmanager.get_plugin("terminalreporter")
+        say = report.write_line if report else print
+        say("")
+        say("FAILED: this session did not leave the broker's users and permissions as it found them:")
+        for line in lines:
+            say(f"  {line}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture
 async def env(tmp_path) -> TestEnv:
     base = Settings.from_env()
     overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False}
-    async with sandbox(base, prefix=TEST_PREFIX, **overrides) as settings:
-        yield TestEnv(settings, settings.amqp_vhost, settings.database_name, ManagementApi(base.rabbitmq_admin_url))
+    passwords = {role: secrets.token_urlsafe(12) for role in ROLES}
+    async with sandbox(base, prefix=TEST_PREFIX, passwords=passwords, **overrides) as settings:
+        vhost = settings.amqp_vhost
+        roles = {role: with_login(settings.amqp_url, user_name(role, vhost), passwords[role]) for role in ROLES}
+        yield TestEnv(settings, vhost, settings.database_name, ManagementApi(base.rabbitmq_admin_url), roles)
 
 
 async def wait_until(predicate: Callable, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):

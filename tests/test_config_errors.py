@@ -60,6 +60,8 @@ CASES = [
     ("worker --lr abc", lambda e, b: {}, ["worker", "--study", "s", "--lr", "abc"], ["--lr", "abc is not a number"]),
     ("worker --epochs 0", lambda e, b: {}, ["worker", "--study", "s", "--epochs", "0"], ["0 is below 1"]),
     ("status --wait-idle -3", lambda e, b: {}, ["status", "--wait-idle", "-3"], ["--wait-idle", "'-3'"]),
+    ("topology apply --user-prefix ''", lambda e, b: {}, ["topology", "apply", "--user-prefix", ""],
+     ["--user-prefix", "must be 1-64 of letters"]),
     ("export to a missing folder", lambda e, b: {}, ["export", "--run", "s", "--output", "/nonexistent/dir/x.csv"],
      ["folder '/nonexistent/dir' does not exist"]),
     ("export of an unknown study", lambda e, b: {}, ["export", "--run", "no-such-study"],

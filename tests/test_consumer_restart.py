@@ -1,10 +1,13 @@
 """A consumer of one projection that fails does not take its siblings down: it is restarted in-process."""
 
 import asyncio
+import contextlib
 
+import aio_pika
 import pytest
-from aiormq.exceptions import ChannelPreconditionFailed
+from aiormq.exceptions import ChannelLockedResource
 
+from consumers.broker_admin import apply_topology
 from consumers.service import RESTART_LIMIT, serve
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -13,24 +16,30 @@ from tests.conftest import wait_until
 QUEUE = "sntrack.comparison"
 
 
-def _break_comparison_queue(env) -> None:
-    """An operator's slip: the comparison queue re-created as a classic queue, which the consumer cannot declare."""
+@contextlib.asynccontextmanager
+async def _comparison_queue_locked(env):
+    """An operator's slip: the comparison queue replaced by an exclusive queue of another connection, which the
+    consumer cannot even look at (RESOURCE_LOCKED) while that connection lives. Leaving, the queue is gone."""
     env.api.request("DELETE", f"queues/{env.vhost}/{QUEUE}")
-    env.api.request("PUT", f"queues/{env.vhost}/{QUEUE}", {"durable": True, "arguments": {}})
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        await (await connection.channel()).declare_queue(QUEUE, exclusive=True)
+        yield
+    finally:
+        await connection.close()
 
 
 async def test_failing_consumer_is_restarted_and_its_sibling_keeps_applying(env):
-    _break_comparison_queue(env)
     stop = asyncio.Event()
-    daemon = asyncio.create_task(serve(env.settings.consumer(), ["journal", "comparison"], stop))
-    first = [e for trial in synthetic_study(20, 3, producer=producer_info(), seed=41) for e in trial]
-    await env.publish_events(first)
-    await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(first)), what="the journal")
-    assert not daemon.done()
-
-    env.api.request("DELETE", f"queues/{env.vhost}/{QUEUE}")  # the operator removes it; the next restart declares it
-    await wait_until(lambda: (env.api.request("GET", f"queues/{env.vhost}/{QUEUE}") or {}).get("type") == "quorum",
-                     what="the restarted consumer to declare its queue")
+    async with _comparison_queue_locked(env):
+        daemon = asyncio.create_task(serve(env.settings.consumer(), ["journal", "comparison"], stop))
+        first = [e for trial in synthetic_study(20, 3, producer=producer_info(), seed=41) for e in trial]
+        await env.publish_events(first)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(first)), what="the journal")
+        assert not daemon.done()
+    # The operator declares the queue again; the next restart finds it.
+    await asyncio.to_thread(apply_topology, env.api, env.vhost, user_prefix=env.vhost)
+    await wait_until(lambda: env.consumers(QUEUE) == 1, what="the restarted consumer on its queue")
     second = synthetic_study(10, 3, producer=producer_info(), seed=42)
     await env.publish_events([e for trial in second for e in trial])
     await wait_until(lambda: env.fetchval(
@@ -44,11 +53,11 @@ async def test_failing_consumer_is_restarted_and_its_sibling_keeps_applying(env)
 
 
 async def test_a_consumer_that_keeps_failing_ends_the_daemon_after_its_restarts(env):
-    _break_comparison_queue(env)
     events = [e for trial in synthetic_study(10, 3, producer=producer_info(), seed=43) for e in trial]
-    await env.publish_events(events)
-    with pytest.raises(ChannelPreconditionFailed):
-        await asyncio.wait_for(serve(env.settings.consumer(), ["journal", "comparison"], asyncio.Event()), 120)
+    async with _comparison_queue_locked(env):
+        await env.publish_events(events)
+        with pytest.raises(ChannelLockedResource):
+            await asyncio.wait_for(serve(env.settings.consumer(), ["journal", "comparison"], asyncio.Event()), 120)
     # Meanwhile its sibling applied everything.
     assert await env.fetchval("SELECT count(*) FROM events") == len(events)
     assert RESTART_LIMIT > 1

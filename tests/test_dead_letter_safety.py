@@ -24,7 +24,8 @@ async def test_missing_then_full_dead_letter_queue_keeps_the_original(env):
         await wait_until(lambda: env.queue_depth(QUEUE) == 1, what="the original to be counted in its queue")
         assert runtime.stats.dead_lettered == 0
 
-        await asyncio.to_thread(apply_topology, env.api, env.vhost)  # an operator recreates the DLQ
+        # An operator recreates the DLQ (with the sandbox's own users).
+        await asyncio.to_thread(apply_topology, env.api, env.vhost, user_prefix=env.vhost)
         await wait_until(lambda: runtime.stats.dead_lettered == 1, timeout=60, what="the retried dead letter")
         failures_while_missing = runtime.stats.dead_letter_failures
 

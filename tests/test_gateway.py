@@ -20,7 +20,6 @@ import pytest
 from aiormq.exceptions import ChannelAccessRefused
 
 import gateway as gateway_package
-from consumers.broker_admin import GATEWAY_USER, apply_topology
 from consumers.registry import QUEUES
 from consumers.service import running_consumers
 from gateway.client import GatewayClient
@@ -288,16 +287,9 @@ async def test_health_metrics_and_openapi_referencing_the_json_schemas(env):
             assert response.status == 404
 
 
-@pytest.fixture
-def gateway_password(env):
-    password = secrets.token_urlsafe(12)
-    apply_topology(env.api, env.vhost, {GATEWAY_USER: password})
-    return password
-
-
-async def test_gateway_user_may_only_publish_to_ml_events(env, gateway_password):
+async def test_gateway_user_may_only_publish_to_ml_events(env):
     _, token = await new_token(env)
-    amqp_url = env.settings.amqp_url.replace("guest:guest", f"{GATEWAY_USER}:{gateway_password}")
+    amqp_url = env.roles["gateway"]
     event = next(iter(synthetic_study(1, 1, producer=producer_info(), seed=1)))[0].to_json()
     async with gateway(env, amqp_url=amqp_url) as (url, session):
         assert (await post(session, url, event, token))[0] == 202

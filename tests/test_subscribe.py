@@ -18,12 +18,13 @@ from tests.test_end_to_end import cli_env
 
 
 async def test_subscriber_prints_matching_events_and_keeps_its_queue(env):
+    # As the subscriber role, which may configure, bind and read only sntrack.sub.* queues (tests/test_topology.py).
     study = synthetic_study(6, 3, producer=producer_info(), seed=8)
     stops = [trial[-1] for trial in study]
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "sntrack", "subscribe", "stops", "--pattern", "ml.run.stop",
-        env={**cli_env(env), "SNTRACK_LOG_JSON": "true"}, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        env={**cli_env(env), "SNTRACK_AMQP_URL": env.roles["subscriber"], "SNTRACK_LOG_JSON": "true"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         await wait_until(lambda: (env.api.request("GET", f"queues/{env.vhost}/sntrack.sub.stops") or {})
                          .get("consumers"), what="the subscriber's queue to have a consumer")

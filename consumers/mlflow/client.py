@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from common.errors import ConfigurationError
+from common.urls import scrub
 from schemas.mlflow import tracking_uri_problem
 
 API = "/api/2.0/mlflow"
@@ -123,10 +124,11 @@ class MlflowRest:
             async with self._session.request(method, url, json=json, params=params) as response:
                 if response.status >= 500 or response.status == 429:
                     text = (await response.text())[:300]
-                    raise MlflowUnavailable(f"{method} {path}: HTTP {response.status} {text}")
+                    raise MlflowUnavailable(f"{method} {path}: HTTP {response.status} {scrub(text, self.base_url)}")
                 body = await response.json(content_type=None)
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            raise MlflowUnavailable(f"{method} {path}: {type(exc).__name__} {exc}".strip()) from None
+            problem = f"{method} {path}: {type(exc).__name__} {exc}".strip()
+            raise MlflowUnavailable(scrub(problem, self.base_url)) from None
         if response.status >= 400:
             body = body or {}
             error = (MlflowNotFound if response.status == 404 else MlflowRejected)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, RetryLater
 from consumers.mlflow.client import (
@@ -142,7 +143,7 @@ class MlflowSync:
         if self.config.enabled:
             check_tracking_uri(self.config.tracking_uri)
         self.store = store
-        self.log = log.bind(tracking_uri=self.config.tracking_uri, experiment=self.config.experiment)
+        self.log = log.bind(tracking_uri=redact(self.config.tracking_uri), experiment=self.config.experiment)
         self._client: MlflowRest | None = None
         self._experiments: dict[str, str] = {}  # experiment name → id
         self._attempts: dict[uuid.UUID, int] = {}
@@ -302,7 +303,7 @@ class MlflowSync:
         if all(isinstance(f.error, StartPending) for f in failures):
             raise RetryLater(str(first.error))
         if not await self._client.healthy():
-            raise RetryLater(f"MLflow at {self.config.tracking_uri} is unreachable: {first.error}")
+            raise RetryLater(f"MLflow at {redact(self.config.tracking_uri)} is unreachable: {first.error}")
         worst = max(failures, key=lambda f: self._attempts[f.event.event_id])
         attempts = self._attempts[worst.event.event_id]
         if attempts >= self.config.max_attempts:

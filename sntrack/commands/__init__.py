@@ -4,6 +4,7 @@ from sntrack.commands import (
     consume,
     dashboard,
     db,
+    dlq,
     export,
     gateway,
     mlflow_server,
@@ -22,5 +23,5 @@ from sntrack.commands import (
 
 COMMAND_MODULES = (
     worker, consume, dashboard, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample,
-    spool, topology, db, gateway, mlflow_server,
+    spool, topology, db, gateway, mlflow_server, dlq,
 )

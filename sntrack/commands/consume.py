@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import signal
 
+from consumers.metrics import ConsumerMetrics
 from consumers.registry import CONSUMER_NAMES
 from consumers.service import serve
+from sntrack.ops import add_metrics_port, on_loop, ops_server
 from sntrack.settings import Settings
 
 
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "SIGTERM finishes the batch in hand, acks it and exits.")
     names = ", ".join(CONSUMER_NAMES)
     parser.add_argument("names", nargs="+", metavar="NAME", help=f"consumers to run: {names} or all")
+    add_metrics_port(parser)
     parser.set_defaults(run=_consume)
 
 
@@ -26,4 +29,6 @@ async def _consume(args: argparse.Namespace, settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await serve(settings.consumer(), args.names, stop)
+    metrics = ConsumerMetrics()
+    with ops_server(args, settings, metrics.registry, on_loop(metrics.health, loop), on_loop(metrics.sample, loop)):
+        return await serve(settings.consumer(), args.names, stop, metrics)

@@ -57,8 +57,10 @@ def _check_port(host: str, port: int) -> None:
 async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.dashboard.app import DashboardConfig, make_server
 
-    database_url = settings.dashboard_database_url or settings.database_url
-    await (await create_pool(database_url, max_size=1)).close()  # a clear error now, not a traceback in uvicorn
+    database_url = settings.dashboard_database_url or settings.read_url
+    variable = "SNTRACK_DASHBOARD_DATABASE_URL" if settings.dashboard_database_url else "SNTRACK_READ_DATABASE_URL"
+    # A clear error now, not a traceback in uvicorn.
+    await (await create_pool(database_url, max_size=1, variable=variable)).close()
     _check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.dashboard_token:
         print(f"sntrack: warning: serving on {args.host} without SNTRACK_DASHBOARD_TOKEN", file=sys.stderr)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from common.errors import ConfigurationError
 from consumers.export import curve_rows, trial_rows
-from consumers.persistence import create_pool
 from consumers.studies import UnknownStudy, resolve
 from sntrack.argtypes import output_file
+from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -43,7 +43,7 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
             import pyarrow  # noqa: F401  (installed with mlflow; optional)
         except ImportError:
             raise ConfigurationError("--format parquet needs pyarrow (pip install pyarrow)") from None
-    pool = await create_pool(settings.database_url, max_size=1)
+    pool = await read_pool(settings)
     try:
         async with pool.acquire() as conn:
             study = await resolve(conn, args.model_run_id)

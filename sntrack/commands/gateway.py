@@ -10,10 +10,10 @@ import sys
 import asyncpg
 
 from common.errors import ConfigurationError
-from consumers.persistence import create_pool
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from gateway.tokens import add_token, check_producer_id, list_tokens, revoke_token
+from sntrack.pools import admin_pool, writer_pool
 from sntrack.settings import Settings
 
 EXAMPLE = """example:
@@ -59,8 +59,9 @@ def gateway_config(settings: Settings) -> GatewayConfig:
         confirm_timeout_s=settings.publish_confirm_timeout_s, token_cache_s=settings.gateway_token_cache_s)
 
 
-async def _tokens_pool(settings: Settings) -> asyncpg.Pool:
-    pool = await create_pool(settings.database_url, max_size=2)
+async def _tokens_pool(settings: Settings, *, admin: bool = True) -> asyncpg.Pool:
+    """The daemon checks tokens with its writer login (SELECT only); adding, listing, revoking is the owner's."""
+    pool = await (admin_pool(settings) if admin else writer_pool(settings, max_size=2))
     if not await pool.fetchval("SELECT to_regclass('gateway_tokens') IS NOT NULL"):
         await pool.close()
         raise ConfigurationError("table gateway_tokens is missing; run `sntrack db migrate`")
@@ -72,7 +73,7 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
         listening = socket.create_server((args.host, args.port))
     except OSError as exc:
         raise ConfigurationError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    pool = await _tokens_pool(settings)
+    pool = await _tokens_pool(settings, admin=False)
     # uvicorn shuts down gracefully on SIGTERM, then raises it again for the previous handler: end with 0 as
     # `sntrack consume` does, rather than being killed by the default handler after a clean shutdown.
     signal.signal(signal.SIGTERM, lambda *_: None)

@@ -6,9 +6,10 @@ import argparse
 import difflib
 
 from common.errors import ConfigurationError
+from common.urls import redact
 from consumers.mlflow.client import MlflowRest, MlflowUnavailable, check_tracking_uri
 from consumers.mlflow.reconcile import Divergence, reconcile, studies
-from consumers.persistence import create_pool
+from sntrack.pools import read_pool, writer_pool
 from sntrack.settings import Settings
 
 
@@ -42,7 +43,8 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.mlflow_enabled:
         raise ConfigurationError("MLflow is disabled (SNTRACK_MLFLOW_ENABLED=false); nothing to reconcile")
     check_tracking_uri(settings.mlflow_tracking_uri)
-    pool = await create_pool(settings.database_url, max_size=1)
+    # Checking only reads; --repair records the links it fixes (mlflow_runs), as the mlflow consumer does.
+    pool = await (writer_pool if args.repair else read_pool)(settings)
     client = MlflowRest(settings.mlflow_tracking_uri, settings.mlflow_timeout_s)
     try:
         async with pool.acquire() as conn:
@@ -52,11 +54,11 @@ async def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
             outcome = await reconcile(conn, client, settings.mlflow_experiment, model_run_id=args.model_run_id,
                                       fix=args.repair)
     except MlflowUnavailable as exc:
-        raise ConfigurationError(f"cannot reach MLflow at {settings.mlflow_tracking_uri}: {exc}") from None
+        raise ConfigurationError(f"cannot reach MLflow at {redact(settings.mlflow_tracking_uri)}: {exc}") from None
     finally:
         await client.close()
         await pool.close()
-    where = f"experiment {settings.mlflow_experiment!r} at {settings.mlflow_tracking_uri}"
+    where = f"experiment {settings.mlflow_experiment!r} at {redact(settings.mlflow_tracking_uri)}"
     if outcome.checked == 0:
         print("no trials in the read model: nothing to check (are the journal and trials consumers running?)")
         return 0

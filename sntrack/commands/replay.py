@@ -8,9 +8,9 @@ import sys
 from datetime import UTC, datetime
 
 from common.errors import ConfigurationError
-from consumers.persistence import create_pool
 from consumers.registry import PROJECTIONS
 from consumers.replay import ReplayAborted, default_schema, replay
+from sntrack.pools import admin_pool
 from sntrack.progress import Progress
 from sntrack.settings import Settings
 
@@ -68,7 +68,7 @@ def _target(args: argparse.Namespace) -> str | None:
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     projection = PROJECTIONS[args.name]
     into = _target(args)
-    pool = await create_pool(settings.database_url, min_size=2, max_size=2)
+    pool = await admin_pool(settings, min_size=2, max_size=2)
     try:
         with Progress(f"replay {args.name}", unit="events") as progress:
             result = await replay(pool, projection, until=args.until, into=into, journal_wait_s=args.journal_wait,

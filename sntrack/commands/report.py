@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from common.errors import ConfigurationError
-from consumers.persistence import create_pool
 from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
+from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
@@ -72,7 +72,7 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.plot import plot_report
     from consumers.report.report import UnknownScope, build_report, load
 
-    pool = await create_pool(settings.database_url, max_size=1)
+    pool = await read_pool(settings)
     try:
         async with pool.acquire() as conn:
             data = await load(conn, args.model_run_id, args.dataset)

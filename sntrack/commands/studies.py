@@ -9,7 +9,7 @@ import sys
 import asyncpg
 
 from common.errors import ConfigurationError
-from consumers.persistence import create_pool
+from common.urls import scrub
 from consumers.studies import (
     Deletion,
     UnknownStudy,
@@ -20,6 +20,7 @@ from consumers.studies import (
     resolve,
     restore,
 )
+from sntrack.pools import admin_pool, read_pool
 from sntrack.settings import Settings
 
 EXAMPLES = """examples:
@@ -61,8 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     undo.set_defaults(run=_restore)
 
 
-async def _connected(settings: Settings, work):
-    pool = await create_pool(settings.database_url, max_size=1)
+async def _connected(settings: Settings, work, *, admin: bool = False):
+    """Run `work` on a connection: the read-only login, or (admin=True: archive, restore, remove) the owner's."""
+    pool = await (admin_pool if admin else read_pool)(settings)
     try:
         async with pool.acquire() as conn:
             return await work(conn)
@@ -125,7 +127,8 @@ def _optuna_attrs(storage: str, name: str) -> dict | None:
     except KeyError:
         return None
     except Exception as exc:  # SQLAlchemy's errors: the storage is away or not an Optuna database
-        raise ConfigurationError(f"cannot read the Optuna storage: {str(exc).splitlines()[0]}") from None
+        raise ConfigurationError(
+            f"cannot read the Optuna storage: {scrub(str(exc).splitlines()[0], storage)}") from None
 
 
 def _delete_optuna(storage: str, name: str) -> str:
@@ -169,18 +172,18 @@ async def _delete(args: argparse.Namespace, settings: Settings) -> int:
     if not args.hard:
         async def soft(conn: asyncpg.Connection) -> bool:
             return await archive(conn, await resolve(conn, args.name), actor)
-        done = await _connected(settings, soft)
+        done = await _connected(settings, soft, admin=True)
         print(f"archived {args.name}: `sntrack studies list` hides it; `sntrack studies restore {args.name}` undoes it"
               if done else f"{args.name} was archived already")
         return 0
 
     async def hard(conn: asyncpg.Connection) -> Deletion:
         return await hard_delete(conn, await resolve(conn, args.name), actor)
-    deletion = await _connected(settings, hard)
+    deletion = await _connected(settings, hard, admin=True)
     optuna_note = _delete_optuna(args.storage or settings.optuna_storage, deletion.study)
     mlflow_deleted, mlflow_note = await _delete_mlflow(settings, deletion.mlflow_run_ids)
     await _connected(settings, lambda conn: record_outside(conn, deletion, {"mlflow_runs_deleted": mlflow_deleted},
-                                                           f"{optuna_note}; {mlflow_note}"))
+                                                           f"{optuna_note}; {mlflow_note}"), admin=True)
     removed = ", ".join(f"{n} {table}" for table, n in deletion.counts.items() if n)
     print(f"removed {deletion.study} for good: {removed or 'no rows'}; {optuna_note}; {mlflow_note}")
     return 0
@@ -189,7 +192,7 @@ async def _delete(args: argparse.Namespace, settings: Settings) -> int:
 async def _restore(args: argparse.Namespace, settings: Settings) -> int:
     async def undo(conn: asyncpg.Connection) -> bool:
         return await restore(conn, await resolve(conn, args.name), getpass.getuser())
-    if not await _connected(settings, undo):
+    if not await _connected(settings, undo, admin=True):
         print(f"{args.name} is not archived", file=sys.stderr)
         return 1
     print(f"restored {args.name}: reports include it again")

@@ -7,14 +7,15 @@ import os
 import sys
 
 from consumers.broker_admin import (
-    CONSUMER_USER,
+    DEFAULT_USER_PREFIX,
     DEFINITIONS_FILE,
-    GATEWAY_USER,
-    WORKER_USER,
+    PASSWORD_VARIABLES,
     ManagementApi,
     apply_topology,
     render_definitions,
+    user_name,
 )
+from sntrack.argtypes import user_prefix
 from sntrack.settings import Settings
 
 
@@ -24,10 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     apply = actions.add_parser(
         "apply", help="declare everything idempotently through the management API",
-        description="Declare vhost, users, permissions, exchanges, queues and bindings (safe to repeat). "
-        f"Passwords for {WORKER_USER}, {CONSUMER_USER} and {GATEWAY_USER} are taken from SNTRACK_WORKER_PASSWORD, "
-        "SNTRACK_CONSUMER_PASSWORD and SNTRACK_GATEWAY_PASSWORD when set; existing users keep theirs otherwise.")
+        description="As the administrator of SNTRACK_RABBITMQ_ADMIN_URL, declare vhost, the role users and their "
+        "permissions, exchanges, queues and bindings (safe to repeat). Each role's password is taken from "
+        + ", ".join(f"{var} ({user_name(role)})" for role, var in PASSWORD_VARIABLES.items())
+        + " when set; existing users keep theirs otherwise.")
     apply.add_argument("--vhost", help="vhost to declare (default: the one in SNTRACK_AMQP_URL)")
+    apply.add_argument("--user-prefix", default=DEFAULT_USER_PREFIX, metavar="PREFIX", type=user_prefix,
+                       help=f"users are named PREFIX-worker, PREFIX-consumer, … (default {DEFAULT_USER_PREFIX})")
     apply.set_defaults(run=_apply)
     export = actions.add_parser("export", help="write infra/rabbitmq/definitions.json from the code")
     export.add_argument("--vhost", default="sntrack", help="vhost named in the file (default sntrack)")
@@ -38,12 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _apply(args: argparse.Namespace, settings: Settings) -> int:
-    passwords = {user: os.environ[var] for user, var in
-                 ((WORKER_USER, "SNTRACK_WORKER_PASSWORD"), (CONSUMER_USER, "SNTRACK_CONSUMER_PASSWORD"),
-                  (GATEWAY_USER, "SNTRACK_GATEWAY_PASSWORD"))
-                 if os.environ.get(var)}
+    passwords = {role: os.environ[var] for role, var in PASSWORD_VARIABLES.items() if os.environ.get(var)}
     vhost = args.vhost or settings.amqp_vhost
-    for line in apply_topology(ManagementApi(settings.rabbitmq_admin_url), vhost, passwords):
+    for line in apply_topology(ManagementApi(settings.rabbitmq_admin_url), vhost, passwords,
+                               user_prefix=args.user_prefix):
         print(f"ok  {line}")
     return 0
 

@@ -9,7 +9,7 @@ import json
 import asyncpg
 
 from common.errors import ConfigurationError
-from consumers.persistence import create_pool
+from sntrack.pools import read_pool
 from sntrack.settings import Settings
 from sntrack.sparkline import sparkline
 
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _show(args: argparse.Namespace, settings: Settings) -> int:
-    pool = await create_pool(settings.database_url, max_size=1)
+    pool = await read_pool(settings)
     try:
         async with pool.acquire() as conn:
             trial = await conn.fetchrow("SELECT * FROM trials WHERE id = $1", args.trial_id)

@@ -17,6 +17,7 @@ from producer.config import DATASETS
 from producer.search_space import SEARCHABLE, Dimension, SearchSpace, SearchSpaceError
 from schemas.events import ALL_SEARCHES
 from sntrack.health import amqp_refusal_now
+from sntrack.ops import add_metrics_port, ops_server
 from sntrack.progress import EpochCounter, Progress
 from sntrack.settings import Settings
 
@@ -77,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, dimension in SearchSpace.load().dimensions.items():
         space.add_argument(f"--{name.replace('_', '-')}", metavar="SPEC", dest=f"space_{name}",
                            type=_spec_of(dimension), help=f"default {dimension.spec}")
+    add_metrics_port(parser)
     parser.set_defaults(run=_worker)
 
 
@@ -89,6 +91,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except ModuleNotFoundError:
         raise ConfigurationError(WORKER_EXTRA_MISSING) from None
 
+    from producer.metrics import WorkerHealth, worker_registry
     from producer.publisher import SpoolFull
     from producer.service import WorkerConfig, WorkerMlflowConfig, WorkerSession, stop_on_signals
     from producer.study import StudyError, Worker, WorkerPlan, adopt_space, open_study
@@ -116,9 +119,11 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except (SearchSpaceError, StudyError) as exc:
         raise ConfigurationError(str(exc)) from None
     stop = stop_on_signals()
-    with session:
+    with session, ops_server(args, settings, worker_registry(session.publisher, settings.spool_dir),
+                             WorkerHealth(session.publisher, storage)):
         log.info("worker starting", study=args.study, storage=redact(storage), design=args.design,
-                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials, mlflow=mlflow and mlflow.tracking_uri)
+                 dataset=study.user_attrs["dataset"], n_trials=args.n_trials,
+                 mlflow=mlflow and redact(mlflow.tracking_uri))
         tracker = session.tracker
         plan = WorkerPlan(args.n_trials, args.design, args.seed, args.budget)
         try:
