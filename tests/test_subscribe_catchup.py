@@ -15,6 +15,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from common.urls import with_login
 from consumers.catchup import CatchUpSubscriber, Start, run_subscriber
 from consumers.persistence import create_pool
 from consumers.runtime import ConsumerRuntime, connect
@@ -333,50 +334,41 @@ async def test_a_catch_up_without_the_journal_consumer_stops_after_the_wait_and_
         lambda: env.queue_depth("sntrack.sub.waiting") == 3, what="the live events, still queued")
 
 
-# The rights of the subscriber role on branch secbroker (consumers/broker_admin.py ROLE_PERMISSIONS["subscriber"]).
-SUBSCRIBER_PERMISSIONS = {"configure": r"^sntrack\.sub\..*$", "write": r"^(sntrack\.sub\..*|ml\.events\.dlx)$",
-                          "read": r"^(sntrack\.sub\..*|ml\.events|ml\.events\.dlx)$"}
+# The least a subscriber needs in PostgreSQL (the writer role of consumers/roles.py has these and more).
 SUBSCRIBER_GRANTS = ("GRANT SELECT ON events TO {role}",
                      "GRANT SELECT, INSERT, UPDATE ON subscriber_positions TO {role}",
                      "GRANT SELECT, INSERT, UPDATE, DELETE ON consumer_attempts TO {role}")
 
 
 async def test_a_subscriber_needs_only_its_own_queues_the_journal_and_its_position(env, tmp_path):
+    """On the broker, the subscriber role's user (consumers/broker_admin.py: sntrack.sub.* and binding to ml.events
+    only); in PostgreSQL, a role with SUBSCRIBER_GRANTS and nothing else."""
     history, live = study_events(4, 3, seed=16), study_events(4, 3, seed=17)
-    name = f"{env.database}_sub"  # a broker user and a PostgreSQL role, removed at the end
-    env.api.request("PUT", f"users/{name}", {"password": "pw", "tags": ""})
+    role = f"{env.database}_sub"  # named after the sandbox database: removed with it if this run is interrupted
     conn = await env.db()
     try:
-        await conn.execute(f"CREATE ROLE {name} LOGIN PASSWORD 'pw'")
+        await conn.execute(f"CREATE ROLE {role} LOGIN")
         for grant in SUBSCRIBER_GRANTS:
-            await conn.execute(grant.format(role=name))
-        env.api.request("PUT", f"permissions/{env.vhost}/{name}", SUBSCRIBER_PERMISSIONS)
-        restricted = env.settings.model_copy(update={
-            "amqp_url": env.settings.amqp_url.replace("guest:guest@", f"{name}:pw@"),
-            "database_url": env.settings.database_url.replace("postgres@", f"{name}:pw@")})
+            await conn.execute(grant.format(role=role))
+        narrow = replace(env, settings=env.settings.model_copy(update={
+            "amqp_url": env.roles["subscriber"], "database_url": with_login(env.settings.database_url, role, "-")}))
         out = tmp_path / "out.txt"
         async with running_consumers(env.settings.consumer(), ["journal"]):
             await env.publish_events(history)
             await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="journal")
-            process = await start_subscriber(restricted_env(env, restricted), "narrow", out)
+            process = await start_subscriber(narrow, "narrow", out)
             try:
                 await bound(out)
                 await env.publish_events(live)
                 await wait_until(lambda: set(lines(out)) >= {str(e.event_id) for e in history + live},
-                                 what="history and live events, as the restricted user")
+                                 what="history and live events, with the narrow rights")
             finally:
                 await stop(process, out)
         assert sorted(lines(out)) == sorted(str(e.event_id) for e in history + live)
     finally:
-        env.api.request("DELETE", f"users/{name}")
         with contextlib.suppress(Exception):
-            await conn.execute(f"DROP OWNED BY {name}; DROP ROLE {name}")
+            await conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
         await conn.close()
-
-
-def restricted_env(env, settings):
-    """`env` whose command-line variables carry `settings`."""
-    return replace(env, settings=settings)
 
 
 def test_cli_errors_are_one_line(env):
