@@ -17,11 +17,11 @@ from pathlib import Path
 
 import asyncpg
 
-from consumers.catchup import CatchUpSubscriber, Start, run_subscriber
+from consumers.catchup import CatchUpSubscriber, Start, SubscriberRuntime, run_subscriber
 from consumers.persistence import create_pool
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
-from consumers.runtime import ConsumerRuntime, connect
+from consumers.runtime import connect
 from consumers.subscriber import JsonLinesSink
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -59,7 +59,7 @@ async def _catch_up(settings: Settings, out: Path) -> dict:
             started = time.perf_counter()
             await subscriber.load(Start(from_start=True))
             connection = await connect(config)
-            running = asyncio.create_task(run_subscriber(subscriber, ConsumerRuntime(subscriber, config), connection))
+            running = asyncio.create_task(run_subscriber(subscriber, SubscriberRuntime(subscriber, config), connection))
             try:
                 await subscriber.caught_up.wait()
                 seconds = time.perf_counter() - started

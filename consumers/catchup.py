@@ -32,8 +32,10 @@ from uuid import UUID
 import aio_pika
 import asyncpg
 import structlog
+from aio_pika.abc import AbstractIncomingMessage
 
 from common.errors import ConfigurationError
+from consumers.dead_letters import REQUEUED_HEADER
 from consumers.handler import DeadLetter, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
 from consumers.runtime import HANDLER_ATTEMPTS, MAX_BACKOFF_S, ConsumerRuntime
@@ -137,6 +139,7 @@ class CatchUpSubscriber:
         self.failure: str | None = None
         self.delivered = {"journal": 0, "queue": 0, "skipped": 0}
         self.dead_letters: aio_pika.abc.AbstractExchange | None = None
+        self.requeued: set[UUID] = set()  # ids of the batch in hand that `sntrack dlq requeue` sent back
 
     def stop(self) -> None:
         """Stop the catch-up and the runtime feeding live batches (a signal, or a failure of the subscriber)."""
@@ -277,7 +280,12 @@ class CatchUpSubscriber:
     async def handle(self, events: Sequence[Event]) -> None:
         """A live batch, called by the runtime, which acks it once this returns."""
         await self._wait_caught_up()
-        fresh = [e for e in events if e.event_id not in self.recent]
+        requeued = [e for e in events if e.event_id in self.requeued]
+        for event in requeued:  # sent back by `sntrack dlq requeue`: delivered again, whatever the position says
+            await self.sink(event)
+            self.requeued.discard(event.event_id)
+            self.delivered["queue"] += 1
+        fresh = [e for e in events if e.event_id not in self.recent and e not in requeued]
         if not fresh:
             return
         async with self.pool.acquire() as conn:
@@ -355,6 +363,16 @@ class CatchUpSubscriber:
                 raise RetryLater(self.failure)
             await asyncio.sleep(POLL_S)
 
+
+
+class SubscriberRuntime(ConsumerRuntime):
+    """The consumer runtime, telling the subscriber which messages of a batch `sntrack dlq requeue` sent back. A
+    dead-lettered event is behind the subscriber's position, which would otherwise mark its copy as delivered."""
+
+    async def _handle(self, accepted: list[tuple[AbstractIncomingMessage, Event]], dlx) -> bool:
+        self.handler.requeued = {event.event_id for message, event in accepted
+                                 if (message.headers or {}).get(REQUEUED_HEADER)}
+        return await super()._handle(accepted, dlx)
 
 
 async def run_subscriber(subscriber: CatchUpSubscriber, runtime: ConsumerRuntime,

@@ -16,9 +16,9 @@ import aio_pika
 import pytest
 
 from common.urls import with_login
-from consumers.catchup import CatchUpSubscriber, Start, run_subscriber
+from consumers.catchup import CatchUpSubscriber, Start, SubscriberRuntime, run_subscriber
 from consumers.persistence import create_pool
-from consumers.runtime import ConsumerRuntime, connect
+from consumers.runtime import connect
 from consumers.service import running_consumers
 from consumers.subscriber import matching_types, topic_matches
 from consumers.topology import subscriber_queue
@@ -154,7 +154,7 @@ async def subscribed(env, pool, sink, name: str, max_length: int):
     subscriber.queue = replace(subscriber.queue, max_length=max_length)
     await subscriber.load(Start())
     connection = await connect(config)
-    running = asyncio.create_task(run_subscriber(subscriber, ConsumerRuntime(subscriber, config), connection))
+    running = asyncio.create_task(run_subscriber(subscriber, SubscriberRuntime(subscriber, config), connection))
     try:
         await wait_until(subscriber.caught_up.is_set, what="the subscriber to go live")
         yield subscriber
@@ -265,6 +265,39 @@ async def test_exec_failures_are_retried_then_dead_lettered_with_their_reason(en
     assert all("--exec exited with 1" in m.headers["x-sntrack-detail"] for m in letters)
     from_journal = {m.message_id for m in letters if m.headers.get("x-sntrack-source") == "journal"}
     assert from_journal >= {str(e.event_id) for e in history if e.trial_id in bad}  # the live ones may be too
+
+
+async def test_a_requeued_dead_letter_is_delivered_once_its_cause_is_fixed(env, tmp_path):
+    """Dead-lettered from the journal during the catch-up, so behind the subscriber's position: `sntrack dlq requeue`
+    still gets it delivered."""
+    events = study_events(3, 2, seed=20)
+    bad = events[1].trial_id
+    out, fixed = tmp_path / "out.txt", tmp_path / "fixed"
+    command = (f'read -r line; case "$line" in *\\"{bad}\\"*) test -e {fixed} || exit 1;; esac; '
+               f"printf '%s\\n' \"$line\" >> {out}")
+    failing = [e for e in events if e.trial_id == bad]
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(events)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="journal")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "fixme", "--from-start", "--exec", command,
+            env=cli_env(env), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: env.queue_depth("sntrack.sub.fixme.dlq") == len(failing), timeout=60,
+                             what="the failing trial's events in the dead-letter queue")
+            fixed.touch()
+            requeue = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sntrack", "dlq", "requeue", "sntrack.sub.fixme.dlq", env=cli_env(env),
+                stdout=asyncio.subprocess.DEVNULL)
+            assert await requeue.wait() == 0
+            await wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= len(events),
+                             what="the requeued events")
+            await asyncio.sleep(0.5)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    assert sorted(json.loads(line)["event_id"] for line in out.read_text().splitlines()) == \
+        sorted(str(e.event_id) for e in events)
 
 
 async def _gather_letters(env, letters: list, n: int) -> bool:

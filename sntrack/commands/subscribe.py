@@ -11,9 +11,9 @@ from contextlib import ExitStack
 
 from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
-from consumers.catchup import LOAD, CatchUpSubscriber, Start, run_subscriber
+from consumers.catchup import LOAD, CatchUpSubscriber, Start, SubscriberRuntime, run_subscriber
 from consumers.persistence import create_pool
-from consumers.runtime import ConsumerRuntime, connect
+from consumers.runtime import connect
 from consumers.subscriber import EX_TEMPFAIL, ExecSink, JsonLinesSink, check_name, load_handler
 from schemas import ROUTING_PATTERN_ALL
 from sntrack.argtypes import seconds
@@ -97,7 +97,7 @@ async def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
             await subscriber.load(Start(from_start=args.from_start, since=args.since))
             connection = await connect(settings.consumer())
             try:
-                runtime = ConsumerRuntime(subscriber, settings.consumer(), AttemptLedger(pool, subscriber.name))
+                runtime = SubscriberRuntime(subscriber, settings.consumer(), AttemptLedger(pool, subscriber.name))
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, subscriber.stop)
