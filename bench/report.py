@@ -126,8 +126,20 @@ def _rebuild(r: dict) -> list[str]:
             f"{r['cpus']} CPUs."]
 
 
+def _catchup(r: dict) -> list[str]:
+    sub, rp = r["subscriber"], r["replay"]
+    return [f"## Catch-up of a new subscriber ({r['journal_events']:,} journal events)", "",
+            "| figure | events | seconds | events/s |", "|---|---|---|---|",
+            f"| `sntrack subscribe NAME --from-start --jsonl FILE`: bind, read the journal, deliver each event as a "
+            f"flushed JSON line, until live | {sub['events']:,} | {sub['seconds']} | {sub['events_per_s']:,} |",
+            f"| baseline: `sntrack replay trials` over the same journal | {rp['events']:,} | {rp['seconds']} | "
+            f"{rp['events_per_s']:,} |",
+            "", f"Catch-up / replay = {r['ratio']} on {r['cpus']} CPUs; 1-minute load average before / after: "
+            f"{' / '.join(map(str, r['load_avg_1m']))}."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report, "gateway": _gateway, "dashboard": _dashboard, "rebuild": _rebuild}
+            "report": _report, "gateway": _gateway, "dashboard": _dashboard, "rebuild": _rebuild, "catchup": _catchup}
 
 
 def render_markdown(results: dict) -> str:
