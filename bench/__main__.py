@@ -2,8 +2,8 @@
 
 Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
   --quick          shorter runs (smoke-checks the harness; figures are noisier)
-  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway, dashboard (the others keep their last
-                   results)
+  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway, dashboard, rebuild, catchup (the
+                   others keep their last results)
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import (
+    catchup_bench,
     comparison_query,
     dashboard_bench,
     gateway_bench,
     mlflow_sync,
     pipeline,
+    rebuild_stall,
     report_bench,
     training_overhead,
 )
@@ -35,7 +37,7 @@ from sntrack.settings import Settings
 from tests.sandbox import sandbox
 
 RESULTS = Path(__file__).parent / "results"
-NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard")
+NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard", "rebuild", "catchup")
 
 
 async def _with_mlflow(base: Settings, work):
@@ -93,6 +95,8 @@ async def main(names: list[str], quick: bool) -> int:
         "gateway": lambda: gateway_bench.run(base, duration_s=4 if quick else 10,
                                              throughput_events=5000 if quick else 20_000),
         "dashboard": lambda: dashboard_bench.run(base, duration_s=4 if quick else 8),
+        "rebuild": lambda: rebuild_stall.run(base, trials=20_000 if quick else 100_000),
+        "catchup": lambda: catchup_bench.run(base, events=10_000 if quick else 50_000),
     }
     failed = []
     for name in names:

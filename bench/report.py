@@ -109,8 +109,37 @@ def _dashboard(r: dict) -> list[str]:
             f"{r['notify_cost']['notify_ms_p50']:.3f} ms."]
 
 
+def _rebuild(r: dict) -> list[str]:
+    during, base = r["rebuild_ms"], r["baseline_ms"]
+    return [f"## Reader stall during a rebuild ({r['trials']:,} trials, {r['journal_events']:,} journal events, "
+            f"under a live stream of {r['stream_rate']:.0f} events/s)", "",
+            "The reader loops the dashboard's trial list (newest 200 trials with their latest epoch) back to back "
+            "while `sntrack replay trials` rebuilds and swaps; the stream runs through `sntrack consume journal` and "
+            "`sntrack consume trials`.", "",
+            "| figure | during the rebuild | baseline: same stream, no rebuild |", "|---|---|---|",
+            f"| longest reader stall, ms | {during['max']:.1f} | {base['max']:.1f} |",
+            f"| reads, p50 / p95 / p99 ms | {_ms(during)} | {_ms(base)} |",
+            f"| reads | {during['n']:,} | {base['n']:,} ({r['baseline_s']:g} s) |",
+            "", f"The swap held its locks {r['swap_locks_ms']} ms. `sntrack replay`: {r['replay']}. "
+            f"{r['rebuilt_trials']:,} trials rebuilt; {r['streamed_events']:,} events streamed meanwhile. "
+            f"1-minute load average before / after: {' / '.join(f'{x:.1f}' for x in r['load_avg_1m'])} on "
+            f"{r['cpus']} CPUs."]
+
+
+def _catchup(r: dict) -> list[str]:
+    sub, rp = r["subscriber"], r["replay"]
+    return [f"## Catch-up of a new subscriber ({r['journal_events']:,} journal events)", "",
+            "| figure | events | seconds | events/s |", "|---|---|---|---|",
+            f"| `sntrack subscribe NAME --from-start --jsonl FILE`: bind, read the journal, deliver each event as a "
+            f"flushed JSON line, until live | {sub['events']:,} | {sub['seconds']} | {sub['events_per_s']:,} |",
+            f"| baseline: `sntrack replay trials` over the same journal | {rp['events']:,} | {rp['seconds']} | "
+            f"{rp['events_per_s']:,} |",
+            "", f"Catch-up / replay = {r['ratio']} on {r['cpus']} CPUs; 1-minute load average before / after: "
+            f"{' / '.join(map(str, r['load_avg_1m']))}."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report, "gateway": _gateway, "dashboard": _dashboard}
+            "report": _report, "gateway": _gateway, "dashboard": _dashboard, "rebuild": _rebuild, "catchup": _catchup}
 
 
 def render_markdown(results: dict) -> str:

@@ -236,7 +236,8 @@ ORDER BY e.position LIMIT $2
 async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str,
                            done: int, progress: Progress | None, *, above: int = 0) -> int:
     """Inside the caller's transaction: apply to the shadow every journal event above position `above` that it
-    lacks; how many."""
+    lacks; how many. Ends at a page that was not full: under a live stream, waiting for an empty one could chase
+    the stream for minutes, a full anti-join per page (the swap, whose locks stop the journal, needs no more)."""
     applied = 0
     while rows := await conn.fetch(UNAPPLIED.format(shadow=_ident(shadow)), projection.name, PAGE, above):
         await _use(conn, shadow, live)
@@ -245,6 +246,8 @@ async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, sha
         applied += len(rows)
         if progress:
             progress(done + applied, done + applied)
+        if len(rows) < PAGE:
+            break
     return applied
 
 
@@ -272,17 +275,20 @@ async def _catch_up(conn: asyncpg.Connection, projection: Projection, shadow: st
     visible to a snapshot, then waiting until the transactions in progress at that snapshot have ended. A later
     transaction takes its position after the fence (the journal writes its applied_events row, which gives it
     its transaction id, before its events row), so above the floor; the earlier ones are visible to the
-    anti-join that follows. If they do not end within FENCE_WAIT_S the floor is 0: the swap scans everything."""
-    applied = 0
+    anti-join that follows. If they do not end within FENCE_WAIT_S the floor stays the last one set (0 at first:
+    the swap scans everything). Each round scans only above the floor the previous one set."""
+    applied, floor = 0, 0
     for _ in range(CATCH_UP_ROUNDS):
         fence = await conn.fetchrow(FENCE)
         fenced = await _writers_ended(conn, fence["snapshot"])
         async with conn.transaction():
-            fresh = await _apply_unapplied(conn, projection, shadow, live, done + applied, progress)
+            fresh = await _apply_unapplied(conn, projection, shadow, live, done + applied, progress, above=floor)
         applied += fresh
+        if fenced:
+            floor = fence["floor"]
         if fresh < PAGE:
             break
-    return applied, fence["floor"] if fenced else 0
+    return applied, floor
 
 
 NOT_JOURNALED = """

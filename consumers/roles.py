@@ -28,7 +28,7 @@ from consumers.replay import _ident
 
 SELECT, WRITE, UPSERT = ("SELECT",), ("SELECT", "INSERT"), ("SELECT", "INSERT", "UPDATE")
 # What the daemons do, table by table (consumers/projections, consumers/persistence, consumers/mlflow/sync.py,
-# consumers/attempts.py, gateway/tokens.py).
+# consumers/attempts.py, consumers/catchup.py, gateway/tokens.py).
 WRITER_GRANTS: dict[str, tuple[str, ...]] = {
     "events": WRITE,               # the journal appends; UPDATE/DELETE stay the owner's (hard delete)
     "applied_events": WRITE,       # exactly-once bookkeeping, ON CONFLICT DO NOTHING
@@ -37,6 +37,7 @@ WRITER_GRANTS: dict[str, tuple[str, ...]] = {
     "sn_comparison": UPSERT,
     "mlflow_runs": UPSERT,         # the mlflow consumer's links (and reconcile --repair)
     "consumer_attempts": (*UPSERT, "DELETE"),
+    "subscriber_positions": UPSERT,  # `sntrack subscribe`: where each catch-up subscriber stands
     "deleted_studies": SELECT,     # tombstones: late events of a removed study are ignored
     "archived_studies": SELECT,
     "gateway_tokens": SELECT,      # the gateway checks tokens; adding and revoking them is the owner's

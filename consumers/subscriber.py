@@ -1,31 +1,110 @@
-"""An extra subscriber: its own queue bound with routing patterns; each valid event written as a JSON line.
+"""What an extra subscriber does with each event (a sink), and which event types its routing patterns match.
 
-Its queue is bounded (consumers.topology.subscriber_queue): a subscriber that falls that far behind loses the
-oldest messages of its queue (dead-lettered to sntrack.sub.NAME.dlq with x-death reason maxlen), never the
-broker's disk. Everything it missed is in the journal (`events`, ordered by position)."""
+Sinks take one event at a time and return once its effect is done; the caller records it as delivered only then
+(consumers/catchup.py). They signal trouble as every handler does (consumers/handler.py): `RetryLater` keeps the
+event and tries again later, any other exception is a failure, retried a few times, then dead-lettered to
+sntrack.sub.NAME.dlq with reason handler_error.
+
+Its queue is bounded (consumers.topology.subscriber_queue): beyond that the oldest messages are dropped to
+sntrack.sub.NAME.dlq (x-death reason maxlen); the subscriber fills such a gap from the journal."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import inspect
 import re
-from collections.abc import Sequence
-from typing import TextIO
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TextIO, get_args
 
-from consumers.topology import subscriber_queue
-from schemas import Event
+from consumers.handler import RetryLater
+from schemas import Event, EventType
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+EVENT_TYPES: tuple[str, ...] = get_args(EventType)
+EX_TEMPFAIL = 75  # sysexits.h: an --exec command exiting with it asks for a retry later, without limit
+STDERR_TAIL = 500
+
+Sink = Callable[[Event], Awaitable[None]]
 
 
-class JsonLinesSubscriber:
-    """A Handler: the batch is written and flushed before the runtime acks it (at-least-once output)."""
+def check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise ValueError(f"subscriber name {name!r}: use 1-64 of a-z, 0-9, _ and -, starting with a letter/digit")
+    return name
 
-    def __init__(self, name: str, patterns: Sequence[str], stream: TextIO):
-        if not NAME.match(name):
-            raise ValueError(f"subscriber name {name!r}: use 1-64 of a-z, 0-9, _ and -, starting with a letter/digit")
-        self.name = f"sub.{name}"
-        self.queue = subscriber_queue(name, tuple(patterns))
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: `*` is exactly one word, `#` zero or more."""
+    words, keys = pattern.split("."), key.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(keys) + 1))
+        return j < len(keys) and words[i] in ("*", keys[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def matching_types(patterns: Sequence[str]) -> list[str]:
+    """The event types the broker routes to a queue bound with `patterns` (routing key = event type)."""
+    types = [t for t in EVENT_TYPES if any(topic_matches(p, t) for p in patterns)]
+    if not types:
+        raise ValueError(f"--bind {' '.join(patterns)} matches no event type ({', '.join(EVENT_TYPES)})")
+    return types
+
+
+class JsonLinesSink:
+    """Each event as one JSON line, flushed before it counts as delivered."""
+
+    def __init__(self, stream: TextIO):
         self.stream = stream
 
-    async def handle(self, events: Sequence[Event]) -> None:
-        self.stream.write("".join(event.model_dump_json() + "\n" for event in events))
+    async def __call__(self, event: Event) -> None:
+        self.stream.write(event.model_dump_json() + "\n")
         self.stream.flush()
+
+
+class ExecSink:
+    """`--exec CMD`: the command (run by the shell) gets the event's JSON on stdin. Exit 0: delivered; exit 75
+    (EX_TEMPFAIL): retried later without limit; any other exit: a failure, retried and then dead-lettered."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    async def __call__(self, event: Event) -> None:
+        process = await asyncio.create_subprocess_shell(self.command, stdin=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+        _, stderr = await process.communicate(event.model_dump_json().encode() + b"\n")
+        if process.returncode == 0:
+            return
+        detail = f"--exec exited with {process.returncode}: {stderr.decode(errors='replace')[-STDERR_TAIL:]}"
+        if process.returncode == EX_TEMPFAIL:
+            raise RetryLater(detail)
+        raise RuntimeError(detail)
+
+
+def load_handler(spec: str) -> Sink:
+    """`module:function` (importable from the current folder too), called with each Event; sync or async."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"--handler {spec!r}: expected module:function (e.g. examples.best_trial_per_arm:handle)")
+    if str(Path.cwd()) not in sys.path and "" not in sys.path:
+        sys.path.append(str(Path.cwd()))
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"--handler {spec!r}: {exc}") from None
+    if not callable(function):
+        raise ValueError(f"--handler {spec!r} is not callable")
+
+    async def sink(event: Event) -> None:
+        result = function(event)
+        if inspect.isawaitable(result):
+            await result
+
+    return sink

@@ -10,7 +10,7 @@ EXAMPLES = {
     "sntrack report": "sntrack report --run demo --plot demo.png",
     "sntrack reconcile": "sntrack reconcile --run demo --repair",
     "sntrack replay": "sntrack replay trials --until 2026-11-25T12:00:00Z",
-    "sntrack subscribe": "sntrack subscribe stops --pattern ml.run.stop",
+    "sntrack subscribe": "sntrack subscribe stops --bind ml.run.stop --from-start",
     "sntrack status": "sntrack status --wait-idle 60",
     "sntrack publish-sample": "sntrack publish-sample --trials 20 --epochs 10",
     "sntrack spool": "sntrack spool status",

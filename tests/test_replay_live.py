@@ -1,6 +1,7 @@
 """Rebuilds beside live consumers (issue 8 item 4): shadow tables, a short swap, no lost effect, no deadlock."""
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -256,3 +257,48 @@ async def test_rebuilds_beside_the_live_daemon_never_deadlock_lose_or_double(env
     await env.replay("comparison")
     assert await env.snapshot(*TABLES, "sn_comparison") == live
     assert env.queue_depth("sntrack.trials.dlq") == 0 and env.queue_depth("sntrack.comparison.dlq") == 0
+
+
+def report_json(env, *args: str) -> dict:
+    run = subprocess.run([sys.executable, "-m", "sntrack", "report", "--format", "json", *args], env=cli_env(env),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+def rounded(value):
+    """A report with its floats to 9 significant digits (summaries from sn_comparison's sums and from the trials
+    differ in the last bits), without when it was made and where its summaries came from."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items() if k not in ("generated_at", "source")}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return float(f"{value:.9g}") if isinstance(value, float) else value
+
+
+async def test_report_schema_says_what_the_report_said_at_that_time_and_reads_no_live_table(env):
+    study = synthetic_study(16, 4, producer=producer_info(), seed=6, paired=True)
+    events = [e for trial in study for e in trial]
+    cutoff = study[9][-1].occurred_at
+    names = ("journal", "trials", "comparison")
+    for name in names:
+        await apply(env, name, [e for e in events if e.occurred_at <= cutoff])
+    then = report_json(env)
+    for name in names:
+        await apply(env, name, [e for e in events if e.occurred_at > cutoff])
+    now = report_json(env)
+    assert rounded(then) != rounded(now)
+
+    run = subprocess.run([sys.executable, "-m", "sntrack", "replay", "trials", "--until", cutoff.isoformat(),
+                          "--into", "monday"], env=cli_env(env), capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    live = await env.snapshot(*TABLES, "sn_comparison", "applied_events")
+    past = report_json(env, "--schema", "monday")
+    assert past["source"] == "trials" and rounded(past) == rounded(then)
+    for args, message in ((["--schema", "tuesday"], "holds no past state of trials"),
+                          (["--schema", "monday", "--run", "nosuch"], "unknown search --run 'nosuch'")):
+        run = subprocess.run([sys.executable, "-m", "sntrack", "report", *args], env=cli_env(env),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and message in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+    assert rounded(report_json(env)) == rounded(now)
+    assert await env.snapshot(*TABLES, "sn_comparison", "applied_events") == live

@@ -1,7 +1,10 @@
 """Two copies of the same daemon on one vhost and database, one of them killed -9 mid-stream and restarted:
-every event applied exactly once per projection, and the live read model equals a fresh replay."""
+every event applied exactly once per projection, and the live read model equals a fresh replay. And scale-out
+(README, "Growing past one machine"): two replicas of the `trials` consumer competing on its one queue under a
+flood, both doing part of the work, give the projection a replay gives."""
 
 import asyncio
+import json
 import signal
 
 from consumers.projections.sn_comparison import OVERALL
@@ -63,3 +66,43 @@ async def test_two_daemons_one_killed_apply_every_event_once(env):
     await env.replay("comparison")
     assert await env.snapshot("trials", "trial_metrics") == live
     assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
+
+
+def handled(stderr: str, consumer: str) -> int:
+    """Messages a daemon's `consumer` handled, from its JSON "consumer stopped" line."""
+    for line in stderr.splitlines():
+        record = json.loads(line) if line.startswith("{") else {}
+        if record.get("event") == "consumer stopped" and record.get("consumer") == consumer:
+            return record["handled"]
+    raise AssertionError(f"no 'consumer stopped' line for {consumer}: {stderr[-2000:]}")
+
+
+async def test_two_replicas_of_the_trials_consumer_on_one_queue_under_a_flood_equal_a_replay(env):
+    study = synthetic_study(300, 20, seed=33, producer=producer_info(), paired=True)
+    events = [e for trial in study for e in trial]
+    assert len(events) >= 6_000
+    journal = start_daemon(env, "journal")
+    replicas = [start_daemon(env, "trials"), start_daemon(env, "trials")]
+    try:  # both replicas consume before the flood starts: it is shared between them from its first message
+        await wait_until(lambda: env.consumers("sntrack.trials") == 2, timeout=60, what="two trials replicas")
+        await env.publish_events(events, duplicates=500)
+        for name in ("journal", "trials"):
+            await wait_until(lambda n=name: env.fetchval(
+                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, len(events)), timeout=240,
+                what=f"{name} to catch up")
+    finally:
+        for daemon in (journal, *replicas):
+            daemon.send_signal(signal.SIGTERM)
+        outcomes = [daemon.communicate(timeout=60) for daemon in (journal, *replicas)]
+    for daemon, (_, stderr) in zip((journal, *replicas), outcomes, strict=True):
+        assert daemon.returncode == 0, stderr[-2000:]
+    shares = [handled(stderr, "trials") for _, stderr in outcomes[1:]]
+    assert all(share > 0 for share in shares), shares  # competing consumers: each replica did part of the flood
+    # Every event handled by one of them (duplicates still queued when both caught up may be left unhandled).
+    assert sum(shares) >= len(events), shares
+    assert env.queue_depth("sntrack.trials.dlq") == 0
+
+    live = await env.snapshot("trials", "trial_metrics")
+    await env.replay("trials")
+    assert await env.snapshot("trials", "trial_metrics") == live
+    assert await env.fetchval("SELECT count(*) FROM trials") == len(study)

@@ -135,4 +135,5 @@ SELECT count(*) FROM events WHERE ($1::text IS NULL OR model_run_id = $1) AND ev
 
 # Every search and dataset a user could mean, for "did you mean" on an unknown --run / --dataset.
 KNOWN_SEARCHES = "SELECT model_run_id FROM trials UNION SELECT model_run_id FROM events"
+READ_MODEL_SEARCHES = "SELECT DISTINCT model_run_id FROM trials"
 KNOWN_DATASETS = "SELECT DISTINCT dataset FROM trials WHERE dataset IS NOT NULL"

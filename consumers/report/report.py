@@ -88,36 +88,46 @@ def _close_matches(name: str, known: list[str]) -> str:
     return f"did you mean {', '.join(matches)}?" if matches else f"{len(known)} known"
 
 
+async def _must_know(conn: asyncpg.Connection, query: str, what: str, name: str) -> None:
+    known = [r[0] for r in await conn.fetch(query)]
+    if name not in known:
+        raise UnknownScope(f"unknown {what} {name!r}: {_close_matches(name, known)}")
+
+
 async def _check_scope(conn: asyncpg.Connection, model_run_id: str | None, dataset: str | None,
-                       found: int) -> int | None:
+                       found: int, live: bool = True) -> int | None:
     """The journal's trial count for the scope, when it can be counted cheaply and means something: a named search
     (an index read), or an empty scope without a dataset filter (the journal does not index datasets). Raises
-    UnknownScope when nothing was found and neither the read model nor the journal knows the search or dataset."""
+    UnknownScope when nothing was found and neither the read model nor the journal knows the search or dataset.
+    Not `live` (a past state), the journal, which holds what came later, is not read."""
     if found:
-        return None if model_run_id is None else await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
+        return None if model_run_id is None or not live else await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
     if dataset is not None:
-        known = [r[0] for r in await conn.fetch(queries.KNOWN_DATASETS)]
-        if dataset not in known:
-            raise UnknownScope(f"unknown dataset --dataset {dataset!r}: {_close_matches(dataset, known)}")
+        await _must_know(conn, queries.KNOWN_DATASETS, "dataset --dataset", dataset)
+    if not live:
+        if model_run_id is not None:
+            await _must_know(conn, queries.READ_MODEL_SEARCHES, "search --run", model_run_id)
+        return None
     journal = await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
     if model_run_id is not None and not journal:
-        known = [r[0] for r in await conn.fetch(queries.KNOWN_SEARCHES)]
-        if model_run_id not in known:
-            raise UnknownScope(f"unknown search --run {model_run_id!r}: {_close_matches(model_run_id, known)}")
+        await _must_know(conn, queries.KNOWN_SEARCHES, "search --run", model_run_id)
     return None if dataset is not None else journal
 
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
-               dataset: str | None = None) -> ComparisonData:
-    """Read trials, their curves and the sn_comparison rows in one repeatable-read snapshot."""
+               dataset: str | None = None, *, live: bool = True) -> ComparisonData:
+    """Read trials, their curves and the sn_comparison rows in one repeatable-read snapshot. Not `live`: the
+    connection's search_path starts with a schema written by `sntrack replay trials --until`, which holds trials and
+    trial_metrics only; the summaries then come from its trials, and neither the live sn_comparison nor the journal
+    is read."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await conn.fetch(queries.REPORT_TRIALS, model_run_id, dataset)
-        journal = await _check_scope(conn, model_run_id, dataset, len(rows))
+        journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
         curves = await conn.fetch(queries.REPORT_CURVES, model_run_id, dataset)
         convergence = dict(await conn.fetch(queries.REPORT_CONVERGENCE, model_run_id, dataset))
         sigmas = dict(await conn.fetch(queries.REPORT_LAST_SIGMAS, model_run_id, dataset))
         aggregates = None
-        if dataset is None:
+        if dataset is None and live:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     trials = [TrialRecord(r["id"], r["spectral_norm"], r["status"], r["val"], r["train"], r["duration_ms"],

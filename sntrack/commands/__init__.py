@@ -18,10 +18,11 @@ from sntrack.commands import (
     subscribe,
     topology,
     trial,
+    up,
     worker,
 )
 
 COMMAND_MODULES = (
     worker, consume, dashboard, report, reconcile, replay, subscribe, status, studies, export, trial, publish_sample,
-    spool, topology, db, gateway, mlflow_server, dlq,
+    spool, topology, db, gateway, mlflow_server, dlq, up,
 )

@@ -20,6 +20,7 @@ RESERVED = re.compile(r"public|information_schema|pg_.*|sntrack_.*")
 EXAMPLES = """examples:
   sntrack replay trials                                   # rebuild beside the live consumers, swap in
   sntrack replay trials --until 2026-11-25T12:00:00Z      # state at noon into schema asof_20261125_120000
+  sntrack report --schema asof_20261125_120000              # the report as it was then
   psql -c 'SELECT status, count(*) FROM asof_20261125_120000.trials GROUP BY 1'
 """
 

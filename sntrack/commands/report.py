@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   sntrack report --run demo-study
   sntrack report --run demo-study --min-effect 0.005 --plot demo.png
   sntrack report --dataset digits --format json > report.json
+  sntrack replay trials --until 2026-11-23T17:00:00Z --into monday && sntrack report --schema monday
 """
 
 
@@ -62,7 +63,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-effect", type=_positive, metavar="X", default=MIN_EFFECT,
                         help="the smallest absolute accuracy difference that matters (default: %(default)s): the "
                         "equivalence margin, and the effect power and 'n more' are computed for")
+    parser.add_argument("--schema", metavar="SCHEMA",
+                        help="report on the past state that `sntrack replay trials --until TIME --into SCHEMA` "
+                        "wrote, not on the live tables (summaries from its trials; no journal comparison)")
     parser.set_defaults(run=_report)
+
+
+async def _use_schema(conn, schema: str) -> None:
+    """Put `schema`, which must hold a past state of the trials projection, first on the connection's search_path:
+    the report's reads of trials and trial_metrics go there, nothing else does, and nothing is written."""
+    found = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
+                             "AND table_name IN ('trials', 'trial_metrics', 'applied_events')", schema)
+    if len(found) < 3:
+        raise ConfigurationError(f"--schema {schema!r} holds no past state of trials; write one with `sntrack replay "
+                                 f"trials --until TIME --into {schema}`")
+    path = await conn.fetchval("SELECT current_setting('search_path')")
+    await conn.execute("SELECT set_config('search_path', $1, false)", f"{_quoted(schema)}, {path}")
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 async def _report(args: argparse.Namespace, settings: Settings) -> int:
@@ -75,7 +95,9 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     pool = await read_pool(settings)
     try:
         async with pool.acquire() as conn:
-            data = await load(conn, args.model_run_id, args.dataset)
+            if args.schema is not None:
+                await _use_schema(conn, args.schema)
+            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None)
     except UnknownScope as exc:
         raise ConfigurationError(str(exc)) from None
     finally:
