@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -96,7 +97,10 @@ async def test_good_events_land_exactly_once_including_retries(env):
         status, _, answer = await post(session, url, array, token, {"Content-Type": "application/json"})
         assert status == 202 and answer["accepted"] == 30
         for event in events[-5:]:
-            assert (await post(session, url, event.to_json(), token))[0] == 202
+            status, headers, _ = await post(session, url, event.to_json(), token)
+            assert status == 202
+            # Each 202 says where its time went in the gateway: the gate, then awaiting the broker's confirm.
+            assert re.fullmatch(r"gate;dur=\d+\.\d{3}, confirm;dur=\d+\.\d{3}", headers["Server-Timing"])
         notebook_trial = await asyncio.to_thread(
             client.report_trial, "notebook-search", spectral_norm=True, hyperparams={"lr": 0.01},
             curve=[{"val_accuracy": 0.5}, {"val_accuracy": 0.75}])
