@@ -32,6 +32,19 @@ def message_for(event: Event) -> aio_pika.Message:
     )
 
 
+async def _confirmed(exchange: aio_pika.abc.AbstractExchange, event: Event) -> BaseException | None:
+    """Publish one event and await its confirm: None when confirmed, else why not."""
+    try:
+        await exchange.publish(message_for(event), routing_key=event.event_type, mandatory=True)
+    except asyncio.CancelledError as exc:
+        if asyncio.current_task().cancelling():  # this request is cancelled (its deadline, shutdown): stop here
+            raise
+        return exc  # the library cancelled the confirm (its channel closed): a failure like any other
+    except Exception as exc:  # noqa: BLE001 - every failure is reported per event, the caller decides
+        return exc
+    return None
+
+
 class ConfirmingPublisher:
     def __init__(self, amqp_url: str, confirm_timeout_s: float, name: str = "sntrack-gateway"):
         self._url = amqp_url
@@ -50,15 +63,16 @@ class ConfirmingPublisher:
     async def publish(self, events: list[Event]) -> None:
         """Publish every event (mandatory, persistent) and return once the broker confirmed them all."""
         exchange = await self._ensure()
-        publishing = asyncio.gather(
-            *(exchange.publish(message_for(e), routing_key=e.event_type, mandatory=True) for e in events),
-            return_exceptions=True)
-        try:  # one deadline for the whole batch: a timer per message costs a task each
-            results = await asyncio.wait_for(publishing, self._timeout)
+        try:
+            async with asyncio.timeout(self._timeout):  # one deadline for the whole batch, not a timer per message
+                if len(events) == 1:  # one event a request, the common case: no task, its frames written right away
+                    results = [await _confirmed(exchange, events[0])]
+                else:
+                    results = await asyncio.gather(*(_confirmed(exchange, e) for e in events))
         except TimeoutError:
             await self._drop(None)
             raise BrokerUnavailable(f"no confirm for {len(events)} events within {self._timeout} s") from None
-        failures = [r for r in results if isinstance(r, BaseException)]
+        failures = [r for r in results if r is not None]
         if failures:
             first = failures[0]
             if not isinstance(first, aiormq.exceptions.PublishError):  # a return is topology, not the line

@@ -59,6 +59,10 @@ def document(version: str) -> dict:
                                                               "application/x-ndjson": {"schema": ndjson}}},
                 "responses": {
                     "202": {"description": "confirmed by the broker",
+                            "headers": {"Server-Timing": {
+                                "schema": {"type": "string"},
+                                "description": "ms spent in the gateway's gate and awaiting the broker's confirms, "
+                                               "e.g. gate;dur=0.044, confirm;dur=0.930"}},
                             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}}},
                     "400": _error("a body or event that is not JSON"),
                     "401": _error("missing or malformed bearer token"),

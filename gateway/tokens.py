@@ -5,8 +5,10 @@ The id is public (it names the token in `token list` and `token revoke`); the se
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -86,12 +88,16 @@ class TokenStoreUnavailable(Exception):
 class TokenVerifier:
     """Answers whether a bearer token may post, and as which producer. Lookups are cached for `cache_s` seconds,
     so a revocation takes effect within that time
-    (tests/test_gateway.py::test_wrong_revoked_and_missing_tokens_get_401_or_403)."""
+    (tests/test_gateway.py::test_wrong_revoked_and_missing_tokens_get_401_or_403). A token in use is looked up
+    again in the background once its entry is half that old, so its requests do not wait for PostgreSQL
+    (tests/test_gateway.py::test_a_token_in_use_is_refreshed_without_holding_requests); one lookup per token is in
+    flight at a time, however many requests need it."""
 
     def __init__(self, pool: asyncpg.Pool, cache_s: float):
         self._pool = pool
         self._cache_s = cache_s
         self._cache: dict[str, tuple[float, str | None, bytes | None, bool]] = {}
+        self._lookups: dict[str, asyncio.Task] = {}
 
     async def verify(self, token: str) -> tuple[str, str] | Verdict:
         """(token id, producer id) when the token is valid, else why not."""
@@ -99,21 +105,36 @@ class TokenVerifier:
         if parts is None:
             return Verdict.MALFORMED
         token_id, secret = parts
-        now = time.monotonic()
         cached = self._cache.get(token_id)
-        if cached is None or now - cached[0] > self._cache_s:
-            try:
-                row = await self._pool.fetchrow(
-                    "SELECT producer_id, secret_sha256, revoked_at IS NOT NULL AS revoked FROM gateway_tokens "
-                    "WHERE id = $1", token_id, timeout=LOOKUP_TIMEOUT_S)
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                raise TokenStoreUnavailable(f"{type(exc).__name__}: {exc}"[:300]) from None
-            cached = (now, *(row.values() if row else (None, None, False)))
-            if row is not None:  # unknown ids are not kept: random ones must not grow the cache
-                self._cache[token_id] = cached
+        age = time.monotonic() - cached[0] if cached is not None else math.inf
+        if age > self._cache_s:
+            cached = await asyncio.shield(self._lookup(token_id))  # a cancelled request leaves it to the others
+        elif age > self._cache_s / 2:
+            self._lookup(token_id)  # ahead of time: this request goes on with the entry, still young enough
         _, producer_id, digest, revoked = cached
         if producer_id is None or not hmac.compare_digest(digest, _digest(secret)):
             return Verdict.UNKNOWN
         if revoked:
             return Verdict.REVOKED
         return token_id, producer_id
+
+    def _lookup(self, token_id: str) -> asyncio.Task:
+        """The lookup of `token_id` in flight, started when there is none."""
+        if (task := self._lookups.get(token_id)) is None:
+            task = self._lookups[token_id] = asyncio.create_task(self._fetch(token_id))
+            task.add_done_callback(lambda done: (self._lookups.pop(token_id, None),  # and a failure of a refresh
+                                                 done.cancelled() or done.exception()))  # nobody awaited is dropped
+        return task
+
+    async def _fetch(self, token_id: str) -> tuple[float, str | None, bytes | None, bool]:
+        started = time.monotonic()  # the entry's age counts from before the query: a revocation it missed is newer
+        try:
+            row = await self._pool.fetchrow(
+                "SELECT producer_id, secret_sha256, revoked_at IS NOT NULL AS revoked FROM gateway_tokens "
+                "WHERE id = $1", token_id, timeout=LOOKUP_TIMEOUT_S)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise TokenStoreUnavailable(f"{type(exc).__name__}: {exc}"[:300]) from None
+        entry = (started, *(row.values() if row else (None, None, False)))
+        if row is not None:  # unknown ids are not kept: random ones must not grow the cache
+            self._cache[token_id] = entry
+        return entry

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import secrets
 import socket
 import subprocess
@@ -95,7 +96,10 @@ async def test_good_events_land_exactly_once_including_retries(env):
         status, _, answer = await post(session, url, array, token, {"Content-Type": "application/json"})
         assert status == 202 and answer["accepted"] == 30
         for event in events[-5:]:
-            assert (await post(session, url, event.to_json(), token))[0] == 202
+            status, headers, _ = await post(session, url, event.to_json(), token)
+            assert status == 202
+            # Each 202 says where its time went in the gateway: the gate, then awaiting the broker's confirm.
+            assert re.fullmatch(r"gate;dur=\d+\.\d{3}, confirm;dur=\d+\.\d{3}", headers["Server-Timing"])
         notebook_trial = await asyncio.to_thread(
             client.report_trial, "notebook-search", spectral_norm=True, hyperparams={"lr": 0.01},
             curve=[{"val_accuracy": 0.5}, {"val_accuracy": 0.75}])
@@ -215,6 +219,31 @@ async def test_wrong_revoked_and_missing_tokens_get_401_or_403(env):
 
         await wait_until(refused, timeout=10, what="the revoked token refused")
         assert (await post(session, url, event, other))[0] == 202
+
+
+async def test_a_token_in_use_is_refreshed_without_holding_requests(env):
+    """Once a token's cache entry is half its life old the gateway looks it up again in the background: with that
+    lookup stuck behind a lock on gateway_tokens, the token's requests are still answered 202 (a request that
+    waited for it would get 503 after the lookup's timeout)."""
+    _, token = await new_token(env)
+    event = next(iter(synthetic_study(1, 1, producer=producer_info(), seed=1)))[0].to_json()
+    async with gateway(env, token_cache_s=4.0) as (url, session):
+        assert (await post(session, url, event, token))[0] == 202  # looked up and cached
+        conn = await env.db()
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE gateway_tokens IN ACCESS EXCLUSIVE MODE")
+
+                async def refresh_stuck() -> bool:
+                    assert (await post(session, url, event, token))[0] == 202
+                    return await env.fetchval(
+                        "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE '%FROM gateway_tokens%'")
+
+                await wait_until(refresh_stuck, timeout=3.5, what="a background lookup waiting for the lock")
+                assert (await post(session, url, event, token))[0] == 202
+        finally:
+            await conn.close()
 
 
 async def test_database_away_answers_503_not_403(env):
