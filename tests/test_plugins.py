@@ -4,6 +4,7 @@ ill-namespaced plugin is reported and refused without breaking the other command
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from consumers.plugins import PluginProjection, discover
@@ -184,3 +186,35 @@ async def test_consume_and_status_survive_a_broken_plugin(env, tmp_path):
     migrated = subprocess.run([sys.executable, "-m", "sntrack", "db", "migrate"], env=daemon_env,
                               capture_output=True, text=True, timeout=60)
     assert migrated.returncode == 0 and "skipped projection plugin import_fails" in migrated.stderr
+
+
+def test_the_example_plugin_keeps_the_projection_contract(env, installed, monkeypatch):
+    """The contract every built-in projection keeps (tests/test_projection_contract.py): any order, duplication and
+    batching gives the in-order rows, and so does a replay from the journal."""
+    monkeypatch.syspath_prepend(str(installed))
+    from sntrack_best_trials import BestTrials
+
+    from consumers.persistence import apply_events, migrate
+    from consumers.registry import PROJECTIONS
+    from consumers.replay import replay
+    from tests.test_projection_contract import EVENTS, _any_delivery_gives, _apply, _rows
+
+    projection, url = BestTrials(), env.settings.database_url
+
+    async def journal_then_replay() -> dict:
+        pool = await asyncpg.create_pool(url, min_size=2, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn, projection.migration_versions())
+                await apply_events(conn, PROJECTIONS["journal"], EVENTS)
+            await replay(pool, projection)
+            async with pool.acquire() as conn:
+                return await _rows(conn, projection)
+        finally:
+            await pool.close()
+
+    replayed = asyncio.run(journal_then_replay())
+    assert len(replayed["best_trials_by_arm"]) == 4  # two studies, two arms
+    in_order = asyncio.run(_apply(url, projection, [EVENTS]))
+    assert in_order == replayed
+    _any_delivery_gives(url, projection, in_order)
