@@ -26,6 +26,8 @@ from importlib.metadata import EntryPoint, entry_points
 from importlib.resources import files
 from typing import NamedTuple
 
+import asyncpg
+
 from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from consumers.projections.base import Projection
@@ -119,8 +121,12 @@ async def pending_migrations(conn, projection: Projection) -> list[str]:
     versions = [v for v, _ in projection.migration_versions()]
     if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
         return versions
-    applied = {r["version"] for r in await conn.fetch(
-        "SELECT version FROM schema_migrations WHERE version = ANY($1::text[])", versions)}
+    try:
+        applied = {r["version"] for r in await conn.fetch(
+            "SELECT version FROM schema_migrations WHERE version = ANY($1::text[])", versions)}
+    except asyncpg.InsufficientPrivilegeError:  # the daemons' writer role may not read it: the tables tell
+        missing = [t for t in projection.tables if not await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", t)]
+        return versions if missing else []
     return [v for v in versions if v not in applied]
 
 

@@ -29,3 +29,8 @@ QUEUES = BUILTIN_QUEUES + tuple(p.queue for name, p in PROJECTIONS.items() if na
 def plugin_migrations() -> list[tuple[str, str]]:
     """(version, SQL) of every loaded plugin's migrations, for `sntrack db migrate`."""
     return [m for p in PLUGINS if p.projection is not None for m in p.projection.migration_versions()]
+
+
+def plugin_tables() -> tuple[str, ...]:
+    """Every loaded plugin's tables: the writer role upserts them (`sntrack db migrate --roles`)."""
+    return tuple(t for p in PLUGINS if p.projection is not None for t in p.projection.tables)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from consumers.plugins import PluginProjection, discover
+from consumers.plugins import PluginProjection, discover, require_migrated
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import RunStopped
 from tests.conftest import wait_until
+from tests.test_db_roles import prod  # noqa: F401 - the production-like database with roles
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sntrack-best-trials"
@@ -79,8 +81,10 @@ async def test_the_example_plugin_runs_under_consume_and_replay_and_is_listed_by
     migrated = sntrack(env, installed, "db", "migrate")
     assert migrated.returncode == 0 and "plugin:best_trials/001_best_trials.sql" in migrated.stdout, migrated.stderr
     assert "schema is up to date" in sntrack(env, installed, "db", "migrate").stdout
-    applied = sntrack(env, installed, "topology", "apply")
-    assert applied.returncode == 0 and f"binding ml.events -[ml.run.stop]-> {QUEUE}" in applied.stdout
+    applied = sntrack(env, installed, "topology", "apply", "--user-prefix", env.vhost)  # the sandbox's users
+    assert applied.returncode == 0 and f"binding ml.events -[ml.run.stop]-> {QUEUE}" in applied.stdout, applied.stderr
+    [granted] = env.api.request("GET", f"users/{env.vhost}-consumer/permissions")
+    assert re.fullmatch(granted["read"], QUEUE) and re.fullmatch(granted["read"], "sntrack.trials")
 
     studies = [synthetic_study(30, 4, seed=s, producer=producer_info(), model_run_id=f"plugin-{s}") for s in (1, 2)]
     events = [e for study in studies for trial in study for e in trial]
@@ -218,3 +222,25 @@ def test_the_example_plugin_keeps_the_projection_contract(env, installed, monkey
     in_order = asyncio.run(_apply(url, projection, [EVENTS]))
     assert in_order == replayed
     _any_delivery_gives(url, projection, in_order)
+
+
+async def test_db_migrate_roles_lets_the_writer_upsert_a_plugins_tables(prod, installed, monkeypatch):  # noqa: F811
+    """With database roles (tests/test_db_roles.py), the daemons' writer role may run a plugin's upserts, and
+    `consume` as the writer (which may not read schema_migrations) still refuses an unmigrated plugin."""
+    path = os.pathsep.join([str(ROOT), str(installed)])
+    refused = prod.sntrack("consume", "best_trials", PYTHONPATH=path)
+    assert refused.returncode == 2 and "sntrack db migrate" in refused.stderr, refused.stderr
+    run = prod.sntrack("db", "migrate", "--roles", PYTHONPATH=path)
+    assert run.returncode == 0 and "plugin:best_trials/001_best_trials.sql" in run.stdout, run.stderr
+    monkeypatch.syspath_prepend(str(installed))
+    from sntrack_best_trials import BestTrials
+    await require_migrated(prod.writer_url, [BestTrials()])  # now passes, as the writer
+    conn = await prod.connect(prod.writer_url)
+    try:
+        for accuracy in (0.5, 0.7):
+            await conn.execute("INSERT INTO best_trials_by_arm VALUES ('s', true, 't', $1, now()) ON CONFLICT "
+                               "(model_run_id, spectral_norm) DO UPDATE SET val_accuracy = EXCLUDED.val_accuracy",
+                               accuracy)
+        assert await conn.fetchval("SELECT val_accuracy FROM best_trials_by_arm") == 0.7
+    finally:
+        await conn.close()

@@ -14,7 +14,7 @@ from common.errors import ConfigurationError
 from common.postgres import create_database
 from common.urls import path_name
 from consumers.persistence import migrate
-from consumers.registry import PLUGINS, plugin_migrations
+from consumers.registry import PLUGINS, plugin_migrations, plugin_tables
 from consumers.roles import RoleSpec, ensure_roles
 from sntrack.pools import admin_pool
 from sntrack.settings import Settings
@@ -60,7 +60,7 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
         conn: asyncpg.Connection
         async with pool.acquire() as conn:
             applied = await migrate(conn, plugin_migrations())
-            roles = await ensure_roles(conn, *_roles(settings)) if args.roles else []
+            roles = await ensure_roles(conn, *_roles(settings), plugin_tables()) if args.roles else []
     except asyncpg.InsufficientPrivilegeError as exc:
         raise ConfigurationError(
             f"`sntrack db migrate` as {urlsplit(url).username} was refused: {exc}; run it as the owner of the database "
