@@ -5,6 +5,7 @@ ill-namespaced plugin is reported and refused without breaking the other command
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -116,6 +117,11 @@ async def test_the_example_plugin_runs_under_consume_and_replay_and_is_listed_by
     line = next(x for x in listed.stdout.splitlines() if x.strip().startswith("best_trials"))
     assert f"queue {QUEUE}" in line and "tables best_trials_by_arm" in line and line.endswith("ready")
     assert any(x.strip().startswith(QUEUE + " ") for x in listed.stdout.splitlines())
+    as_json = json.loads(sntrack(env, installed, "status", "--format", "json").stdout)
+    assert as_json["plugins"] == [{"name": "best_trials", "package": "sntrack-best-trials 0.1.0", "queue": QUEUE,
+                                   "tables": ["best_trials_by_arm"], "pending_migrations": [], "problem": None}]
+    [row] = [q for q in as_json["queues"] if q["queue"] == QUEUE]
+    assert row["consumer"] == "best_trials" and row["lag_events"] == 0  # (queue figures may lag by 5 s)
 
 
 def test_definitions_json_stays_the_built_in_topology_with_a_plugin_installed(env, installed):
