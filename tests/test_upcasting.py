@@ -5,9 +5,13 @@ version 1 and old journals hold it: the gate and the journal reader upcast both 
 give is the one version 1 always gave (the same flat measurement names; no step).
 """
 
+import asyncio
 import copy
 import json
+import os
 import random
+import signal
+import sys
 
 import pytest
 from hypothesis import given
@@ -161,3 +165,31 @@ async def test_a_v1_journal_plus_v2_live_events_project_correctly(env):
     before = await env.snapshot("trials", "trial_metrics")
     await env.replay("trials")
     assert await env.snapshot("trials", "trial_metrics") == before
+
+
+async def test_a_catch_up_subscriber_reads_a_v1_journal_as_version_2(env, tmp_path):
+    """`sntrack subscribe --from-start` replays the journal through the same upcaster (consumers/catchup.py)."""
+    trial = synthetic_trial(random.Random(5), "old", producer_info("w"), epochs=3)
+    conn = await env.db()
+    try:
+        await conn.executemany(INSERT_V1, [
+            (e.event_id, e.event_type, e.trial_id, e.model_run_id, e.seq, as_v1(e)["schema_version"], e.occurred_at,
+             json.dumps(as_v1(e))) for e in trial])
+    finally:
+        await conn.close()
+    metrics = [e for e in trial if e.event_type == "ml.run.metric"]
+    out = tmp_path / "metrics.jsonl"
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "v1reader", "--bind", "ml.run.metric", "--from-start",
+            "--jsonl", str(out), env={**os.environ, **env.settings.to_env()}, stderr=asyncio.subprocess.PIPE)
+        try:
+            await wait_until(lambda: out.exists() and len(out.read_text().splitlines()) >= len(metrics),
+                             what="the journal's metric events")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr[-2000:]
+    received = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["schema_version"] for r in received] == [2] * len(metrics)
+    assert [r["payload"]["splits"] for r in received] == [json.loads(e.to_json())["payload"]["splits"] for e in metrics]
