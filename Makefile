@@ -34,10 +34,12 @@ bench: setup  ## benchmarks; results in bench/results/
 lint:  ## ruff, schema and topology staleness
 	$(BIN)/ruff check .
 	$(BIN)/python -m schemas.jsonschema --check
+	$(BIN)/python -m schemas.asyncapi --check
 	$(BIN)/sntrack topology check
 
-schemas:  ## regenerate schemas/json from the models
+schemas:  ## regenerate schemas/json and docs/asyncapi.json from the models
 	$(BIN)/python -m schemas.jsonschema
+	$(BIN)/python -m schemas.asyncapi
 
 topology:  ## regenerate infra/rabbitmq/definitions.json from the code
 	$(BIN)/sntrack topology export

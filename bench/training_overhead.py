@@ -37,7 +37,7 @@ class _NoTracking:
     def started(self, payload):
         pass
 
-    def epoch(self, epoch, measurements, spectral_norms):
+    def epoch(self, epoch, measurements, spectral_norms, step=None):
         pass
 
     def stopped(self, outcome, model):
@@ -51,7 +51,7 @@ class _InlineMlflow:
         mlflow.start_run(run_name=f"inline-{uuid.uuid4().hex[:6]}")
         mlflow.log_params(payload.hyperparams)
 
-    def epoch(self, epoch, measurements, spectral_norms):
+    def epoch(self, epoch, measurements, spectral_norms, step=None):
         mlflow.log_metrics(measurements, step=epoch)
 
     def stopped(self, outcome, model):

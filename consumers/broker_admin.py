@@ -13,8 +13,8 @@ from urllib.parse import quote, urlsplit
 
 from common.errors import ConfigurationError
 from common.urls import redact
-from consumers.registry import QUEUES
-from consumers.topology import DLQ_MAX_BYTES, DLQ_MAX_LENGTH
+from consumers.registry import BUILTIN_QUEUES, QUEUES
+from consumers.topology import DLQ_MAX_BYTES, DLQ_MAX_LENGTH, QueueSpec
 from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE
 
 DEFINITIONS_FILE = Path(__file__).resolve().parent.parent / "infra" / "rabbitmq" / "definitions.json"
@@ -37,19 +37,25 @@ def _exactly(names: tuple[str, ...]) -> str:
 # queue.delete, write on the queue and read on the exchange for queue.bind, read for basic.get/consume, write on
 # the exchange for basic.publish; a passive declare needs none). Only an administrator (SNTRACK_RABBITMQ_ADMIN_URL,
 # through `sntrack topology apply`) declares the vhost, exchanges, built-in queues and bindings.
-ROLE_PERMISSIONS = {
-    # `sntrack worker` and the producer library: publish events, nothing else.
-    "worker": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
-    # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes.
-    "gateway": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
-    # `sntrack consume`: reads the built-in consumers' queues (the runtime only checks that they exist, a passive
-    # declare) and publishes dead letters with their reason; declares, binds and deletes nothing.
-    "consumer": {"configure": "^$", "write": r"^ml\.events\.dlx$", "read": _exactly(tuple(q.name for q in QUEUES))},
-    # `sntrack subscribe`: declares, binds and reads only its own sntrack.sub.* queues and their .dlq (binding needs
-    # read on ml.events and ml.events.dlx), and publishes its dead letters.
-    "subscriber": {"configure": r"^sntrack\.sub\..*$", "write": r"^(sntrack\.sub\..*|ml\.events\.dlx)$",
-                   "read": r"^(sntrack\.sub\..*|ml\.events|ml\.events\.dlx)$"},
-}
+def role_permissions(specs: tuple[QueueSpec, ...]) -> dict[str, dict[str, str]]:
+    """Each role's permissions when the consumer queues are `specs`."""
+    return {
+        # `sntrack worker` and the producer library: publish events, nothing else.
+        "worker": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+        # `sntrack gateway`, the HTTP ingest: like a worker, it only publishes.
+        "gateway": {"configure": "^$", "write": r"^ml\.events$", "read": "^$"},
+        # `sntrack consume`: reads the consumers' queues (the runtime only checks that they exist, a passive
+        # declare) and publishes dead letters with their reason; declares, binds and deletes nothing.
+        "consumer": {"configure": "^$", "write": r"^ml\.events\.dlx$", "read": _exactly(tuple(q.name for q in specs))},
+        # `sntrack subscribe`: declares, binds and reads only its own sntrack.sub.* queues and their .dlq (binding needs
+        # read on ml.events and ml.events.dlx), and publishes its dead letters.
+        "subscriber": {"configure": r"^sntrack\.sub\..*$", "write": r"^(sntrack\.sub\..*|ml\.events\.dlx)$",
+                       "read": r"^(sntrack\.sub\..*|ml\.events|ml\.events\.dlx)$"},
+    }
+
+
+# The built-in topology's (infra/rabbitmq/definitions.json): the consumer role reads sntrack's own queues.
+ROLE_PERMISSIONS = role_permissions(BUILTIN_QUEUES)
 ROLES = tuple(ROLE_PERMISSIONS)
 # `sntrack topology apply` reads each role's password from SNTRACK_<ROLE>_PASSWORD.
 PASSWORD_VARIABLES = {role: f"SNTRACK_{role.upper()}_PASSWORD" for role in ROLES}
@@ -60,11 +66,13 @@ def user_name(role: str, prefix: str = DEFAULT_USER_PREFIX) -> str:
     return f"{prefix}-{role}"
 
 
-def build_definitions(vhost: str = DEFAULT_VHOST, user_prefix: str = DEFAULT_USER_PREFIX) -> dict:
+def build_definitions(vhost: str = DEFAULT_VHOST, user_prefix: str = DEFAULT_USER_PREFIX,
+                      specs: tuple[QueueSpec, ...] = QUEUES) -> dict:
     """The whole topology in `rabbitmqctl import_definitions` form. Users carry no password (set it with
-    `sntrack topology apply` and SNTRACK_<ROLE>_PASSWORD, or rabbitmqctl)."""
+    `sntrack topology apply` and SNTRACK_<ROLE>_PASSWORD, or rabbitmqctl). `specs`: the consumer queues, by
+    default with those of the installed projection plugins (consumers.plugins), which the consumer role reads too."""
     queues, bindings = [], []
-    for spec in QUEUES:
+    for spec in specs:
         queues.append({"name": spec.name, "vhost": vhost, "durable": True, "auto_delete": False,
                        "arguments": spec.arguments})
         queues.append({"name": spec.dead_letter_queue, "vhost": vhost, "durable": True, "auto_delete": False,
@@ -86,7 +94,7 @@ def build_definitions(vhost: str = DEFAULT_VHOST, user_prefix: str = DEFAULT_USE
             for role in ROLES
         ],
         "permissions": [{"user": user_name(role, user_prefix), "vhost": vhost, **perms}
-                        for role, perms in ROLE_PERMISSIONS.items()],
+                        for role, perms in role_permissions(specs).items()],
         "exchanges": [
             {"name": EXCHANGE, "vhost": vhost, "type": "topic", "durable": True, "auto_delete": False,
              "internal": False, "arguments": {}},
@@ -105,7 +113,8 @@ def build_definitions(vhost: str = DEFAULT_VHOST, user_prefix: str = DEFAULT_USE
 
 
 def render_definitions(vhost: str = DEFAULT_VHOST) -> str:
-    return json.dumps(build_definitions(vhost), indent=2, sort_keys=True) + "\n"
+    """definitions.json: sntrack's own queues only, whatever plugins this machine has installed."""
+    return json.dumps(build_definitions(vhost, specs=BUILTIN_QUEUES), indent=2, sort_keys=True) + "\n"
 
 
 @dataclass

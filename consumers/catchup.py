@@ -42,8 +42,8 @@ from consumers.runtime import HANDLER_ATTEMPTS, MAX_BACKOFF_S, ConsumerRuntime
 from consumers.subscriber import Sink, matching_types
 from consumers.topology import subscriber_queue
 from schemas import DEAD_LETTER_EXCHANGE, Event
-from schemas.events import EVENT_ADAPTER
 from schemas.topology import DETAIL_HEADER, REASON_HEADER
+from schemas.upcasting import read_stored
 
 log = structlog.get_logger("sntrack.subscriber")
 
@@ -214,7 +214,7 @@ class CatchUpSubscriber:
                 if self.stopping.is_set():  # what was delivered so far counts
                     await self._save(conn, None)
                     return read
-                event = EVENT_ADAPTER.validate_json(row["envelope"])
+                event = read_stored(row["envelope"])  # old journals hold superseded versions: upcast
                 if event.event_id not in self.recent:
                     await self._deliver_from_journal(event)
                 self.position, read = row["position"], read + 1

@@ -70,8 +70,9 @@ def migration_files() -> list[tuple[str, str]]:
     return sorted((f.name, f.read_text()) for f in folder.iterdir() if f.name.endswith(".sql"))
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
-    """Apply the SQL files not yet recorded in schema_migrations, each in its own transaction."""
+async def migrate(conn: asyncpg.Connection, extra: Sequence[tuple[str, str]] = ()) -> list[str]:
+    """Apply the SQL files not yet recorded in schema_migrations, each in its own transaction, then `extra`
+    (version, SQL) pairs: the projection plugins' migrations (consumers.plugins)."""
     applied = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
@@ -81,7 +82,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
         )
         rows = await conn.fetch("SELECT version, checksum FROM schema_migrations")
         done = {r["version"]: r["checksum"] for r in rows}
-        for name, sql in migration_files():
+        for name, sql in [*migration_files(), *extra]:
             checksum = hashlib.sha256(sql.encode()).hexdigest()
             if name in done:
                 if done[name] != checksum:

@@ -37,7 +37,7 @@ import asyncpg
 
 from consumers.persistence import apply_events
 from consumers.projections.base import Projection
-from schemas.events import EVENT_ADAPTER
+from schemas.upcasting import read_stored
 
 PAGE = 2000
 LOCK_TIMEOUT = "100ms"  # a swap waits this long for its locks, then lets the live consumer go on and retries
@@ -129,7 +129,7 @@ async def _build(reader: asyncpg.Connection, writer: asyncpg.Connection, project
             last, until, PAGE,
         ):
             last = rows[-1]["position"]
-            await pages.put([EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
+            await pages.put([read_stored(r["envelope"]) for r in rows])
         await pages.put(None)
 
     reading = asyncio.create_task(read())
@@ -241,7 +241,7 @@ async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, sha
     applied = 0
     while rows := await conn.fetch(UNAPPLIED.format(shadow=_ident(shadow)), projection.name, PAGE, above):
         await _use(conn, shadow, live)
-        await apply_events(conn, projection, [EVENT_ADAPTER.validate_json(r["envelope"]) for r in rows])
+        await apply_events(conn, projection, [read_stored(r["envelope"]) for r in rows])
         await _use(conn, live)
         applied += len(rows)
         if progress:

@@ -82,9 +82,10 @@ async def is_superuser(conn: asyncpg.Connection) -> tuple[str, bool]:
     return row["name"], row["super"]
 
 
-async def ensure_roles(conn: asyncpg.Connection, writer: RoleSpec, reader: RoleSpec) -> list[str]:
+async def ensure_roles(conn: asyncpg.Connection, writer: RoleSpec, reader: RoleSpec,
+                       plugin_tables: tuple[str, ...] = ()) -> list[str]:
     """Create or update the two roles and set their grants, in one transaction; a line per role saying what was
-    done. Run as the tables' owner."""
+    done. Run as the tables' owner. `plugin_tables`: the projection plugins' tables, which the writer upserts."""
     me = await conn.fetchval("SELECT current_user")
     if writer.name == reader.name:
         raise ConfigurationError(f"the writer and the reader role are both named {writer.name!r}; name them apart")
@@ -94,10 +95,11 @@ async def ensure_roles(conn: asyncpg.Connection, writer: RoleSpec, reader: RoleS
     async with conn.transaction():
         done = [await _ensure_login(conn, role) for role in (writer, reader)]
         relations = [r["relname"] for r in await conn.fetch(RELATIONS)]
-        await _grant(conn, writer.name, {t: p for t, p in WRITER_GRANTS.items() if t in relations})
+        grants = {**WRITER_GRANTS, **{t: UPSERT for t in plugin_tables}}
+        await _grant(conn, writer.name, {t: p for t, p in grants.items() if t in relations})
         await _grant(conn, reader.name, {t: SELECT for t in relations if t not in NOT_READABLE})
         sequences = [r["relname"] for r in await conn.fetch(
-            SEQUENCES, [t for t, p in WRITER_GRANTS.items() if "INSERT" in p])]
+            SEQUENCES, [t for t, p in grants.items() if "INSERT" in p])]
         for sequence in sequences:
             await conn.execute(f"GRANT USAGE ON SEQUENCE {_ident(sequence)} TO {_ident(writer.name)}")
     return done

@@ -15,7 +15,7 @@ from consumers.config import ConsumerConfig
 from consumers.handler import Handler, ProjectionHandler
 from consumers.metrics import ConsumerMetrics
 from consumers.persistence import Store, create_pool
-from consumers.registry import CONSUMER_NAMES, PROJECTIONS, SIDE_EFFECTS
+from consumers.registry import CONSUMER_NAMES, PLUGINS, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
 
 log = structlog.get_logger("sntrack.consumer")
@@ -25,6 +25,9 @@ def resolve_names(names: Sequence[str]) -> list[str]:
     """The consumer names meant (`all` expanded, duplicates dropped); a one-line error for unknown ones."""
     if "all" in names:
         names = list(CONSUMER_NAMES)
+    for plugin in PLUGINS:
+        if plugin.problem and plugin.name in names:
+            raise ConfigurationError(f"projection plugin {plugin.name} ({plugin.distribution}) {plugin.problem}")
     unknown = [n for n in names if n not in CONSUMER_NAMES]
     if unknown:
         choices = ", ".join(CONSUMER_NAMES)

@@ -31,7 +31,8 @@ def document(version: str) -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "sntrack gateway", "version": version,
-                 "description": "HTTP ingest of sntrack training events (schema_version 1) onto ml.events."},
+                 "description": "HTTP ingest of sntrack training events onto ml.events (ml.run.metric at "
+                                "schema_version 2, or 1 upcast; start and stop at 1)."},
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "a token from `sntrack gateway token add`"}},

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 
 from schemas import (
-    CURRENT_SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     MetricPayload,
     ProducerInfo,
     RunError,
@@ -19,6 +19,8 @@ from schemas import (
     StopPayload,
     new_event_id,
 )
+from schemas.events import split_measurements
+from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 
 
 def producer_info(worker_id: str | None = None) -> ProducerInfo:
@@ -41,11 +43,11 @@ class TrialEvents:
         self.producer = producer
         self._next_seq = next_seq
 
-    def _envelope(self) -> dict:
+    def _envelope(self, event_type: str) -> dict:
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         return {
             "event_id": new_event_id(),
-            "schema_version": CURRENT_SCHEMA_VERSION,
+            "schema_version": SCHEMA_VERSIONS[event_type],
             "occurred_at": datetime.now(UTC),
             "trial_id": self.trial_id,
             "model_run_id": self.model_run_id,
@@ -56,13 +58,17 @@ class TrialEvents:
     def start(self, payload: StartPayload) -> RunStarted:
         if self._next_seq != 0:
             raise RuntimeError(f"trial {self.trial_id} already started")
-        return RunStarted(**self._envelope(), payload=payload)
+        return RunStarted(**self._envelope(RUN_START), payload=payload)
 
     def metric(
-        self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None = None
+        self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None = None,
+        step: int | None = None,
     ) -> RunMetric:
-        payload = MetricPayload(epoch=epoch, measurements=measurements, spectral_norms=spectral_norms)
-        return RunMetric(**self._envelope(), payload=payload)
+        """`measurements` by flat name: `<split>_<name>` (train_loss, val_accuracy) go under their split."""
+        splits, rest = split_measurements(measurements)
+        payload = MetricPayload(epoch=epoch, step=step, splits=splits, measurements=rest,
+                                spectral_norms=spectral_norms)
+        return RunMetric(**self._envelope(RUN_METRIC), payload=payload)
 
     def stop(
         self,
@@ -74,4 +80,4 @@ class TrialEvents:
         payload = StopPayload(
             status=status, spectral_norm=spectral_norm, measurements=measurements or {}, error=error
         )
-        return RunStopped(**self._envelope(), payload=payload)
+        return RunStopped(**self._envelope(RUN_STOP), payload=payload)

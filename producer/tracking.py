@@ -318,8 +318,9 @@ class _EventRecorder:
         self._timer.start()
         self._run = mlflow.begin(self._events.trial_id, self._events.model_run_id, payload, self.release)
 
-    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None) -> None:
-        event = self._events.metric(epoch, measurements, spectral_norms)
+    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None,
+              step: int | None = None) -> None:
+        event = self._events.metric(epoch, measurements, spectral_norms, step)
         self._emit(event)
         if self._run is not None:
             millis = int(event.occurred_at.timestamp() * 1000)

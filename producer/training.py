@@ -40,7 +40,9 @@ class TrialRecorder(Protocol):
 
     def started(self, payload: StartPayload) -> None: ...
 
-    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None) -> None: ...
+    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None,
+              step: int) -> None:
+        """`step`: optimiser steps taken since the trial began (ml.run.metric schema_version 2)."""
 
     def stopped(self, outcome: TrialOutcome, model: nn.Module | None) -> None: ...
 
@@ -110,6 +112,7 @@ def run_trial(
         loss_fn = nn.CrossEntropyLoss()
         n = split.x_train.shape[0]
         meter = SingularValueMeter(config.seed)
+        steps = 0
         for epoch in range(config.epochs):
             model.train()
             total, batches = torch.zeros((), device=where), 0
@@ -126,6 +129,7 @@ def run_trial(
                 refresh_spectral_norm(model)
             model.eval()
             train_loss = float(total) / batches
+            steps += batches
             _, train_accuracy = _evaluate(model, split.x_train, split.y_train, loss_fn)
             val_loss, val_accuracy = _evaluate(model, split.x_val, split.y_val, loss_fn)
             if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
@@ -134,7 +138,7 @@ def run_trial(
             last = {"train_loss": train_loss, "val_loss": val_loss,
                     "train_accuracy": train_accuracy, "val_accuracy": val_accuracy}
             epochs_done = epoch + 1
-            recorder.epoch(epoch, last, meter.measure(model) if measure_norms else None)
+            recorder.epoch(epoch, last, meter.measure(model) if measure_norms else None, steps)
             if should_prune is not None and epochs_done < config.epochs and should_prune(epoch, val_accuracy):
                 status = "pruned"
                 break

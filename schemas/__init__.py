@@ -4,7 +4,7 @@ Importable alone by any third party; imports nothing from `producer` or `consume
 """
 
 from schemas.events import (
-    CURRENT_SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     Event,
     EventType,
     MetricPayload,
@@ -19,9 +19,9 @@ from schemas.events import (
 )
 from schemas.gate import GateRejection, RejectReason, parse_event
 from schemas.topology import DEAD_LETTER_EXCHANGE, EXCHANGE, ROUTING_KEYS, ROUTING_PATTERN_ALL
+from schemas.upcasting import read_stored
 
 __all__ = [
-    "CURRENT_SCHEMA_VERSION",
     "DEAD_LETTER_EXCHANGE",
     "EXCHANGE",
     "Event",
@@ -36,8 +36,10 @@ __all__ = [
     "RunMetric",
     "RunStarted",
     "RunStopped",
+    "SCHEMA_VERSIONS",
     "StartPayload",
     "StopPayload",
     "new_event_id",
     "parse_event",
+    "read_stored",
 ]

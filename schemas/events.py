@@ -1,4 +1,8 @@
-"""Pydantic v2 models of the event envelope and the three ml.run.* events (schema_version 1).
+"""Pydantic v2 models of the event envelope and the three ml.run.* events, at their current schema versions.
+
+Each event type has its own version (SCHEMA_VERSIONS): ml.run.start 1, ml.run.metric 2, ml.run.stop 1. Older
+versions are brought up to the current one by schemas.upcasting before validation; the models of superseded
+versions live in schemas.history (for their JSON Schema and contract tests only).
 
 Strict at the gate: no coercion ("true" is not a boolean), no unknown fields, no NaN/inf.
 Nothing the store cannot hold: no NUL in any string (PostgreSQL text and jsonb refuse it), integers within the
@@ -26,7 +30,8 @@ from pydantic import (
 
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 
-CURRENT_SCHEMA_VERSION = 1
+# The version producers emit and consumers validate, per event type (a version is a property of one event's shape).
+SCHEMA_VERSIONS: dict[str, int] = {RUN_START: 1, RUN_METRIC: 2, RUN_STOP: 1}
 ALL_SEARCHES = "*"  # reserved model_run_id: aggregates over every search are stored under it
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # PostgreSQL integer
@@ -41,6 +46,14 @@ Identifier = Annotated[Text, Field(min_length=1, max_length=200)]
 Int32 = Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Scalar = Text | int | float | bool | None
+
+
+def _version(number: int) -> object:
+    # A strict int pinned to one value, not Literal[n]: pydantic's Literal accepts `true` for 1.
+    return Annotated[int, Field(ge=number, le=number, json_schema_extra={"const": number})]
+
+
+Version1, Version2 = _version(1), _version(2)
 Measurements = dict[Annotated[Text, Field(min_length=1, max_length=100)], float]
 
 
@@ -78,10 +91,44 @@ class StartPayload(_Strict):
         return value
 
 
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def split_measurements(flat: dict[str, float]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Flat names `<split>_<name>` (version 1's `train_loss`) → ({split: {name: value}}, the names of no split).
+    The inverse of MetricPayload.flat_measurements: no name is lost or renamed."""
+    splits: dict[str, dict[str, float]] = {}
+    rest: dict[str, float] = {}
+    for key, value in flat.items():
+        split, _, name = key.partition("_")
+        if split in SPLITS and name:
+            splits.setdefault(split, {})[name] = value
+        else:
+            rest[key] = value
+    return splits, rest
+
+
 class MetricPayload(_Strict):
+    """Version 2: the measurements of one epoch grouped by data split, and the optimiser step they were taken at.
+
+    `splits` holds per-split values (`{"val": {"loss": 0.4, "accuracy": 0.9}}`), `measurements` those of no split
+    (a learning rate, a gradient norm). `step` counts optimiser steps since the trial began; None when the producer
+    does not know it (every upcast version 1 event)."""
+
     epoch: Count
-    measurements: Measurements
+    step: Annotated[int, Field(ge=0, le=INT64_MAX)] | None = None
+    splits: dict[Split, Measurements] = Field(default_factory=dict)
+    measurements: Measurements = Field(default_factory=dict)
     spectral_norms: Measurements | None = None
+
+    def flat_measurements(self) -> dict[str, float]:
+        """Every measurement under one flat name, `<split>_<name>` for a split's (the read model's and MLflow's
+        names, and version 1's). A split's value wins over a same-named one in `measurements`."""
+        flat = dict(self.measurements)
+        for split, values in self.splits.items():
+            flat.update({f"{split}_{name}": value for name, value in values.items()})
+        return flat
 
 
 class RunError(_Strict):
@@ -106,7 +153,7 @@ class StopPayload(_Strict):
 
 class _Envelope(_Strict):
     event_id: uuid.UUID
-    schema_version: Annotated[int, Field(ge=1)]
+    schema_version: int  # each event type pins it to its current version (checked in pydantic-core)
     occurred_at: AwareDatetime
     trial_id: Identifier
     model_run_id: Identifier
@@ -128,19 +175,13 @@ class _Envelope(_Strict):
             raise ValueError(f"model_run_id {ALL_SEARCHES!r} is reserved for aggregates over all searches")
         return value
 
-    @field_validator("schema_version")
-    @classmethod
-    def _current_only(cls, value: int) -> int:
-        # Older versions are upcast before validation (schemas.upcasting); newer ones are refused there.
-        if value != CURRENT_SCHEMA_VERSION:
-            raise ValueError(f"schema_version {value} is not {CURRENT_SCHEMA_VERSION}; upcast first")
-        return value
-
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
 
 
+# Older versions are upcast before validation (schemas.upcasting); newer ones are refused there.
 class RunStarted(_Envelope):
+    schema_version: Version1
     event_type: Literal["ml.run.start"] = RUN_START
     payload: StartPayload
 
@@ -152,11 +193,13 @@ class RunStarted(_Envelope):
 
 
 class RunMetric(_Envelope):
+    schema_version: Version2
     event_type: Literal["ml.run.metric"] = RUN_METRIC
     payload: MetricPayload
 
 
 class RunStopped(_Envelope):
+    schema_version: Version1
     event_type: Literal["ml.run.stop"] = RUN_STOP
     payload: StopPayload
 

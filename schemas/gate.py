@@ -13,7 +13,7 @@ from enum import StrEnum
 from pydantic import ValidationError
 from pydantic_core import from_json, to_json
 
-from schemas.events import CURRENT_SCHEMA_VERSION, EVENT_ADAPTER, NO_NUL, Event
+from schemas.events import EVENT_ADAPTER, NO_NUL, SCHEMA_VERSIONS, Event
 from schemas.topology import ROUTING_KEYS
 from schemas.upcasting import UnsupportedVersion, UpcastFailed, upcast
 
@@ -80,7 +80,7 @@ def _explain(body: bytes) -> Event:
         raise GateRejection(RejectReason.UNKNOWN_TYPE,
                             f"event_type {repr(event_type)[:100]} is not one of {ROUTING_KEYS}")
     try:
-        if document.get("schema_version") != CURRENT_SCHEMA_VERSION:
+        if document.get("schema_version") != SCHEMA_VERSIONS[event_type]:
             body = to_json(upcast(document))
         return EVENT_ADAPTER.validate_json(body)
     except UnsupportedVersion as exc:

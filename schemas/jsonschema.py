@@ -1,4 +1,8 @@
-"""Generate the JSON Schema files in schemas/json/ from the models (python -m schemas.jsonschema)."""
+"""Generate the JSON Schema files in schemas/json/ from the models (python -m schemas.jsonschema).
+
+`<type>.schema.json` is the current version of each event (what producers emit), `event.schema.json` their union;
+`<type>.v<N>.schema.json` a superseded version the gate still accepts and upcasts (schemas.history).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 from pathlib import Path
 
 from schemas.events import EVENT_ADAPTER, EVENT_MODELS
+from schemas.history import HISTORY_MODELS
 
 JSON_DIR = Path(__file__).parent / "json"
 
@@ -15,6 +20,8 @@ def render() -> dict[str, str]:
     """File name → JSON text, for every event type and for the union of all of them."""
     documents = {f"{name}.schema.json": model.model_json_schema() for name, model in EVENT_MODELS.items()}
     documents["event.schema.json"] = EVENT_ADAPTER.json_schema()
+    documents.update({f"{name}.v{version}.schema.json": model.model_json_schema()
+                      for (name, version), model in HISTORY_MODELS.items()})
     return {name: json.dumps(doc, indent=2, sort_keys=True) + "\n" for name, doc in documents.items()}
 
 

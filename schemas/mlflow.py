@@ -53,7 +53,7 @@ def trial_params(start: StartPayload) -> dict[str, str]:
 
 def epoch_metrics(payload: MetricPayload) -> dict[str, float]:
     """One epoch's MLflow metrics (logged with step = epoch): the measurements and the per-layer singular values."""
-    return {**payload.measurements,
+    return {**payload.flat_measurements(),
             **{SINGULAR_VALUE_PREFIX + layer: value for layer, value in (payload.spectral_norms or {}).items()}}
 
 

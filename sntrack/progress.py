@@ -71,8 +71,9 @@ class EpochCounter:
         self.progress.describe(self.trial_label())
         self.inner.started(payload)
 
-    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None) -> None:
-        self.inner.epoch(epoch, measurements, spectral_norms)
+    def epoch(self, epoch: int, measurements: dict[str, float], spectral_norms: dict[str, float] | None,
+              step: int | None = None) -> None:
+        self.inner.epoch(epoch, measurements, spectral_norms, step)
         self.seen += 1
         self.progress.update(self.progress.bar.n + 1)
 

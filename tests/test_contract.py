@@ -11,7 +11,7 @@ import schemas
 from producer.emitter import producer_info
 from producer.sample import synthetic_trial
 from schemas import ROUTING_KEYS, GateRejection, RejectReason, parse_event
-from schemas.events import EVENT_MODELS, RunMetric, RunStarted, RunStopped, new_event_id
+from schemas.events import EVENT_MODELS, SCHEMA_VERSIONS, RunMetric, RunStarted, RunStopped, new_event_id
 from schemas.jsonschema import stale
 from schemas.upcasting import UPCASTERS, UnsupportedVersion, upcast
 
@@ -26,9 +26,14 @@ START = {
                 "dataset": "digits", "model": "mlp", "seed": 7, "mlflow_run_id": None,
                 "optuna_trial_number": 3, "paired_with": None},
 }
+# ml.run.metric is at schema_version 2 (splits and step); version 1 (flat measurements) is still accepted, upcast.
 METRIC = {**START, "event_id": "01939a3c-1d2e-7f00-8000-000000000002", "event_type": "ml.run.metric", "seq": 1,
-          "payload": {"epoch": 0, "measurements": {"train_loss": 0.5, "val_accuracy": 0.9},
-                      "spectral_norms": {"layers.0": 1.0}}}
+          "schema_version": 2,
+          "payload": {"epoch": 0, "step": 12, "splits": {"train": {"loss": 0.5}, "val": {"accuracy": 0.9}},
+                      "measurements": {"lr": 0.01}, "spectral_norms": {"layers.0": 1.0}}}
+METRIC_V1 = {**METRIC, "schema_version": 1,
+             "payload": {"epoch": 0, "measurements": {"train_loss": 0.5, "val_accuracy": 0.9, "lr": 0.01},
+                         "spectral_norms": {"layers.0": 1.0}}}
 STOP = {**START, "event_id": "01939a3c-1d2e-7f00-8000-000000000003", "event_type": "ml.run.stop", "seq": 2,
         "payload": {"status": "completed", "spectral_norm": True,
                     "measurements": {"duration_ms": 1200.0, "final_val_accuracy": 0.95}}}
@@ -53,7 +58,8 @@ def changed(doc, path, value):
 DELETE = object()
 
 
-@pytest.mark.parametrize("doc, model", [(START, RunStarted), (METRIC, RunMetric), (STOP, RunStopped)])
+@pytest.mark.parametrize("doc, model", [(START, RunStarted), (METRIC, RunMetric), (METRIC_V1, RunMetric),
+                                        (STOP, RunStopped)])
 def test_valid_examples_parse(doc, model):
     event = parse_event(body(doc), max_bytes=LIMIT)
     assert isinstance(event, model)
@@ -96,7 +102,18 @@ INVALID = [
     ("missing producer", START, ["producer"], DELETE),
     ("producer pid as string", START, ["producer", "pid"], "42"),
     ("negative epoch", METRIC, ["payload", "epoch"], -1),
-    ("measurement as string", METRIC, ["payload", "measurements", "train_loss"], "0.5"),
+    ("measurement as string", METRIC, ["payload", "measurements", "lr"], "0.5"),
+    ("split measurement as string", METRIC, ["payload", "splits", "val", "accuracy"], "0.9"),
+    ("unknown split", METRIC, ["payload", "splits", "holdout"], {"loss": 0.1}),
+    ("negative step", METRIC, ["payload", "step"], -1),
+    ("string step", METRIC, ["payload", "step"], "12"),
+    ("metric v2 without epoch", METRIC, ["payload", "epoch"], DELETE),
+    ("v1 measurement as string", METRIC_V1, ["payload", "measurements", "train_loss"], "0.5"),
+    ("v1 negative epoch", METRIC_V1, ["payload", "epoch"], -1),
+    ("v1 without measurements", METRIC_V1, ["payload", "measurements"], DELETE),
+    ("v1 with a v2 field", METRIC_V1, ["payload", "bogus"], 1),
+    ("v1 schema_version as bool", METRIC_V1, ["schema_version"], True),
+    ("v2 schema_version as bool", START, ["schema_version"], True),
     ("unknown status", STOP, ["payload", "status"], "crashed"),
     ("failed without error", STOP, ["payload", "status"], "failed"),
     ("completed with error", STOP, ["payload", "error"], {"type": "oom", "message": "x"}),
@@ -122,6 +139,8 @@ def test_invalid_examples_are_refused_with_the_field_named(name, doc, path, valu
     (body(changed(START, ["event_type"], "ml.run.pause")), RejectReason.UNKNOWN_TYPE),
     (body(changed(START, ["event_type"], DELETE)), RejectReason.UNKNOWN_TYPE),
     (body(changed(START, ["schema_version"], 99)), RejectReason.UNSUPPORTED_VERSION),
+    (body(changed(START, ["schema_version"], 2)), RejectReason.UNSUPPORTED_VERSION),
+    (body(changed(METRIC, ["schema_version"], 3)), RejectReason.UNSUPPORTED_VERSION),
 ])
 def test_gate_reasons(raw, reason):
     with pytest.raises(GateRejection) as caught:
@@ -129,8 +148,9 @@ def test_gate_reasons(raw, reason):
     assert caught.value.reason == reason
 
 
-def test_overflowing_number_literal_is_refused():
-    raw = body(METRIC).replace(b'"train_loss": 0.5', b'"train_loss": 1e400')
+@pytest.mark.parametrize("doc", [METRIC, METRIC_V1])
+def test_overflowing_number_literal_is_refused(doc):
+    raw = body(doc).replace(b'0.5', b'1e400')
     assert b"1e400" in raw
     with pytest.raises(GateRejection) as caught:
         parse_event(raw, max_bytes=LIMIT)
@@ -146,13 +166,24 @@ def test_too_large_is_refused_before_parsing():
 
 
 def test_upcasting_chain_runs_registered_steps(monkeypatch):
-    # As if version 2 were current: a registered 1 → 2 step is applied, a version with no step is refused.
-    monkeypatch.setattr("schemas.upcasting.CURRENT_SCHEMA_VERSION", 2)
-    monkeypatch.setitem(UPCASTERS, 1, lambda doc: {**doc, "schema_version": 2, "renamed": True})
-    assert upcast({"schema_version": 1}) == {"schema_version": 2, "renamed": True}
-    assert upcast({"schema_version": 2}) == {"schema_version": 2}
-    with pytest.raises(UnsupportedVersion):
-        upcast({"schema_version": 3})
+    # As if ml.run.metric had a version 3: the real 1 → 2 step, then a registered 2 → 3, in order.
+    monkeypatch.setitem(SCHEMA_VERSIONS, "ml.run.metric", 3)
+    monkeypatch.setitem(UPCASTERS, ("ml.run.metric", 2), lambda doc: {**doc, "schema_version": 3, "renamed": True})
+    assert upcast(METRIC_V1)["payload"]["splits"] == {"train": {"loss": 0.5}, "val": {"accuracy": 0.9}}
+    assert upcast(METRIC_V1)["renamed"] is True
+    assert upcast({**METRIC, "schema_version": 3}) == {**METRIC, "schema_version": 3}
+    del UPCASTERS[("ml.run.metric", 2)]
+    with pytest.raises(UnsupportedVersion, match="no upcaster"):
+        upcast(METRIC)
+
+
+def test_versions_are_per_event_type():
+    """Only ml.run.metric moved to version 2; start and stop are still at 1, and each model pins its own."""
+    assert SCHEMA_VERSIONS == {"ml.run.start": 1, "ml.run.metric": 2, "ml.run.stop": 1}
+    for event_type, model in EVENT_MODELS.items():
+        assert model.model_json_schema()["properties"]["schema_version"]["const"] == SCHEMA_VERSIONS[event_type]
+    with pytest.raises(UnsupportedVersion, match="newer"):
+        upcast({**STOP, "schema_version": 2})
 
 
 def test_uuid7_ids_are_unique_and_time_ordered():

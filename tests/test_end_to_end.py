@@ -42,7 +42,7 @@ async def test_every_event_lands_exactly_once_and_replay_equals_live(env):
         assert json.loads(row["metrics"]) == stop.payload.measurements and row["last_seq"] == stop.seq
         assert row["started_at"] == start.occurred_at and row["finished_at"] == stop.occurred_at
     curve = await env.fetch("SELECT trial_id, epoch, val_accuracy FROM trial_metrics")
-    sent = {(e.trial_id, e.payload.epoch): e.payload.measurements["val_accuracy"]
+    sent = {(e.trial_id, e.payload.epoch): e.payload.splits["val"]["accuracy"]
             for e in events if e.event_type == "ml.run.metric"}
     assert {(r["trial_id"], r["epoch"]): r["val_accuracy"] for r in curve} == sent
 

@@ -42,7 +42,7 @@ async def test_export_one_row_per_trial_and_per_epoch(env, tmp_path):
     metrics = [e for t in trials for e in t if e.event_type == "ml.run.metric"]
     assert len(curves) == len(metrics)
     first = next(c for c in curves if c["trial_id"] == metrics[0].trial_id and c["epoch"] == metrics[0].payload.epoch)
-    assert first["val_accuracy"] == metrics[0].payload.measurements["val_accuracy"]
+    assert first["val_accuracy"] == metrics[0].payload.splits["val"]["accuracy"]
 
     target = tmp_path / "curves.parquet"
     run = sntrack(env, "export", "--run", "exp", "--curves", "--format", "parquet", "--output", str(target))

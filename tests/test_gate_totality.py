@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from schemas import GateRejection, RejectReason, parse_event
 from schemas.events import RunStarted
 from schemas.upcasting import UPCASTERS, UpcastFailed, upcast
-from tests.test_contract import LIMIT, METRIC, START, STOP, body, changed
+from tests.test_contract import LIMIT, METRIC, METRIC_V1, START, STOP, body, changed
 
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
 
@@ -168,20 +168,22 @@ def test_producers_validating_with_the_models_refuse_the_same_values():
 
 
 def test_a_failing_upcaster_is_a_rejection_not_a_crash(monkeypatch):
-    monkeypatch.setattr("schemas.upcasting.CURRENT_SCHEMA_VERSION", 2)
-    monkeypatch.setattr("schemas.gate.CURRENT_SCHEMA_VERSION", 2)
-    monkeypatch.setattr("schemas.events.CURRENT_SCHEMA_VERSION", 2)
-    monkeypatch.setitem(UPCASTERS, 1, lambda doc: {**doc, "schema_version": 2, "x": doc["missing"]})
+    monkeypatch.setitem(UPCASTERS, ("ml.run.metric", 1), lambda doc: {**doc, "schema_version": 2, "x": doc["missing"]})
     with pytest.raises(UpcastFailed, match="KeyError"):
-        upcast({"schema_version": 1})
-    assert rejection(body(START)).reason == RejectReason.INVALID_EVENT
+        upcast(METRIC_V1)
+    assert rejection(body(METRIC_V1)).reason == RejectReason.INVALID_EVENT
+
+
+@pytest.mark.parametrize("payload", [None, [], {"epoch": 0}, {"measurements": [1]}, {"measurements": {"a": 1}}])
+def test_the_real_upcaster_refuses_a_malformed_v1_payload(payload):
+    # {"measurements": {"a": 1}} lacks the epoch: the upcast succeeds and validation names the field.
+    assert rejection(body(changed(METRIC_V1, ["payload"], payload))).reason == RejectReason.INVALID_EVENT
 
 
 def test_an_upcaster_that_does_not_advance_the_version_is_refused(monkeypatch):
-    monkeypatch.setattr("schemas.upcasting.CURRENT_SCHEMA_VERSION", 2)
-    monkeypatch.setitem(UPCASTERS, 1, lambda doc: doc)
+    monkeypatch.setitem(UPCASTERS, ("ml.run.metric", 1), lambda doc: doc)
     with pytest.raises(UpcastFailed, match="version"):
-        upcast({"schema_version": 1})
+        upcast(METRIC_V1)
 
 
 def test_an_unexpected_exception_inside_validation_becomes_a_rejection(monkeypatch):
@@ -189,11 +191,11 @@ def test_an_unexpected_exception_inside_validation_becomes_a_rejection(monkeypat
     def broken(document):
         raise ZeroDivisionError("a bug in an upcaster")
     monkeypatch.setattr("schemas.gate.upcast", broken)
-    refused = rejection(body(changed(START, ["schema_version"], 2)))
+    refused = rejection(body(changed(METRIC, ["schema_version"], 1)))
     assert refused.reason == RejectReason.INVALID_EVENT and "ZeroDivisionError" in refused.detail
 
 
 def test_valid_events_still_round_trip():
-    for doc in (START, METRIC, STOP):
+    for doc in (START, METRIC, METRIC_V1, STOP):
         event = parse_event(body(doc), max_bytes=LIMIT)
         assert json.loads(event.to_json())["event_id"] == doc["event_id"]

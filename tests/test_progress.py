@@ -39,7 +39,7 @@ class Recorder:
     def started(self, payload):
         self.calls.append("started")
 
-    def epoch(self, epoch, measurements, spectral_norms):
+    def epoch(self, epoch, measurements, spectral_norms, step=None):
         self.calls.append(epoch)
 
     def stopped(self, outcome, model):

@@ -25,13 +25,15 @@ class ListRecorder:
     def __init__(self):
         self.start = None
         self.epochs: list[tuple[int, dict, dict | None]] = []
+        self.steps: list[int | None] = []
         self.outcome: TrialOutcome | None = None
 
     def started(self, payload):
         self.start = payload
 
-    def epoch(self, epoch, measurements, spectral_norms):
+    def epoch(self, epoch, measurements, spectral_norms, step=None):
         self.epochs.append((epoch, measurements, spectral_norms))
+        self.steps.append(step)
 
     def stopped(self, outcome, model):
         self.outcome = outcome
@@ -93,6 +95,8 @@ def test_training_reports_every_epoch_and_final_measurements():
     final = recorder.outcome.measurements
     assert final["epochs_completed"] == 3 and final["final_val_accuracy"] == recorder.epochs[-1][1]["val_accuracy"]
     assert recorder.start.hyperparams["epochs"] == 3 and recorder.start.seed == 3 and recorder.start.dataset == "wine"
+    per_epoch = recorder.steps[0]  # optimiser steps: one per batch, counted from the trial's start
+    assert per_epoch > 1 and recorder.steps == [per_epoch, 2 * per_epoch, 3 * per_epoch]
 
 
 def test_nan_loss_ends_as_failed_nan_loss():
@@ -175,6 +179,9 @@ def test_events_wait_for_the_mlflow_run_id_in_order():
     assert kinds == [RunStarted, RunMetric, RunMetric, RunStopped]
     assert [e.seq for e in publisher.events] == [0, 1, 2, 3]
     assert publisher.events[0].payload.mlflow_run_id == "run-123"
+    metrics = [e.payload for e in publisher.events[1:3]]  # schema_version 2: split measurements and the step
+    assert [m.splits["val"].keys() for m in metrics] == [{"loss", "accuracy"}] * 2
+    assert 0 < metrics[0].step < metrics[1].step == 2 * metrics[0].step
 
 
 def test_events_go_out_with_a_null_run_id_when_mlflow_is_late():

@@ -39,13 +39,13 @@ ON CONFLICT (id) DO UPDATE SET
 
 UPSERT_CURVE = """
 INSERT INTO trial_metrics AS m (trial_id, epoch, seq, train_loss, val_loss, train_accuracy, val_accuracy,
-                                measurements, spectral_norms, occurred_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10)
+                                measurements, spectral_norms, occurred_at, step)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)
 ON CONFLICT (trial_id, epoch) DO UPDATE SET
     seq = EXCLUDED.seq, train_loss = EXCLUDED.train_loss, val_loss = EXCLUDED.val_loss,
     train_accuracy = EXCLUDED.train_accuracy, val_accuracy = EXCLUDED.val_accuracy,
     measurements = EXCLUDED.measurements, spectral_norms = EXCLUDED.spectral_norms,
-    occurred_at = EXCLUDED.occurred_at
+    occurred_at = EXCLUDED.occurred_at, step = EXCLUDED.step
 WHERE m.seq < EXCLUDED.seq
 """
 
@@ -86,11 +86,11 @@ class TrialsProjection(Projection):
                     p.paired_with, _epochs(p.hyperparams), event.occurred_at,
                 ))
             case RunMetric(payload=p):
-                m = p.measurements
+                m = p.flat_measurements()
                 yield Statement(UPSERT_CURVE, (
                     event.trial_id, p.epoch, event.seq, m.get("train_loss"), m.get("val_loss"),
                     m.get("train_accuracy"), m.get("val_accuracy"), jsonb(m),
-                    None if p.spectral_norms is None else jsonb(p.spectral_norms), event.occurred_at,
+                    None if p.spectral_norms is None else jsonb(p.spectral_norms), event.occurred_at, p.step,
                 ))
             case RunStopped(payload=p):
                 yield Statement(UPSERT_STOP, (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -13,6 +14,7 @@ from common.errors import ConfigurationError
 from common.postgres import create_database
 from common.urls import path_name
 from consumers.persistence import migrate
+from consumers.registry import PLUGINS, plugin_migrations, plugin_tables
 from consumers.roles import RoleSpec, ensure_roles
 from sntrack.pools import admin_pool
 from sntrack.settings import Settings
@@ -28,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     mig = actions.add_parser(
         "migrate", help="apply pending migrations (safe to repeat); --roles: set up the writer and reader roles",
-        description="Apply consumers/sql/*.sql not yet recorded in schema_migrations, connected as "
+        description="Apply consumers/sql/*.sql not yet recorded in schema_migrations, then the migrations of the "
+        "installed projection plugins (recorded as plugin:NAME/FILE), connected as "
         "SNTRACK_ADMIN_DATABASE_URL (default SNTRACK_DATABASE_URL): the tables' owner. With --roles, then create "
         "or update the login roles SNTRACK_DB_WRITER_ROLE (default sntrack_writer: the daemons) and "
         "SNTRACK_DB_READER_ROLE (default sntrack_reader: SELECT only) with the passwords in "
@@ -56,14 +59,17 @@ async def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     try:
         conn: asyncpg.Connection
         async with pool.acquire() as conn:
-            applied = await migrate(conn)
-            roles = await ensure_roles(conn, *_roles(settings)) if args.roles else []
+            applied = await migrate(conn, plugin_migrations())
+            roles = await ensure_roles(conn, *_roles(settings), plugin_tables()) if args.roles else []
     except asyncpg.InsufficientPrivilegeError as exc:
         raise ConfigurationError(
             f"`sntrack db migrate` as {urlsplit(url).username} was refused: {exc}; run it as the owner of the database "
             f"and its tables{', with CREATEROLE' if args.roles else ''} (SNTRACK_ADMIN_DATABASE_URL)") from None
     finally:
         await pool.close()
+    for plugin in PLUGINS:
+        if plugin.problem:
+            print(f"skipped projection plugin {plugin.name} ({plugin.distribution}): {plugin.problem}", file=sys.stderr)
     print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
     if roles:
         print(f"roles: {'; '.join(roles)}; grants set")

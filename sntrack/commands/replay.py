@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 
 from common.errors import ConfigurationError
+from consumers.plugins import require_migrated
 from consumers.registry import PROJECTIONS
 from consumers.replay import ReplayAborted, default_schema, replay
 from sntrack.pools import admin_pool
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "consumers: nothing they applied is lost, readers wait only for the swap (docs/replay.md). With --until, "
         "the state as of that time is written into another schema and the live tables are not touched.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=replayable, help="projection to rebuild")
+    parser.add_argument("name", choices=replayable, help="projection to rebuild (installed plugins included)")
     parser.add_argument("--until", type=_timestamp, metavar="TIME",
                         help="only events that occurred at or before TIME (ISO 8601; UTC when no offset), "
                         "written into another schema")
@@ -69,6 +70,7 @@ def _target(args: argparse.Namespace) -> str | None:
 async def _replay(args: argparse.Namespace, settings: Settings) -> int:
     projection = PROJECTIONS[args.name]
     into = _target(args)
+    await require_migrated(settings.database_url, [projection])
     pool = await admin_pool(settings, min_size=2, max_size=2)
     try:
         with Progress(f"replay {args.name}", unit="events") as progress:

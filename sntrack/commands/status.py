@@ -14,7 +14,8 @@ from common.urls import login_name
 from consumers import lag
 from consumers.broker_admin import UNROUTED, ManagementApi, user_tags
 from consumers.persistence import create_pool
-from consumers.registry import QUEUES
+from consumers.plugins import plugin_line, plugin_status
+from consumers.registry import PLUGINS, QUEUES
 from consumers.roles import is_superuser
 from sntrack.argtypes import seconds
 from sntrack.health import check_amqp_login, warnings
@@ -89,6 +90,7 @@ async def _gather(args: argparse.Namespace, settings: Settings) -> dict:
             role, superuser = await is_superuser(conn)
             head = await lag.journal_head(conn)
             lags = await lag.lags(conn, [(name, spec.bindings) for name, spec in consumers])
+            plugins = await plugin_status(conn, PLUGINS)
     finally:
         await pool.close()
     queues, consumed = [], {}
@@ -104,6 +106,7 @@ async def _gather(args: argparse.Namespace, settings: Settings) -> dict:
     return {
         "journal": {"events": events, "head_position": head},
         "trials": [{"spectral_norm": r["spectral_norm"], "status": r["status"], "count": r["n"]} for r in trials],
+        "plugins": plugins,
         "vhost": settings.amqp_vhost,
         "queues": queues,
         "unrouted": {"queue": UNROUTED, "ready": _figure(unrouted, "messages_ready")},
@@ -122,6 +125,9 @@ def _print_table(doc: dict) -> None:
     print("trials:" if doc["trials"] else "trials: none")
     for row in doc["trials"]:
         print(f"  spectral_norm={str(row['spectral_norm']).lower():5}  {row['status']:9} {row['count']}")
+    print("projection plugins:" if doc["plugins"] else "projection plugins: none installed")
+    for plugin in doc["plugins"]:
+        print(f"  {plugin_line(plugin)}")
     print(f"queues (vhost {doc['vhost']}; lag: journal events after the consumer's position; dlq: dead letters):")
     for q in doc["queues"]:
         print(f"  {q['queue']:28} ready={_show(q['ready']):<7} unacked={_show(q['unacked']):<7} "
