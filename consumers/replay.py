@@ -99,6 +99,7 @@ async def replay(
             try:
                 done = await _build(reader, writer, projection, live, shadow, until, progress)
                 if into is not None:
+                    await _grant_usage_like(writer, live, into)
                     return ReplayResult(done, time.perf_counter() - started, into)
                 await _wait_for_journal(writer, projection, journal_wait_s)
                 done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
@@ -213,16 +214,35 @@ async def _finish_tables(conn: asyncpg.Connection, projection: Projection, live:
         for index in await _catalog(conn, INDEXES, live, table):
             if index["contype"] is None:
                 await conn.execute(_retarget(index["def"], live, shadow, table))
-        for grant in await _catalog(conn, GRANTS, live, table):
-            await conn.execute(f"GRANT {grant['privilege']} ON {_ident(shadow)}.{_ident(table)} TO {grant['grantee']}")
+        await _copy_grants(conn, live, shadow, table)
         if owner := await conn.fetchval(OTHER_OWNER, f"{_ident(live)}.{_ident(table)}"):
             await conn.execute(f"ALTER TABLE {_ident(shadow)}.{_ident(table)} OWNER TO {owner}")
         if triggers:
             for trigger in await _catalog(conn, TRIGGERS, live, table):
                 await conn.execute(_retarget(trigger["def"], live, shadow, table))
+    await _copy_grants(conn, live, shadow, BOOKKEEPING)  # `report --schema` reads it as the reader
     # Statistics for the catch-up's anti-joins (without them one took 1.4 s inside the swap); the projection's
     # tables are left to autovacuum, as after the old TRUNCATE-and-refill (ANALYZE of trial_metrics costs 5%).
     await conn.execute(f"ANALYZE {_ident(shadow)}.{BOOKKEEPING}")
+
+
+async def _copy_grants(conn: asyncpg.Connection, live: str, shadow: str, table: str) -> None:
+    for grant in await _catalog(conn, GRANTS, live, table):
+        await conn.execute(f"GRANT {grant['privilege']} ON {_ident(shadow)}.{_ident(table)} TO {grant['grantee']}")
+
+
+SCHEMA_USAGE = """
+SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(r.rolname) END AS grantee
+FROM pg_namespace n CROSS JOIN aclexplode(n.nspacl) a LEFT JOIN pg_roles r ON r.oid = a.grantee
+WHERE n.nspname = $1 AND a.privilege_type = 'USAGE' AND a.grantee <> n.nspowner
+"""
+
+
+async def _grant_usage_like(conn: asyncpg.Connection, live: str, schema: str) -> None:
+    """Whoever may use the live schema may use a past state built beside it (the reader's `report --schema`); its
+    tables carry the live tables' grants."""
+    for row in await conn.fetch(SCHEMA_USAGE, live):
+        await conn.execute(f"GRANT USAGE ON SCHEMA {_ident(schema)} TO {row['grantee']}")
 
 
 UNAPPLIED = """

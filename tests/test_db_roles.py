@@ -270,9 +270,15 @@ async def test_daemons_run_as_the_writer_reports_as_the_reader_and_a_replay_keep
     assert daemon.returncode == 0 and "permission denied" not in stderr, stderr[-2000:]
     assert await prod.value(prod.reader_url, "SELECT count(*) FROM trials") == 10
 
+    # The owner builds a past state beside the live tables (time travel); the reader reports from it.
+    past = prod.sntrack("replay", "trials", "--until", "2100-01-01T00:00:00Z", "--into", "monday",
+                        SNTRACK_ADMIN_DATABASE_URL=prod.owner_url)
+    assert past.returncode == 0, past.stderr
+
     # Read-only commands touch only the reader's URL: the daemons' one is made unusable.
     nowhere = {"SNTRACK_DATABASE_URL": _as(prod.writer_url, "no_such_role", "x")}
-    for args in (("report", "--run", "after"), ("export", "--run", "after"), ("studies", "list")):
+    for args in (("report", "--run", "after"), ("export", "--run", "after"), ("studies", "list"),
+                 ("report", "--run", "after", "--schema", "monday")):
         run = prod.sntrack(*args, **nowhere)
         assert run.returncode == 0, (args, run.stderr)
     assert "after" in prod.sntrack("studies", "list", **nowhere).stdout

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "deliver the matching events from the journal (table events) in order, then from the queue, with no gap "
         "and no duplicate at the switch. Its position is stored (table subscriber_positions, migration 007): "
         "run again, it resumes where it stopped. Delivery is AT LEAST ONCE: after a crash the events in hand come "
-        "again, so deduplicate by event_id. A handler that fails is retried 3 times, then the event goes to "
+        "again, so deduplicate by event_id. A handler that fails is tried 3 times in all, then the event goes to "
         "sntrack.sub.NAME.dlq (reason handler_error); a handler raising consumers.handler.RetryLater, or an "
         f"--exec command exiting {EX_TEMPFAIL} (EX_TEMPFAIL), is retried without limit. The queue keeps "
         "collecting while the subscriber is stopped, up to 1,000,000 messages or 1 GiB; beyond that its oldest "
