@@ -82,6 +82,19 @@ ORDER BY position
 """
 POSITIONS = "SELECT event_id, position FROM events WHERE event_id = ANY($1::uuid[])"
 FROM_TIME = "SELECT min(position) - 1 FROM events WHERE occurred_at >= $1"
+# One copy per name: two would share the queue (each delivering part of the live events) and the position row (last
+# writer wins, so it could move back). A session lock, held on a connection of its own, dies with the process.
+SOLE_COPY = "SELECT pg_try_advisory_lock(hashtext('sntrack.subscriber'), hashtext($1))"
+
+
+@contextlib.asynccontextmanager
+async def sole_copy(pool: asyncpg.Pool, name: str):
+    """Hold subscriber `name` for this process; ConfigurationError when another copy holds it."""
+    async with pool.acquire() as conn:  # released: the pool's reset unlocks it
+        if not await conn.fetchval(SOLE_COPY, name):
+            raise ConfigurationError(f"subscriber {name} is already running (another `sntrack subscribe {name}`); "
+                                     "stop it first, or choose another name")
+        yield
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,15 @@ REQUEUE_WINDOW = 200  # copies published before their confirms are awaited
 GET_TIMEOUT_S = 10.0
 
 
+def _count(value: object) -> int:
+    """A counting header (x-death count, x-delivery-count, x-sntrack-requeued) as sent by anyone: 0 unless a
+    whole number, so one hostile header cannot make the dead-letter queue unreadable."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _text(value: object) -> str | None:
     if value is None:
         return None
@@ -80,7 +89,7 @@ class DeadLetterInfo:
 def describe(queue: str, index: int, message: AbstractIncomingMessage) -> DeadLetterInfo:
     headers = dict(message.headers or {})
     deaths = tuple(
-        Death(_text(d.get("queue")), _text(d.get("reason")), int(d.get("count") or 0), _text(d.get("time")),
+        Death(_text(d.get("queue")), _text(d.get("reason")), _count(d.get("count")), _text(d.get("time")),
               tuple(_text(k) or "" for k in d.get("routing-keys") or ()))
         for d in headers.get("x-death") or () if isinstance(d, dict))
     event_id = event_type = None
@@ -94,8 +103,8 @@ def describe(queue: str, index: int, message: AbstractIncomingMessage) -> DeadLe
     return DeadLetterInfo(
         queue=queue, index=index, reason=reason, detail=_text(headers.get(DETAIL_HEADER)),
         consumer=_text(headers.get("x-sntrack-consumer")), deaths=deaths,
-        requeued=int(headers.get(REQUEUED_HEADER) or 0), previous_reason=_text(headers.get(PREVIOUS_REASON_HEADER)),
-        delivery_count=int(headers.get("x-delivery-count") or 0), event_id=event_id,
+        requeued=_count(headers.get(REQUEUED_HEADER)), previous_reason=_text(headers.get(PREVIOUS_REASON_HEADER)),
+        delivery_count=_count(headers.get("x-delivery-count")), event_id=event_id,
         event_type=event_type or (original_key if queue == UNROUTED else None), message_id=message.message_id,
         routing_key=original_key, body=message.body)
 
@@ -128,6 +137,8 @@ async def depth(connection: aio_pika.abc.AbstractConnection, queue: str) -> int 
     channel = await connection.channel()
     try:
         declared = await channel.declare_queue(queue, passive=True)
+    except ValueError:  # refused by the client before sending: too long, or a character AMQP cannot name
+        raise ConfigurationError(f"not a queue name AMQP can carry: {queue!r}") from None
     except aio_pika.exceptions.ChannelClosed:
         return None
     finally:

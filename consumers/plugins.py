@@ -31,6 +31,7 @@ import asyncpg
 from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from consumers.projections.base import Projection
+from consumers.roles import OWNER_ONLY, WRITER_GRANTS
 from consumers.topology import QueueSpec
 
 GROUP = "sntrack.projections"
@@ -91,6 +92,9 @@ def _check(projection: object, entry: EntryPoint, taken: set[str]) -> str | None
     foreign = [t for t in projection.tables if t != name and not t.startswith(f"{name}_")]
     if foreign:
         return f"tables {', '.join(foreign)} are not namespaced: a plugin's tables start with {name}_"
+    built_in = [t for t in projection.tables if t in WRITER_GRANTS or t in OWNER_ONLY]  # every built-in relation
+    if built_in:  # applied_events, schema_migrations, trial_metrics, ... match their first word's namespace
+        return f"tables {', '.join(built_in)} are built-in: choose another plugin name than {name!r}"
     if not projection.replayable:
         return "a plugin projection must be replayable from the journal"
     return None

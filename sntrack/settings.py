@@ -5,9 +5,11 @@ The only reader of the environment: the libraries take the typed configs `publis
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from common.errors import ConfigurationError
 from common.urls import path_name
@@ -26,6 +28,19 @@ def _env_value(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _role_name(name: str) -> str:
+    """A role `db migrate --roles` can create: PostgreSQL reserves public, none and pg_*, and cuts names at 63
+    bytes; a quote or a control character would make a role that no connection URL names plainly."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}", name):
+        raise ValueError("a role name is 1-63 of letters, digits, _, $ and -, starting with a letter or _")
+    if name in ("public", "none") or name.startswith("pg_"):
+        raise ValueError(f"PostgreSQL reserves the role name {name!r}")
+    return name
+
+
+RoleName = Annotated[str, AfterValidator(_role_name)]
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -37,8 +52,8 @@ class Settings(BaseModel):
     read_database_url: str | None = None
     admin_database_url: str | None = None
     # The roles `sntrack db migrate --roles` creates or updates (cluster-wide names), and their passwords.
-    db_writer_role: str = Field(default="sntrack_writer", min_length=1, max_length=63)
-    db_reader_role: str = Field(default="sntrack_reader", min_length=1, max_length=63)
+    db_writer_role: RoleName = "sntrack_writer"
+    db_reader_role: RoleName = "sntrack_reader"
     db_writer_password: SecretStr | None = None
     db_reader_password: SecretStr | None = None
     # The dashboard reads with this URL (a read-only role); unset: database_url, in read-only transactions anyway.

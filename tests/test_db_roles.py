@@ -21,6 +21,7 @@ import pytest
 from common.postgres import drop_database
 from common.urls import with_path
 from consumers.mlflow.sync import UPSERT_LINK
+from consumers.replay import _ident
 from consumers.roles import OWNER_ONLY, WRITER_GRANTS, scram_verifier
 from consumers.studies import hard_delete
 from producer.emitter import producer_info
@@ -301,3 +302,21 @@ async def test_daemons_run_as_the_writer_reports_as_the_reader_and_a_replay_keep
     finally:
         await conn.close()
     assert deletion.counts["events"] == len(first)
+
+
+async def test_role_names_postgresql_reserves_or_cannot_hold_are_one_line_and_create_nothing(prod, env):
+    """SNTRACK_DB_*_ROLE = public, none or pg_* was an asyncpg ReservedNameError traceback; 63 characters of more
+    than 63 bytes a NameTooLongError traceback; a control character or a quote made a role no URL names easily."""
+    long = prod.writer[:20] + "é" * 40
+    stray = "SELECT rolname FROM pg_roles WHERE rolname LIKE $1 AND rolname NOT IN ($2, $3, $4)"
+    try:
+        for name in ("public", "none", "pg_sntrack", long, prod.writer[:30] + "a\x01b", prod.writer[:30] + 'x"; --'):
+            run = prod.sntrack("db", "migrate", "--roles", SNTRACK_DB_WRITER_ROLE=name)
+            assert run.returncode == 2 and run.stderr.count("\n") == 1 and "SNTRACK_DB_WRITER_ROLE" in run.stderr, (
+                name, run.stderr[-1500:])
+    finally:  # what a failing run created, removed (role names are cluster-wide)
+        made = [r["rolname"] for r in await env.fetch(stray, prod.writer[:20] + "%", prod.writer, prod.reader,
+                                                        prod.owner)]
+        for role in made:
+            await _superuser(env, prod.database, f"DROP OWNED BY {_ident(role)}; DROP ROLE {_ident(role)}")
+    assert made == []

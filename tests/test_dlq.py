@@ -206,3 +206,28 @@ async def test_dlq_errors_are_one_line(env):
 
 async def _empty(env, queue: str) -> bool:
     return await _depth(env, queue) == 0
+
+
+async def test_a_dead_letter_with_malformed_counting_headers_is_listed_not_a_traceback(env):
+    """Headers travel with a message from whoever published it: one non-numeric x-sntrack-requeued or x-death count
+    must not make every `sntrack dlq` action on the queue crash."""
+    connection = await aio_pika.connect(env.settings.amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        dlx = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=False)
+        await dlx.publish(aio_pika.Message(b'{"event_id": "odd-headers"}', headers={
+            REASON_HEADER: "handler_error", dl.REQUEUED_HEADER: "many",
+            "x-death": [{"count": "zz", "queue": "sntrack.trials"}]}), routing_key="sntrack.trials")
+    finally:
+        await connection.close()
+    for action in ("list", "show"):
+        run = sntrack(env, "dlq", action, "trials")
+        assert run.returncode == 0 and "odd-headers" in run.stdout, run.stderr
+    [info] = await _peek(env, "sntrack.trials.dlq")
+    assert (info.requeued, info.deaths[0].count) == (0, 0)  # x-delivery-count: the quorum queue sets its own
+
+
+async def test_a_queue_name_amqp_cannot_carry_is_one_line(env):
+    for name in ("a" * 300, "x'y", "a\x01b"):
+        run = sntrack(env, "dlq", "list", name)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr

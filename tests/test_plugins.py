@@ -159,6 +159,13 @@ BROKEN = [
     ("not_namespaced", PLUGIN.format(name="not_namespaced", patterns=("ml.run.#",), tables=("trials",)),
      "tables trials are not namespaced"),
     ("journal", PLUGIN.format(name="journal", patterns=("ml.run.#",), tables=("journal",)), "is not a free"),
+    # Namespaced by the letter, yet built-in tables: a replay of the plugin would rebuild them as its own.
+    ("applied", PLUGIN.format(name="applied", patterns=("ml.run.#",), tables=("applied_events",)),
+     "tables applied_events are built-in"),
+    ("schema", PLUGIN.format(name="schema", patterns=("ml.run.#",), tables=("schema_migrations",)),
+     "tables schema_migrations are built-in"),
+    ("trial", PLUGIN.format(name="trial", patterns=("ml.run.#",), tables=("trial_metrics",)),
+     "tables trial_metrics are built-in"),
     ("no_patterns", PLUGIN.format(name="no_patterns", patterns=(), tables=()), "are not routing patterns"),
     ("other_name", PLUGIN.format(name="renamed", patterns=("ml.run.#",), tables=()), "differs from the entry"),
 ]

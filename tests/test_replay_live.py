@@ -302,3 +302,14 @@ async def test_report_schema_says_what_the_report_said_at_that_time_and_reads_no
         assert run.returncode == 2 and message in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
     assert rounded(report_json(env)) == rounded(now)
     assert await env.snapshot(*TABLES, "sn_comparison", "applied_events") == live
+
+
+async def test_report_schema_names_replay_could_not_have_written_are_one_line(env):
+    """`report --schema` reads what `replay --into` wrote: a name longer than PostgreSQL's 63 bytes was an asyncpg
+    NameTooLongError traceback, and `public` (the live tables) was reported as if it were a past state."""
+    for schema in ("a" * 100, "public", "pg_catalog", 'x"; DROP TABLE events; --'):
+        run = subprocess.run([sys.executable, "-m", "sntrack", "report", "--schema", schema], env=cli_env(env),
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, (schema, run.stderr[-2000:])
+        assert "--schema" in run.stderr
+    assert await env.fetchval("SELECT count(*) FROM events") == 0  # still there

@@ -427,3 +427,32 @@ def test_topic_patterns_match_as_the_broker_routes(pattern, key, matches):
 
 def test_patterns_become_event_types():
     assert matching_types(["ml.run.stop", "ml.*.start"]) == ["ml.run.start", "ml.run.stop"]
+
+
+async def test_a_second_copy_of_a_running_subscriber_is_refused_in_one_line(env, tmp_path):
+    """Two copies of `sntrack subscribe NAME` would share its queue (each getting part of the live events) and its
+    position row (last writer wins, so it could move backwards): the second one is refused while the first runs."""
+    out = tmp_path / "out.txt"
+    first = await start_subscriber(env, "twice", out)
+    try:
+        await bound(out)
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "twice", "--bind", "ml.run.#", "--from-start",
+            cwd=REPO, env={**cli_env(env), "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(second.communicate(), 60)
+        finally:
+            if second.returncode is None:
+                second.kill()
+                await second.wait()
+        assert second.returncode == 2 and err.decode().count("\n") == 1, err.decode()[-2000:]
+        assert "already running" in err.decode()
+        assert first.returncode is None  # the first one is left alone
+    finally:
+        await stop(first, out)
+    again = await start_subscriber(env, "twice", tmp_path / "again.txt")  # the name is free once the first stopped
+    try:
+        await bound(tmp_path / "again.txt")
+    finally:
+        await stop(again, tmp_path / "again.txt")

@@ -107,3 +107,12 @@ def test_up_refuses_a_busy_dashboard_port_in_one_line(env):
         run = subprocess.run([sys.executable, "-m", "sntrack", "up", "--dashboard-port", str(port)],
                              env=cli_env(env), capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in run.stderr
+
+
+@pytest.mark.parametrize("command", [("up", "--dashboard-port"), ("dashboard", "--port")])
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_a_dashboard_port_out_of_range_is_one_line(env, command, port):
+    """socket.bind raises OverflowError, not OSError, for a port outside 0-65535: it was a traceback."""
+    run = subprocess.run([sys.executable, "-m", "sntrack", *command, port], env=cli_env(env), capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr[-1500:]

@@ -50,8 +50,9 @@ def _check_port(host: str, port: int) -> None:
     try:
         with socket.create_server((host, port)):
             pass
-    except OSError as exc:
-        raise ConfigurationError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    except (OSError, OverflowError) as exc:  # OverflowError: a port outside 0-65535
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigurationError(f"cannot listen on {host}:{port} ({why}); choose another --port") from None
 
 
 async def _dashboard(args: argparse.Namespace, settings: Settings) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from common.errors import ConfigurationError
 from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
+from sntrack.commands.replay import RESERVED, SCHEMA_NAME
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
@@ -72,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def _use_schema(conn, schema: str) -> None:
     """Put `schema`, which must hold a past state of the trials projection, first on the connection's search_path:
     the report's reads of trials and trial_metrics go there, nothing else does, and nothing is written."""
+    if not SCHEMA_NAME.fullmatch(schema) or RESERVED.fullmatch(schema):  # what `replay --into` accepts, no more
+        raise ConfigurationError(f"--schema {schema!r} is not a schema `sntrack replay --into` writes (lower case "
+                                 "letters, digits, _, at most 63; not public, pg_* or sntrack_*)")
     found = await conn.fetch("SELECT table_name FROM information_schema.tables WHERE table_schema = $1 "
                              "AND table_name IN ('trials', 'trial_metrics', 'applied_events')", schema)
     if len(found) < 3:

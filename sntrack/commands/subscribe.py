@@ -7,11 +7,11 @@ import argparse
 import asyncio
 import signal
 import sys
-from contextlib import ExitStack
+from contextlib import AsyncExitStack
 
 from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
-from consumers.catchup import LOAD, CatchUpSubscriber, Start, SubscriberRuntime, run_subscriber
+from consumers.catchup import LOAD, CatchUpSubscriber, Start, SubscriberRuntime, run_subscriber, sole_copy
 from consumers.persistence import create_pool
 from consumers.runtime import connect
 from consumers.subscriber import EX_TEMPFAIL, ExecSink, JsonLinesSink, check_name, load_handler
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_subscribe)
 
 
-def _sink(args: argparse.Namespace, files: ExitStack):
+def _sink(args: argparse.Namespace, files: AsyncExitStack):
     if args.handler:
         return load_handler(args.handler)
     if args.command:
@@ -84,9 +84,9 @@ async def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
         check_name(args.name)
     except ValueError as exc:
         raise ConfigurationError(str(exc)) from None
-    pool = await create_pool(settings.database_url, max_size=3)
+    pool = await create_pool(settings.database_url, max_size=4)  # one holds the name (sole_copy)
     try:
-        with ExitStack() as files:
+        async with sole_copy(pool, args.name), AsyncExitStack() as files:
             try:
                 stored = await pool.fetchrow(LOAD, args.name)
                 bindings = args.bind or (stored and stored["bindings"]) or [ROUTING_PATTERN_ALL]
