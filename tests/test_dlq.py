@@ -18,16 +18,8 @@ from schemas.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, REASON_HEADER
 from tests.conftest import wait_until
 from tests.faults import TcpProxy
 from tests.test_end_to_end import cli_env
+from tests.test_poison import REFUSE_TRIGGER
 from tests.test_studies import sntrack
-
-REFUSE_TRIGGER = """
-    CREATE FUNCTION refuse_trial() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF NEW.id = 'refused-trial' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
-        RETURN NEW;
-    END $$;
-    CREATE TRIGGER refuse_trial BEFORE INSERT ON trials FOR EACH ROW EXECUTE FUNCTION refuse_trial();
-"""
 
 
 async def _depth(env, queue: str) -> int:

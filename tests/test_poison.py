@@ -10,6 +10,16 @@ from tests.conftest import wait_until
 
 GATE_LIMIT = 256 * 1024
 
+# Trial 'refused-trial' fails in the trials projection (an error PostgreSQL raises, not a bad message).
+REFUSE_TRIGGER = """
+    CREATE FUNCTION refuse_trial() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.id = 'refused-trial' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER refuse_trial BEFORE INSERT ON trials FOR EACH ROW EXECUTE FUNCTION refuse_trial();
+"""
+
 
 def _poison(good_event) -> dict[str, bytes]:
     doc = json.loads(good_event.to_json())
@@ -70,14 +80,7 @@ async def test_event_the_database_refuses_is_dead_lettered_as_handler_error(env)
     bad["trial_id"] = "refused-trial"
     conn = await env.db()
     try:
-        await conn.execute("""
-            CREATE FUNCTION refuse_trial() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.id = 'refused-trial' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
-                RETURN NEW;
-            END $$;
-            CREATE TRIGGER refuse_trial BEFORE INSERT ON trials FOR EACH ROW EXECUTE FUNCTION refuse_trial();
-        """)
+        await conn.execute(REFUSE_TRIGGER)
     finally:
         await conn.close()
     async with running_consumers(env.settings.consumer(), ["trials"]):
