@@ -12,9 +12,9 @@ from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import RunStopped
 from tests.conftest import wait_until
-from tests.test_comparison import SN_ROWS
 from tests.test_crash_recovery import start_daemon
 from tests.test_end_to_end import cli_env
+from tests.test_two_daemons import assert_live_equals_replay
 
 NAMES = ("journal", "trials", "comparison")
 
@@ -57,9 +57,4 @@ async def test_two_rebuilds_of_each_projection_at_once_beside_a_live_daemon(env)
     assert await env.fetchval("SELECT sum(trials) FROM sn_comparison WHERE model_run_id = $1", OVERALL) == stops
     assert await env.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'sntrack_%'") == 0
 
-    live = await env.snapshot("trials", "trial_metrics")
-    live_comparison = [tuple(r) for r in await env.fetch(SN_ROWS)]
-    await env.replay("trials")
-    await env.replay("comparison")
-    assert await env.snapshot("trials", "trial_metrics") == live
-    assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
+    await assert_live_equals_replay(env)

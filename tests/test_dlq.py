@@ -18,7 +18,7 @@ from schemas.topology import DEAD_LETTER_EXCHANGE, DETAIL_HEADER, REASON_HEADER
 from tests.conftest import wait_until
 from tests.faults import TcpProxy
 from tests.test_end_to_end import cli_env
-from tests.test_poison import REFUSE_TRIGGER
+from tests.test_poison import refuse_one_trial
 from tests.test_studies import sntrack
 
 
@@ -56,11 +56,7 @@ async def test_requeue_applies_a_fixed_message_and_a_still_bad_one_returns_with_
     good = [e for t in synthetic_study(2, 2, producer=producer_info(), seed=3) for e in t]
     refused = json.loads(good[0].to_json()) | {"event_id": "01939a3c-1d2e-7f00-8000-00000000dead",
                                                "trial_id": "refused-trial"}
-    conn = await env.db()
-    try:
-        await conn.execute(REFUSE_TRIGGER)
-    finally:
-        await conn.close()
+    await refuse_one_trial(env)
     async with running_consumers(env.settings.consumer(), ["trials"]):
         await env.publish_events(good)
         await env.publish_raw([json.dumps(refused).encode()], routing_key="ml.run.start")

@@ -11,7 +11,7 @@ from tests.conftest import wait_until
 GATE_LIMIT = 256 * 1024
 
 # Trial 'refused-trial' fails in the trials projection (an error PostgreSQL raises, not a bad message).
-REFUSE_TRIGGER = """
+_REFUSE_TRIGGER = """
     CREATE FUNCTION refuse_trial() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         IF NEW.id = 'refused-trial' THEN RAISE EXCEPTION 'refused by the test trigger'; END IF;
@@ -19,6 +19,14 @@ REFUSE_TRIGGER = """
     END $$;
     CREATE TRIGGER refuse_trial BEFORE INSERT ON trials FOR EACH ROW EXECUTE FUNCTION refuse_trial();
 """
+
+
+async def refuse_one_trial(env) -> None:
+    conn = await env.db()
+    try:
+        await conn.execute(_REFUSE_TRIGGER)
+    finally:
+        await conn.close()
 
 
 def _poison(good_event) -> dict[str, bytes]:
@@ -78,11 +86,7 @@ async def test_event_the_database_refuses_is_dead_lettered_as_handler_error(env)
     bad = json.loads(good[0].to_json())
     bad["event_id"] = "01939a3c-1d2e-7f00-8000-00000000dead"
     bad["trial_id"] = "refused-trial"
-    conn = await env.db()
-    try:
-        await conn.execute(REFUSE_TRIGGER)
-    finally:
-        await conn.close()
+    await refuse_one_trial(env)
     async with running_consumers(env.settings.consumer(), ["trials"]):
         await env.publish_events(good[:5])
         await env.publish_raw([json.dumps(bad).encode()], routing_key="ml.run.start")

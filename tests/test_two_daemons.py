@@ -60,12 +60,7 @@ async def test_two_daemons_one_killed_apply_every_event_once(env):
     for queue in ("journal", "trials", "comparison"):
         assert env.queue_depth(f"sntrack.{queue}.dlq") == 0
 
-    live = await env.snapshot("trials", "trial_metrics")
-    live_comparison = [tuple(r) for r in await env.fetch(SN_ROWS)]
-    await env.replay("trials")
-    await env.replay("comparison")
-    assert await env.snapshot("trials", "trial_metrics") == live
-    assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
+    await assert_live_equals_replay(env)
 
 
 def handled(stderr: str, consumer: str) -> int:
@@ -106,3 +101,13 @@ async def test_two_replicas_of_the_trials_consumer_on_one_queue_under_a_flood_eq
     await env.replay("trials")
     assert await env.snapshot("trials", "trial_metrics") == live
     assert await env.fetchval("SELECT count(*) FROM trials") == len(study)
+
+
+async def assert_live_equals_replay(env) -> None:
+    """`trials`, `trial_metrics` and the comparison rows equal a fresh replay of the journal."""
+    live = await env.snapshot("trials", "trial_metrics")
+    live_comparison = [tuple(r) for r in await env.fetch(SN_ROWS)]
+    await env.replay("trials")
+    await env.replay("comparison")
+    assert await env.snapshot("trials", "trial_metrics") == live
+    assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
