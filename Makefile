@@ -21,8 +21,8 @@ setup: venv services  ## venv + services + broker topology + database schema
 
 test: venv services  ## run the whole test suite against the real servers
 	@bash infra/browser.sh || echo "[browser] could not install chromium: the dashboard's browser tests will skip" >&2
-	$(BIN)/pytest -q -m restarts  # the chaos suite and the tests that restart RabbitMQ and PostgreSQL, alone
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not restarts"
+	$(BIN)/pytest -q -m "restarts or alone"  # the chaos suite, the tests that restart the servers, the timed ones
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -q -m "not restarts and not alone"
 
 demo: setup  ## a real spectral-norm vs baseline study through the whole pipeline
 	@bash infra/demo.sh

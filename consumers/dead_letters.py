@@ -218,6 +218,10 @@ async def requeue(connection: aio_pika.abc.AbstractConnection, queue: str, selec
                 exchange.publish(requeued_copy(m, info), mandatory=True, timeout=30,
                                  routing_key=(info.routing_key or "") if unrouted else result.target)
                 for m, info in window), return_exceptions=True)
+            lost = next((o for o in outcomes if isinstance(o, BaseException)
+                         and not isinstance(o, aio_pika.exceptions.DeliveryError)), None)
+            if lost is not None:
+                raise lost  # the connection, not the broker's answer: nothing more can be settled
             for (message, info), outcome in zip(window, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     result.error = result.error or _refusal(outcome, result.target)

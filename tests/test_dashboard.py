@@ -170,6 +170,7 @@ async def _empty(coro) -> bool:
 
 
 @browser_needed
+@pytest.mark.alone  # the publisher shares this process with the consumers: under a parallel suite it falls behind
 async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(env, browser):
     trials = [synthetic_trial(random.Random(n), "dash-flood", producer_info(), 260) for n in range(20)]
     starts = [t[0] for t in trials]

@@ -98,6 +98,18 @@ async def _all_there(env, n: int) -> tuple[int, int] | None:
     return (moved, left) if moved + left >= n else None
 
 
+async def _no_dlq_connection(env) -> bool:
+    listed = env.api.request("GET", f"vhosts/{env.vhost}/connections") or []
+    return not any(c.get("client_properties", {}).get("connection_name") == "sntrack-dlq" for c in listed)
+
+
+async def _settled(env, n: int) -> tuple[int, int] | None:
+    """_all_there, the same twice a second apart."""
+    first = await _all_there(env, n)
+    await asyncio.sleep(1)
+    return first if first and first == await _all_there(env, n) else None
+
+
 async def _two(env) -> bool:
     return await _depth(env, "sntrack.trials.dlq") == 2
 
@@ -120,8 +132,10 @@ async def test_requeue_cut_half_way_loses_nothing(env):
                 run.kill()
     assert run.returncode == 2 and "lost the connection to RabbitMQ" in err, (out, err)
     assert err.strip().count("\n") == 0
-    # The broker hands the unconfirmed dead letters back once it has seen the connection go.
-    moved, left = await wait_until(lambda: _all_there(env, len(events)), what="every event somewhere")
+    # The broker hands the unconfirmed dead letters back once it has seen the connection go. Copies in both places
+    # can make the count whole before the last of them are back: wait for the connection to go and the count to settle.
+    await wait_until(lambda: _no_dlq_connection(env), what="the broker to drop the cut connection")
+    moved, left = await wait_until(lambda: _settled(env, len(events)), what="every event somewhere")
     assert 0 < moved < len(events), (moved, left)  # cut half-way; a copy may be in both places
 
     async with running_consumers(env.settings.consumer(), ["trials"]):
@@ -133,7 +147,18 @@ async def test_requeue_cut_half_way_loses_nothing(env):
             len(ids), ids), what="every event applied", timeout=90)
         # The copies requeued twice (in both places after the cut) are duplicates: applied as no-ops, then acked.
         await wait_until(lambda: _empty(env, "sntrack.trials"), what="the duplicates to be acked", timeout=60)
+        # At least once: copies of events already applied can still surface in the dead-letter queue after the
+        # second requeue (seen: 7 to 102 of 600 with "requeued 549" reported; cause not established). Each one is a
+        # copy of an applied event, and requeueing again applies nothing twice.
+        extra = await _peek(env, "sntrack.trials.dlq")
+        assert {info.event_id for info in extra} <= {str(i) for i in ids}
+        if extra:
+            assert sntrack(env, "dlq", "requeue", "trials").returncode == 0
+            await wait_until(lambda: _empty(env, "sntrack.trials"), what="the last copies to be acked", timeout=60)
+    assert await env.fetchval("SELECT count(*) FROM applied_events WHERE projection = 'trials'") == len(ids)
     assert await env.fetchval("SELECT count(*) FROM trials WHERE status <> 'running'") == 60
+    assert await env.fetchval("SELECT count(*) FROM trial_metrics") == sum(e.event_type == "ml.run.metric"
+                                                                             for e in events)
     assert await _depth(env, "sntrack.trials.dlq") == 0 and await _depth(env, "sntrack.trials") == 0
 
 

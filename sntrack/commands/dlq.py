@@ -73,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 @contextlib.asynccontextmanager
 async def _connection(settings: Settings) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
     try:
-        connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+        connection = await aio_pika.connect(settings.amqp_url, timeout=10,
+                                            client_properties={"connection_name": "sntrack-dlq"})
     except Exception as exc:
         if refusal := amqp_refusal(exc, settings.amqp_url):
             raise ConfigurationError(refusal) from None
@@ -81,7 +82,11 @@ async def _connection(settings: Settings) -> AsyncIterator[aio_pika.abc.Abstract
                                  f"({exc or type(exc).__name__})") from None
     try:
         yield connection
-    except (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, OSError, TimeoutError) as exc:
+    except Exception as exc:
+        # aiormq fails a write cut short by the lost socket with a bare Exception: the closed connection says why.
+        lost = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, OSError, TimeoutError)
+        if not isinstance(exc, lost) and not connection.is_closed:
+            raise
         raise ConfigurationError(f"lost the connection to RabbitMQ ({exc or type(exc).__name__}); dead letters not "
                                  "yet acted on are still where they were") from None
     finally:
