@@ -116,3 +116,10 @@ def test_a_dashboard_port_out_of_range_is_one_line(env, command, port):
     run = subprocess.run([sys.executable, "-m", "sntrack", *command, port], env=cli_env(env), capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr[-1500:]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "soon"])
+def test_a_stop_timeout_that_is_not_a_duration_is_refused_in_one_line(env, value):
+    run = subprocess.run([sys.executable, "-m", "sntrack", "up", "--stop-timeout", value], env=cli_env(env),
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--stop-timeout: must be a number of seconds" in run.stderr, run.stderr[-1500:]

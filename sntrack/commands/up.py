@@ -11,6 +11,7 @@ import sys
 from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from consumers.registry import CONSUMER_NAMES
+from sntrack.argtypes import seconds
 from sntrack.commands.dashboard import _check_port
 from sntrack.settings import Settings
 from sntrack.supervisor import Child, Supervisor, child_env
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="the dashboard's port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--worker", metavar="ARGS", type=shlex.split,
                         help='also run one `sntrack worker ARGS`, e.g. --worker "--study demo --n-trials 20"')
-    parser.add_argument("--stop-timeout", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--stop-timeout", type=seconds, default=60.0, metavar="SECONDS",
                         help="how long a child may take to stop after SIGTERM before it is killed (default: 60)")
     parser.set_defaults(run=_up)
 
