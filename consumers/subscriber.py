@@ -59,14 +59,27 @@ def matching_types(patterns: Sequence[str]) -> list[str]:
 
 
 class JsonLinesSink:
-    """Each event as one JSON line, flushed before it counts as delivered."""
+    """Each event as one JSON line, flushed before it counts as delivered. A reader that went away (`| head`)
+    calls `on_closed` (the subscriber stops) and a failed write (a full disk) is retried later: either way the
+    event is not delivered, so it stays for the next run."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.closed = False
+        self.on_closed: Callable[[], None] = lambda: None
 
     async def __call__(self, event: Event) -> None:
-        self.stream.write(event.model_dump_json() + "\n")
-        self.stream.flush()
+        if self.closed:
+            raise RetryLater("the output was closed")
+        try:
+            self.stream.write(event.model_dump_json() + "\n")
+            self.stream.flush()
+        except BrokenPipeError:
+            self.closed = True
+            self.on_closed()
+            raise RetryLater("the output was closed") from None
+        except OSError as exc:
+            raise RetryLater(f"cannot write the output: {exc.strerror or exc}") from None
 
 
 class ExecSink:

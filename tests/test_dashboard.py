@@ -170,7 +170,7 @@ async def _empty(coro) -> bool:
 
 
 @browser_needed
-@pytest.mark.alone  # the publisher shares this process with the consumers: under a parallel suite it falls behind
+@pytest.mark.alone  # a 1,000 ev/s publisher and a 100 ms click bound: not beside the parallel suite
 async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(env, browser):
     trials = [synthetic_trial(random.Random(n), "dash-flood", producer_info(), 260) for n in range(20)]
     starts = [t[0] for t in trials]
@@ -178,12 +178,23 @@ async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(
     last = {}
     for event in metrics:
         last[event.trial_id] = str(event.payload.epoch)
-    async with running_consumers(env.settings.consumer(), CONSUMERS), \
-            running_dashboard(DashboardConfig(env.settings.database_url)) as url:
+    # The consumers run as their own process, as deployed: in this process they starved the publisher of its loop.
+    daemon = await asyncio.create_subprocess_exec(sys.executable, "-m", "sntrack", "consume", *CONSUMERS,
+                                                  env=cli_env(env), stdout=subprocess.DEVNULL,
+                                                  stderr=subprocess.DEVNULL)
+    try:
+        await _flood(env, browser, starts, metrics, last)
+    finally:
+        daemon.terminate()
+        await asyncio.wait_for(daemon.wait(), 60)
+
+
+async def _flood(env, browser, starts: list, metrics: list, last: dict) -> None:
+    async with running_dashboard(DashboardConfig(env.settings.database_url)) as url:
         await open_page(browser, url)
         await env.publish_events(starts)
         await wait_until(lambda: js(browser, "return document.querySelectorAll('table.trials tbody tr').length === 20"),
-                         what="20 rows")
+                         what="20 rows", timeout=60)
         await js(browser, """window.__clicks = [];
             document.querySelector('h1').addEventListener('click',
                 (e) => window.__clicks.push(performance.now() - e.timeStamp));""")
@@ -203,8 +214,7 @@ async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(
         await clicker
         clicks = await js(browser, "return window.__clicks")
         print(f"flood: {len(metrics)} events in {publish_s:.2f} s; click delays ms {sorted(clicks)}")
-        # Paced at 1,000/s; on a loaded 2-core machine the publisher (sharing this loop with the consumers and the
-        # server) reaches 700-1,000/s: at least half the target rate, or the test did not test a flood.
+        # Paced at 1,000/s: at least half of it, or the test did not test a flood.
         assert publish_s < 2 * len(metrics) / 1000 and len(clicks) >= 10 and max(clicks) < 100, (clicks, publish_s)
         shown = "return [...document.querySelectorAll('table.trials tbody tr')].map(tr => [tr.dataset.trial, " \
                 "tr.dataset.epoch])"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections import Counter
@@ -26,6 +27,7 @@ from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import EXCHANGE
 from tests.conftest import wait_until
+from tests.test_dlq import _depth
 from tests.test_end_to_end import cli_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -456,3 +458,79 @@ async def test_a_second_copy_of_a_running_subscriber_is_refused_in_one_line(env,
         await bound(tmp_path / "again.txt")
     finally:
         await stop(again, tmp_path / "again.txt")
+
+
+async def test_a_reader_that_goes_away_stops_the_subscriber_and_the_rest_waits_for_the_next_run(env, tmp_path):
+    """`sntrack subscribe … | head -n 1`: the subscriber used to retry the closed pipe for ever. It notices at its
+    next write, as any program writing to a pipe does."""
+    events = [e for e in study_events(10, 4, seed=16) if e.event_type == "ml.run.metric"]
+    history, live = events[:10], events[10:]
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(history)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(history)), what="the journal")
+        reader, writer = os.pipe()
+        piped = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "piped", "--bind", "ml.run.metric", "--from-start",
+            env=cli_env(env), stdout=writer, stderr=asyncio.subprocess.PIPE)
+        os.close(writer)
+        with os.fdopen(reader, "rb") as pipe:
+            first = json.loads(await asyncio.to_thread(pipe.readline))["event_id"]
+        await env.publish_events(live)  # the next write finds the reader gone
+        _, err = await asyncio.wait_for(piped.communicate(), 60)
+        text = err.decode()
+        assert piped.returncode == 0 and "the output was closed" in text, text[-3000:]
+        assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="the journal")
+        rest = tmp_path / "rest.jsonl"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "piped", "--jsonl", str(rest), env=cli_env(env),
+            stderr=asyncio.subprocess.DEVNULL)
+        order = await _journal_order(env)
+        try:
+            await wait_until(lambda: _last_id(rest) == order[-1], what="the tail")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    delivered = [json.loads(line)["event_id"] for line in rest.read_text().splitlines()]
+    # The next run starts with the event whose write failed, not after it: the journal's tail is all there.
+    assert first == order[0] and delivered == order[order.index(delivered[0]):]
+
+
+def _last_id(path: Path) -> str | None:
+    written = path.read_text().splitlines() if path.exists() else []
+    return json.loads(written[-1])["event_id"] if written else None
+
+
+async def _journal_order(env) -> list[str]:
+    return [r["event_id"] for r in await env.fetch("SELECT event_id::text FROM events ORDER BY position")]
+
+
+async def test_a_full_disk_is_waited_out_not_dead_lettered(env, tmp_path):
+    events = [e for e in study_events(3, 2, seed=17) if e.event_type == "ml.run.stop"]
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(events)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="the journal")
+        log = tmp_path / "full.log"
+        with open(log, "wb") as stderr:  # noqa: ASYNC230 - the child holds it
+            full = await asyncio.create_subprocess_exec(  # /dev/full: every write fails with ENOSPC
+                sys.executable, "-m", "sntrack", "subscribe", "disk", "--bind", "ml.run.stop", "--from-start",
+                "--jsonl", "/dev/full", env=cli_env(env), stderr=stderr)
+            try:
+                await wait_until(lambda: log.read_text().count("No space left on device") >= 5, what="retries")
+            finally:
+                full.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(full.wait(), 60)
+        # Stopped while still failing it may exit 2 saying why; either way nothing was dead-lettered.
+        text = log.read_text()
+        assert full.returncode in (0, 2) and "Traceback" not in text and '"dead_lettered": 0' in text, text[-3000:]
+        assert await _depth(env, "sntrack.sub.disk.dlq") == 0
+        out = tmp_path / "disk.jsonl"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "disk", "--jsonl", str(out), env=cli_env(env),
+            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await wait_until(lambda: len(lines(out)) >= len(events), what="every stop once there is room")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    assert sorted(json.loads(line)["event_id"] for line in lines(out)) == sorted(str(e.event_id) for e in events)

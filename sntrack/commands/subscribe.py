@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+
+import structlog
 
 from common.errors import ConfigurationError
 from consumers.attempts import AttemptLedger
@@ -19,6 +22,8 @@ from schemas import ROUTING_PATTERN_ALL
 from sntrack.argtypes import seconds
 from sntrack.commands.replay import _timestamp
 from sntrack.settings import Settings
+
+log = structlog.get_logger("sntrack.subscribe")
 
 EXAMPLES = """examples:
   sntrack subscribe stops --bind ml.run.stop --from-start                 # history, then live, as JSON lines
@@ -90,8 +95,8 @@ async def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 stored = await pool.fetchrow(LOAD, args.name)
                 bindings = args.bind or (stored and stored["bindings"]) or [ROUTING_PATTERN_ALL]
-                subscriber = CatchUpSubscriber(args.name, bindings, _sink(args, files), pool,
-                                               journal_wait_s=args.journal_wait)
+                sink = _sink(args, files)
+                subscriber = CatchUpSubscriber(args.name, bindings, sink, pool, journal_wait_s=args.journal_wait)
             except ValueError as exc:
                 raise ConfigurationError(str(exc)) from None
             await subscriber.load(Start(from_start=args.from_start, since=args.since))
@@ -101,9 +106,14 @@ async def _subscribe(args: argparse.Namespace, settings: Settings) -> int:
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, subscriber.stop)
+                if isinstance(sink, JsonLinesSink):
+                    sink.on_closed = subscriber.stop
                 await run_subscriber(subscriber, runtime, connection)
             finally:
                 await connection.close()
     finally:
         await pool.close()
+    if isinstance(sink, JsonLinesSink) and sink.closed:
+        log.info("the output was closed: stopped; what was not written stays for the next run")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no BrokenPipeError again at exit
     return 0
