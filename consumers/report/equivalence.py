@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-from consumers.report.stats import variance
+from consumers.report.lazy_stats import stats
+from consumers.report.stats import t_sf, variance
 
 ASO_DT = 0.005  # deepsig's default grid step of the quantile integrals
 ASO_BOOTSTRAP = 1000
@@ -45,8 +45,8 @@ def _tost(estimate: float, se: float, df: float, margin: float) -> Tost:
     if se == 0:
         inside = -margin < estimate < margin
         return Tost(margin, 0.0 if inside else 1.0, None, None, df)
-    p_lower = float(stats.t.sf((estimate + margin) / se, df))  # H0: difference ≤ −margin
-    p_upper = float(stats.t.cdf((estimate - margin) / se, df))  # H0: difference ≥ +margin
+    p_lower = t_sf((estimate + margin) / se, df)  # H0: difference ≤ −margin
+    p_upper = t_sf(-(estimate - margin) / se, df)  # H0: difference ≥ +margin (the cdf at x is the sf at −x)
     return Tost(margin, max(p_lower, p_upper), p_lower, p_upper, df)
 
 
