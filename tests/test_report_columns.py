@@ -172,3 +172,19 @@ def test_scipy_stats_is_the_lazy_stats_module_once_imported():
                                     [False, True], [None, 1]])
 def test_more_parameters_vary_as_their_repr_says(values):
     assert explore._varies(values) == (len({repr(v) for v in values}) > 1)
+
+
+def test_columns_read_objects_without_a_field_dict_alike():
+    class Slotted:
+        __slots__ = ("_record",)
+
+        def __init__(self, record):
+            self._record = record
+
+        def __getattr__(self, name):
+            return getattr(self._record, name)
+
+    trials = _random_trials(random.Random(3), 50)
+    plain, slotted = Columns(trials), Columns([Slotted(t) for t in trials])
+    assert plain.ids == slotted.ids and plain.paired_with == slotted.paired_with
+    assert np.array_equal(plain.val, slotted.val, equal_nan=True) and (plain.done == slotted.done).all()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -18,6 +18,16 @@ OTHER = len(STATUSES)  # any other status: counted in the total only
 
 _FIELDS = ("id", "spectral_norm", "status", "val", "train", "duration_ms", "hyperparams", "paired_with",
            "model_run_id", "dataset", "epochs_to_95", "sigmas")
+
+
+def _fields(trials: Sequence) -> list[list]:
+    """Each of _FIELDS as a list over the trials: read from the instances' __dict__ (a dataclass keeps its fields
+    there; a third faster than getattr), or by getattr where an object has no such dict entry."""
+    try:
+        found = list(map(vars, trials))
+        return [list(map(itemgetter(name), found)) for name in _FIELDS]
+    except (TypeError, KeyError):
+        return [list(map(attrgetter(name), trials)) for name in _FIELDS]
 
 
 def floats(values: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -39,7 +49,7 @@ class Columns:
         self.trials = trials
         self.n = n
         (self.ids, flags, statuses, val, train, duration, self.hyperparams, self.paired_with, self.model_run_ids,
-         self.datasets, epochs, self.sigmas) = (list(map(attrgetter(name), trials)) for name in _FIELDS)
+         self.datasets, epochs, self.sigmas) = _fields(trials)
         self.sn = np.fromiter(map(bool, flags), bool, n)
         self.status = np.fromiter(map(STATUS_CODES.get, statuses, repeat(OTHER)), np.int8, n)
         self.completed = self.status == STATUS_CODES["completed"]

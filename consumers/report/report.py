@@ -283,10 +283,10 @@ def _equivalence(sn: np.ndarray, base: np.ndarray, pa: np.ndarray, pb: np.ndarra
 def _groups(c: Columns, index: np.ndarray) -> tuple[list[tuple[str, str | None]], list[np.ndarray]]:
     """The (search, dataset) strata of the trials at `index`: their keys, and per key the positions in `index`
     (in order)."""
-    codes: dict[tuple[str, str | None], int] = {}
-    runs, datasets = c.model_run_ids, c.datasets
-    code = np.fromiter((codes.setdefault((runs[i], datasets[i]), len(codes)) for i in index.tolist()), np.int64,
-                       len(index))
+    at = index.tolist()
+    keys = list(zip(map(c.model_run_ids.__getitem__, at), map(c.datasets.__getitem__, at), strict=True))
+    codes = {key: k for k, key in enumerate(dict.fromkeys(keys))}  # in the order they first appear
+    code = np.fromiter(map(codes.__getitem__, keys), np.int64, len(keys))
     if not codes:
         return [], []
     order = np.argsort(code, kind="stable")
