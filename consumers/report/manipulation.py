@@ -20,14 +20,6 @@ def _layer_order(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def wrapped_layers(sigmas: dict[str, float], hyperparams: dict | None) -> list[str]:
-    """The layers a spectral-norm trial wraps: every Linear, but the output (last) layer when the trial says
-    `sn_output_layer: false`."""
-    if (hyperparams or {}).get("sn_output_layer") is False:
-        return sorted(sigmas, key=_layer_order)[:-1]
-    return list(sigmas)
-
-
 def _spread(values: Sequence[float]) -> dict:
     return {"median": float(np.median(values)), "max": float(np.max(values))} if len(values) else {
         "median": None, "max": None}
@@ -73,7 +65,9 @@ Arm = tuple[Sequence[str], Sequence[dict[str, float]], Sequence[dict | None]]
 
 def check(sn: Arm, baseline: Arm) -> dict:
     """The manipulation check over the completed trials of each arm, given as (trial ids, σ by layer,
-    hyper-parameters), one entry per trial in each."""
+    hyper-parameters), one entry per trial in each. A spectral-norm trial wraps every Linear layer, but the output
+    (last in the model's order) when it says `sn_output_layer: false`; a wrapped layer above SN_TOLERANCE fails it.
+    A baseline trial with every layer at σ ≤ 1 looks normalized."""
     (sn_ids, sn_sigmas, sn_hps), (base_ids, base_sigmas, _) = sn, baseline
     sn_groups, base_groups = _matrices(sn_sigmas), _matrices(base_sigmas)
     over = np.zeros(len(sn_ids), bool)
