@@ -10,7 +10,7 @@ import typing
 
 from common.errors import ConfigurationError
 from sntrack import __version__
-from sntrack.commands import COMMAND_MODULES
+from sntrack.commands import COMMANDS, command_module
 from sntrack.errors import configuration_message
 from sntrack.examples import add_examples
 from sntrack.logging import configure_logging
@@ -25,7 +25,9 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of the command `only` alone (a key of COMMANDS): the same parser for the
+    arguments of that command, without importing the others' modules."""
     parser = OneLineParser(
         prog="sntrack",
         epilog="example:\n  sntrack worker --study demo --n-trials 4 --epochs 5\n  sntrack report --run demo",
@@ -34,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sntrack {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in COMMAND_MODULES:
-        module.register(sub)
+    for name in COMMANDS if only is None else (only,):
+        command_module(name).register(sub)
     add_examples(parser)
     return parser
 
@@ -44,8 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
 OUTPUT_ERRNOS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EFBIG, errno.EDQUOT)
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command the arguments name when they start with one (the top-level parser has options only before it);
+    None for anything else (--help, --version, a mistake), which needs the parser of every command."""
+    return argv[0] if argv and argv[0] in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command(argv)).parse_args(argv)
     try:
         settings = Settings.from_env()
         configure_logging(settings.log_json)

@@ -73,3 +73,27 @@ def test_wrong_broker_password_is_one_line_and_not_shown(env):
 def test_invalid_setting_names_the_variable(env):
     run = _run({**cli_env(env), "SNTRACK_BATCH_SIZE": "many"}, "status")
     assert run.returncode == 2 and "SNTRACK_BATCH_SIZE" in run.stderr
+
+
+def test_the_command_table_names_what_each_module_registers():
+    """`sntrack NAME …` builds the parser of NAME alone (without importing the other commands' modules): it must be
+    the parser the full one holds, so that every --help and every argument error reads the same."""
+    from sntrack.commands import COMMANDS
+
+    assert COMMANDS
+    full = build_parser()._subparsers._group_actions[0].choices
+    assert list(full) == list(COMMANDS)
+    for name in COMMANDS:
+        alone = build_parser(name)._subparsers._group_actions[0].choices
+        assert list(alone) == [name]
+        assert alone[name].format_help() == full[name].format_help()
+        helps = [[p.format_help() for p in _all_parsers(parser)] for parser in (alone[name], full[name])]
+        assert helps[0] == helps[1]
+
+
+def test_a_command_imports_no_other_command_module():
+    code = ("import sys\nfrom sntrack.cli import main\ntry:\n    main(['report', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in sys.modules if m.startswith('sntrack.commands.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "['sntrack.commands.report']"

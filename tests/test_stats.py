@@ -187,3 +187,15 @@ def test_integer_and_float_spellings_of_a_value_are_one_category():
 
     same = compare_distributions([1, 2, 1, 2], [1.0, 2.0, 1.0, 2.0])
     assert same is not None and same.test == "fisher" and same.p_value == 1.0
+
+
+def test_t_quantile_and_tail_are_scipy_t_bit_for_bit():
+    rng = np.random.default_rng(5)
+    qs = [*rng.uniform(0, 1, 200), 0.975, 0.5, 1e-300, 1 - 1e-16, 0.0, 1.0, -0.1, float("nan")]
+    xs = [*rng.normal(0, 5, 200), 0.0, -0.0, 40.0, -40.0, float("inf"), -float("inf"), float("nan")]
+    dfs = [1, 2, 3.5, 29, 41999, 0.5, 1e9, float("inf"), 0, -1]
+    for df in dfs:
+        for q in qs:
+            np.testing.assert_array_equal(st.t_ppf(q, df), stats.t.ppf(q, df))
+        for x in xs:
+            np.testing.assert_array_equal(st.t_sf(x, df), stats.t.sf(x, df))

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
-from consumers.report.stats import variance
+from consumers.report.lazy_stats import stats
+from consumers.report.stats import t_sf, variance
 
 ASO_DT = 0.005  # deepsig's default grid step of the quantile integrals
 ASO_BOOTSTRAP = 1000
@@ -45,8 +45,8 @@ def _tost(estimate: float, se: float, df: float, margin: float) -> Tost:
     if se == 0:
         inside = -margin < estimate < margin
         return Tost(margin, 0.0 if inside else 1.0, None, None, df)
-    p_lower = float(stats.t.sf((estimate + margin) / se, df))  # H0: difference ≤ −margin
-    p_upper = float(stats.t.cdf((estimate - margin) / se, df))  # H0: difference ≥ +margin
+    p_lower = t_sf((estimate + margin) / se, df)  # H0: difference ≤ −margin
+    p_upper = t_sf(-(estimate - margin) / se, df)  # H0: difference ≥ +margin (the cdf at x is the sf at −x)
     return Tost(margin, max(p_lower, p_upper), p_lower, p_upper, df)
 
 
@@ -139,6 +139,14 @@ class BayesSignedRank:
     samples: int = 0
 
 
+def _half_sum(cumulative: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """0.5 · (cumulative[:, first] + cumulative[:, second]): one gather where no value ties a bound, so that both
+    cuts are equal (0.5 · (x + x) is x exactly)."""
+    if np.array_equal(first, second):
+        return cumulative[:, first]
+    return 0.5 * (cumulative[:, first] + cumulative[:, second])
+
+
 def bayes_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, *, seed: int = 0,
                       samples: int | None = None) -> BayesSignedRank:
     """baycomp's SignedRankTest (Dirichlet-process signed rank, prior weight 0.5 on a pseudo-observation at 0):
@@ -163,10 +171,12 @@ def bayes_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, *, se
     counts = np.zeros(3)
     for start in range(0, draws, max(1, BAYES_CHUNK // n)):
         weights = rng.dirichlet(prior[order], min(draws - start, max(1, BAYES_CHUNK // n)))
-        cumulative = np.concatenate([np.zeros((len(weights), 1)), np.cumsum(weights, axis=1)], axis=1)
+        cumulative = np.empty((len(weights), n + 1))
+        cumulative[:, 0] = 0
+        np.cumsum(weights, axis=1, out=cumulative[:, 1:])
         total = cumulative[:, -1:]
-        better_j = total - 0.5 * (cumulative[:, cuts["above_right"]] + cumulative[:, cuts["above_left"]])
-        worse_j = 0.5 * (cumulative[:, cuts["below_left"]] + cumulative[:, cuts["below_right"]])
+        better_j = total - _half_sum(cumulative, cuts["above_right"], cuts["above_left"])
+        worse_j = _half_sum(cumulative, cuts["below_left"], cuts["below_right"])
         better = np.sum(weights * better_j, axis=1)
         worse = np.sum(weights * worse_j, axis=1)
         regions = np.stack([better, 1 - better - worse, worse], axis=1)

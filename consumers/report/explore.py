@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict
+from operator import itemgetter
 
 import numpy as np
-from scipy import stats
 
 from consumers.report import heterogeneity as het
+from consumers.report.lazy_stats import stats
 from consumers.report.stats import ALPHA, TestResult
 
 SKIP = frozenset({"spectral_norm"})
@@ -37,10 +38,23 @@ def _kruskal(values: Sequence[object], differences: np.ndarray) -> TestResult:
     return TestResult(float(result.statistic), float(result.pvalue), float(len(groups) - 1))
 
 
+def _varies(values: list) -> bool:
+    """At least two distinct values, as their repr tells them apart (1 and 1.0, 0.0 and -0.0 differ)."""
+    first = values[0]
+    if type(first) in (int, str, bool, float, type(None)) and first == first and len(set(map(type, values))) == 1:
+        # Values of one such type that are not equal print differently (first is no NaN); equal ones print alike,
+        # but for 0.0 and -0.0, which take the long way.
+        if values.count(first) < len(values):
+            return True
+        if type(first) is not float or first != 0:
+            return False
+    return len({repr(v) for v in values}) > 1
+
+
 def _parameters(hyperparams: Sequence[dict]) -> list[str]:
     """Parameters every unit has and that take at least two values."""
-    names = set.intersection(*(set(h) for h in hyperparams)) - SKIP if hyperparams else set()
-    return sorted(n for n in names if len({repr(h[n]) for h in hyperparams}) > 1)
+    names = set(hyperparams[0]).intersection(*hyperparams) - SKIP if hyperparams else set()
+    return sorted(n for n in names if _varies(list(map(itemgetter(n), hyperparams))))
 
 
 def _entry(name: str, test: str, scale: str, result: TestResult, buckets: list[het.Bucket]) -> dict:
@@ -53,7 +67,7 @@ def paired(hyperparams: Sequence[dict], differences: Sequence[float]) -> list[di
     d = np.asarray(differences, dtype=float)
     out = []
     for name in _parameters(hyperparams):
-        values = [h[name] for h in hyperparams]
+        values = list(map(itemgetter(name), hyperparams))
         if het.numeric(values):
             x, scale = _scaled(values)
             out.append(_entry(name, "spearman", scale, het.spearman(x, d), het.paired_buckets(values, d)))
@@ -65,7 +79,7 @@ def paired(hyperparams: Sequence[dict], differences: Sequence[float]) -> list[di
 def independent(hyperparams: Sequence[dict], arm: Sequence[bool], outcome: Sequence[float]) -> list[dict]:
     out = []
     for name in _parameters(hyperparams):
-        values = [h[name] for h in hyperparams]
+        values = list(map(itemgetter(name), hyperparams))
         buckets = het.independent_buckets(values, arm, outcome)
         if het.numeric(values):
             x, scale = _scaled(values)

@@ -10,13 +10,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
+from consumers.report.lazy_stats import stats
 from consumers.report.stats import (
     Difference,
     TestResult,
     mean_difference,
-    paired,
+    paired_t,
+    t_sf,
     welch_difference,
     welch_test,
 )
@@ -52,7 +53,7 @@ class Bucket:
 
 def numeric(values: Sequence[object]) -> bool:
     """Every value a JSON number (bool is its own type, so it is not one)."""
-    return all(issubclass(k, int | float) and not issubclass(k, bool) for k in {type(v) for v in values})
+    return all(issubclass(k, int | float) and not issubclass(k, bool) for k in set(map(type, values)))
 
 
 def bucketize(values: Sequence[object]) -> list[tuple[str, np.ndarray]]:
@@ -101,7 +102,7 @@ def interaction(values: Sequence[float], arm: Sequence[bool], outcome: Sequence[
     if se == 0:
         return TestResult()
     t = float(coef[3]) / se
-    return TestResult(float(coef[3]), float(2 * stats.t.sf(abs(t), df)), float(df))
+    return TestResult(float(coef[3]), 2 * t_sf(abs(t), df), float(df))
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,5 @@ def inverse_variance(estimates: Sequence[float], ses: Sequence[float]) -> Pooled
 def stratum_difference(a: Sequence[float], b: Sequence[float], is_paired: bool) -> tuple[Difference, TestResult]:
     """A stratum's difference and its t-test, by the scope's design."""
     if is_paired:
-        result = paired(a, b)
-        return result.difference, result.t_test
+        return paired_t(a, b)
     return welch_difference(a, b), welch_test(a, b)

@@ -4,9 +4,10 @@ trial's σ is an upper bound on the MLP's Lipschitz constant (ReLU and dropout a
 
 from __future__ import annotations
 
-import math
+import heapq
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from itertools import chain
 
 import numpy as np
 
@@ -19,49 +20,78 @@ def _layer_order(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def wrapped_layers(sigmas: dict[str, float], hyperparams: dict | None) -> list[str]:
-    """The layers a spectral-norm trial wraps: every Linear, but the output (last) layer when the trial says
-    `sn_output_layer: false`."""
-    if (hyperparams or {}).get("sn_output_layer") is False:
-        return sorted(sigmas, key=_layer_order)[:-1]
-    return list(sigmas)
-
-
 def _spread(values: Sequence[float]) -> dict:
-    return {"median": float(np.median(values)), "max": float(np.max(values))} if values else {
+    return {"median": float(np.median(values)), "max": float(np.max(values))} if len(values) else {
         "median": None, "max": None}
 
 
-def arm_summary(measured: Iterable[dict[str, float]]) -> dict:
+def _matrices(measured: Sequence[dict[str, float]]) -> list[tuple[tuple[str, ...], np.ndarray, np.ndarray]]:
+    """The σ dicts grouped by their layer names (in their order): (names, positions in `measured`, σ as a
+    trials × layers matrix) per group, usually one."""
+    layouts = list(map(tuple, measured))
+    if layouts and layouts.count(layouts[0]) == len(layouts):  # one layout: no grouping
+        groups = {layouts[0]: range(len(layouts))}
+    else:
+        groups = {}
+        for i, names in enumerate(layouts):
+            groups.setdefault(names, []).append(i)
+    out = []
+    for names, at in groups.items():
+        chosen = measured if isinstance(at, range) else map(measured.__getitem__, at)
+        values = np.fromiter(chain.from_iterable(map(dict.values, chosen)), float, len(at) * len(names))
+        out.append((names, np.asarray(at), values.reshape(len(at), len(names))))
+    return out
+
+
+def arm_summary(measured: Sequence[dict[str, float]], groups: list | None = None) -> dict:
     """Per layer (in the model's order): median and max of σ over the arm's trials; and the same of each trial's
-    product of σ."""
-    per_layer: dict[str, list[float]] = {}
+    product of σ (multiplied in the dict's order)."""
+    per_layer: dict[str, list[np.ndarray]] = {}
     products = []
-    count = 0
-    for sigmas in measured:
-        count += 1
-        for name, value in sigmas.items():
-            per_layer.setdefault(name, []).append(value)
-        products.append(math.prod(sigmas.values()))
-    return {"trials_measured": count,
-            "layers": [{"layer": name, **_spread(per_layer[name])} for name in sorted(per_layer, key=_layer_order)],
-            "lipschitz_bound": _spread(products)}
+    for names, _, sigma in _matrices(measured) if groups is None else groups:
+        product = np.ones(len(sigma))
+        for k, name in enumerate(names):
+            per_layer.setdefault(name, []).append(sigma[:, k])
+            product = product * sigma[:, k]
+        products.append(product)
+    return {"trials_measured": len(measured),
+            "layers": [{"layer": name, **_spread(np.concatenate(per_layer[name]))}
+                       for name in sorted(per_layer, key=_layer_order)],
+            "lipschitz_bound": _spread(np.concatenate(products) if products else [])}
 
 
-def check(sn: Sequence[tuple[str, dict[str, float], dict | None]],
-          baseline: Sequence[tuple[str, dict[str, float], dict | None]]) -> dict:
-    """The manipulation check over (trial_id, σ by layer, hyper-parameters) of completed trials per arm."""
-    sn_over = [trial_id for trial_id, sigmas, hp in sn
-               if any(sigmas[name] > SN_TOLERANCE for name in wrapped_layers(sigmas, hp))]
-    base_under = [trial_id for trial_id, sigmas, _ in baseline if sigmas and all(v <= 1 for v in sigmas.values())]
+Arm = tuple[Sequence[str], Sequence[dict[str, float]], Sequence[dict | None]]
+
+
+def check(sn: Arm, baseline: Arm) -> dict:
+    """The manipulation check over the completed trials of each arm, given as (trial ids, σ by layer,
+    hyper-parameters), one entry per trial in each. A spectral-norm trial wraps every Linear layer, but the output
+    (last in the model's order) when it says `sn_output_layer: false`; a wrapped layer above SN_TOLERANCE fails it.
+    A baseline trial with every layer at σ ≤ 1 looks normalized."""
+    (sn_ids, sn_sigmas, sn_hps), (base_ids, base_sigmas, _) = sn, baseline
+    sn_groups, base_groups = _matrices(sn_sigmas), _matrices(base_sigmas)
+    over = np.zeros(len(sn_ids), bool)
+    for names, at, sigma in sn_groups:
+        all_wrapped = sigma > SN_TOLERANCE
+        last = names.index(sorted(names, key=_layer_order)[-1]) if names else None
+        unwrapped_output = np.fromiter(((sn_hps[i] or {}).get("sn_output_layer") is False for i in at.tolist()),
+                                       bool, len(at))
+        if last is not None:
+            all_wrapped[unwrapped_output, last] = False
+        over[at] = all_wrapped.any(axis=1)
+    under = np.zeros(len(base_ids), bool)
+    for names, at, sigma in base_groups:
+        under[at] = bool(names) and (sigma <= 1).all(axis=1)
+    sn_over = [sn_ids[i] for i in np.flatnonzero(over).tolist()]
+    base_under = [base_ids[i] for i in np.flatnonzero(under).tolist()]
     return {
         "tolerance": SN_TOLERANCE,
-        "spectral_norm": arm_summary(sigmas for _, sigmas, _ in sn),
-        "baseline": arm_summary(sigmas for _, sigmas, _ in baseline),
+        "spectral_norm": arm_summary(sn_sigmas, sn_groups),
+        "baseline": arm_summary(base_sigmas, base_groups),
         "sn_trials_over_tolerance": len(sn_over),
         "baseline_trials_all_at_most_one": len(base_under),
-        "examples": {"spectral_norm": sorted(sn_over)[:3], "baseline": sorted(base_under)[:3]},
-        "passed": None if not sn and not baseline else not sn_over and not base_under,
+        "examples": {"spectral_norm": heapq.nsmallest(3, sn_over), "baseline": heapq.nsmallest(3, base_under)},
+        "passed": None if not sn_ids and not base_ids else not sn_over and not base_under,
     }
 
 

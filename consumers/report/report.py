@@ -9,12 +9,12 @@ from __future__ import annotations
 import difflib
 import math
 import warnings as _warnings
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import numpy as np
 from pydantic_core import from_json
 
 from consumers.projections.sn_comparison import OVERALL
@@ -22,6 +22,7 @@ from consumers.report import equivalence as eq
 from consumers.report import explore, manipulation, queries, robustness
 from consumers.report import stats as st
 from consumers.report import verdict as vd
+from consumers.report.columns import Columns
 
 REPORT_VERSION = 2
 MIN_EFFECT = 0.01  # the default smallest difference of interest (absolute accuracy)
@@ -158,26 +159,19 @@ def _summary(summary: st.Summary) -> dict:
     return asdict(summary)
 
 
-def _counts(trials: Sequence[TrialRecord]) -> dict[str, int]:
-    found = Counter(t.status for t in trials)
-    return {**{s: found[s] for s in (*STATUSES, "running")}, "total": len(trials)}
-
-
-def _arm_from_trials(trials: Sequence[TrialRecord]) -> dict:
-    done = [t for t in trials if t.status == "completed"]
+def _arm_from_trials(c: Columns, arm: np.ndarray) -> dict:
+    completed = c.completed & arm
     return {
-        "trials": _counts(trials),
-        "final_val_accuracy": _summary(st.summarize([t.val for t in done if t.val is not None])),
-        "train_val_gap": _summary(st.summarize([t.gap for t in done if t.gap is not None])),
-        "duration_ms": _summary(st.summarize([t.duration_ms for t in done if t.duration_ms is not None])),
+        "trials": c.counts(arm),
+        "final_val_accuracy": _summary(st.summarize(c.val[completed & c.val_present])),
+        "train_val_gap": _summary(st.summarize((c.train - c.val)[completed & c.val_present & c.train_present])),
+        "duration_ms": _summary(st.summarize(c.duration[completed & c.duration_present])),
     }
 
 
-def _arm_from_aggregates(rows: dict[tuple[bool, str], dict], spectral_norm: bool,
-                         trials: Sequence[TrialRecord]) -> dict:
+def _arm_from_aggregates(rows: dict[tuple[bool, str], dict], spectral_norm: bool, from_trials: dict) -> dict:
     """Counts and summaries from sn_comparison; only the medians (which no sufficient statistic gives) and the
-    running count (sn_comparison counts stops) come from the trials."""
-    from_trials = _arm_from_trials(trials)
+    running count (sn_comparison counts stops) come from the trials (`from_trials`, the arm computed from them)."""
     counts = {s: rows[(spectral_norm, s)]["trials"] if (spectral_norm, s) in rows else 0 for s in STATUSES}
     counts["running"] = from_trials["trials"]["running"]
     counts["total"] = sum(counts.values())
@@ -191,23 +185,25 @@ def _arm_from_aggregates(rows: dict[tuple[bool, str], dict], spectral_norm: bool
     return arm
 
 
+def _best(c: Columns, mask: np.ndarray) -> dict:
+    """The arm's trial with the highest final validation accuracy (the highest id among equal ones)."""
+    found = np.flatnonzero(mask)
+    best = None
+    if len(found):
+        values = c.val[found]
+        if np.isnan(values).any():  # NaN does not order: the comparison of the records decides, as it always did
+            best = max(found.tolist(), key=lambda i: (c.trials[i].val, c.ids[i]))
+        else:
+            best = max(found[values == values.max()].tolist(), key=c.ids.__getitem__)
+    return {"trial_id": None if best is None else c.ids[best], METRIC: None if best is None else c.trials[best].val}
+
+
 def complete_pairs(trials: Sequence[TrialRecord]) -> tuple[list[tuple[TrialRecord, TrialRecord]], int]:
     """Pairs linked by `paired_with` (either direction) with one trial per arm, both completed with a final
-    validation accuracy, as (SN, baseline); and how many linked pairs there are in all."""
-    by_id = {t.id: t for t in trials}
-    links = {(min(t.id, t.paired_with), max(t.id, t.paired_with)) for t in trials
-             if t.paired_with and t.paired_with in by_id and t.paired_with != t.id}
-    used: set[str] = set()
-    pairs = []
-    for low, high in sorted(links):
-        first, second = by_id[low], by_id[high]
-        if first.spectral_norm == second.spectral_norm or low in used or high in used:
-            continue
-        used.update((low, high))
-        sn, base = (first, second) if first.spectral_norm else (second, first)
-        if all(t.status == "completed" and t.val is not None for t in (sn, base)):
-            pairs.append((sn, base))
-    return pairs, len(links)
+    validation accuracy, as (SN, baseline), in the order of their sorted (lower id, higher id) links; a trial in
+    several links is paired by the first. And how many linked pairs there are in all."""
+    sn_index, base_index, linked = Columns(trials).pairs()
+    return [(trials[a], trials[b]) for a, b in zip(sn_index.tolist(), base_index.tolist(), strict=True)], linked
 
 
 def _power_block(effect: float | None, scale: float | None, n_now: tuple[int, ...], paired: bool,
@@ -238,8 +234,9 @@ def _rate(counts: dict[bool, dict[str, int]], status: str, alpha: float) -> dict
             "test": "fisher_exact", "differs": differs}
 
 
-def _confounding(data: ComparisonData, alpha: float) -> list[dict]:
-    arms = [[t.hyperparams or {} for t in data.arm(flag) if t.status == "completed"] for flag in (True, False)]
+def _confounding(c: Columns, alpha: float) -> list[dict]:
+    hps = c.hyperparams
+    arms = [[hps[i] or {} for i in np.flatnonzero(c.completed & c.arm(flag)).tolist()] for flag in (True, False)]
     names = sorted({k for arm in arms for h in arm for k in h} - NOT_CONFOUNDERS)
     found = []
     for name in names:
@@ -258,20 +255,18 @@ def _lag_warning(data: ComparisonData) -> str | None:
             "yet); start them with `sntrack consume all`, or wait with `sntrack status --wait-idle 60`.")
 
 
-def _analyses(sn: list[float], base: list[float], pairs: list[tuple[TrialRecord, TrialRecord]],
-              paired_result: st.PairedResult) -> tuple[vd.Analysis, vd.Analysis | None]:
+def _analyses(sn: np.ndarray, base: np.ndarray, n_pairs: int, paired_result: st.PairedResult,
+              welch: st.TestResult, mann_whitney: st.TestResult) -> tuple[vd.Analysis, vd.Analysis | None]:
     independent = vd.analysis(vd.INDEPENDENT, len(sn), len(base), paired_result.n_pairs,
-                              st.welch_difference(sn, base),
-                              [("welch_t", st.welch_test(sn, base)), ("mann_whitney_u", st.mann_whitney(sn, base))])
-    paired = vd.analysis(vd.PAIRED, len(pairs), len(pairs), paired_result.n_pairs, paired_result.difference,
+                              st.welch_difference(sn, base), [("welch_t", welch), ("mann_whitney_u", mann_whitney)])
+    paired = vd.analysis(vd.PAIRED, n_pairs, n_pairs, paired_result.n_pairs, paired_result.difference,
                          [("paired_t", paired_result.t_test), ("wilcoxon_signed_rank", paired_result.wilcoxon)])
-    return (paired, independent) if vd.choose_design(len(sn) + len(base), len(pairs)) == vd.PAIRED else (
-        independent, paired if pairs else None)
+    return (paired, independent) if vd.choose_design(len(sn) + len(base), n_pairs) == vd.PAIRED else (
+        independent, paired if n_pairs else None)
 
 
-def _equivalence(sn: list[float], base: list[float], pair_values: list[tuple[float, float]], paired_design: bool,
+def _equivalence(sn: np.ndarray, base: np.ndarray, pa: np.ndarray, pb: np.ndarray, paired_design: bool,
                  margin: float) -> tuple[dict, eq.Tost]:
-    pa, pb = [a for a, _ in pair_values], [b for _, b in pair_values]
     tost = eq.tost_paired(pa, pb, margin) if paired_design else eq.tost_welch(sn, base, margin)
     aso = eq.aso(pa, pb) if paired_design else eq.aso(sn, base)
     bayes = eq.bayes_signed_rank(pa, pb, margin)
@@ -279,33 +274,48 @@ def _equivalence(sn: list[float], base: list[float], pair_values: list[tuple[flo
         "margin": margin,
         "tost": {**asdict(tost), "design": "paired" if paired_design else "welch"},
         "aso": {**asdict(aso), "confidence": eq.ASO_CONFIDENCE, "design": "paired" if paired_design else "independent"},
-        "bayes_signed_rank": {"rope": margin, "n_pairs": len(pair_values), "p_sn_better": bayes.p_a_better,
+        "bayes_signed_rank": {"rope": margin, "n_pairs": len(pa), "p_sn_better": bayes.p_a_better,
                               "p_equivalent": bayes.p_equivalent, "p_baseline_better": bayes.p_b_better,
                               "samples": bayes.samples},
     }, tost
 
 
-def _strata(done: list[TrialRecord], pairs: list[tuple[TrialRecord, TrialRecord]], paired_design: bool,
-            alpha: float) -> dict:
-    groups: dict[tuple[str, str | None], tuple[list[float], list[float]]] = {}
+def _groups(c: Columns, index: np.ndarray) -> tuple[list[tuple[str, str | None]], list[np.ndarray]]:
+    """The (search, dataset) strata of the trials at `index`: their keys, and per key the positions in `index`
+    (in order)."""
+    at = index.tolist()
+    keys = list(zip(map(c.model_run_ids.__getitem__, at), map(c.datasets.__getitem__, at), strict=True))
+    codes = {key: k for k, key in enumerate(dict.fromkeys(keys))}  # in the order they first appear
+    code = np.fromiter(map(codes.__getitem__, keys), np.int64, len(keys))
+    if not codes:
+        return [], []
+    order = np.argsort(code, kind="stable")
+    return list(codes), np.split(order, np.cumsum(np.bincount(code, minlength=len(codes)))[:-1])
+
+
+def _strata(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool, alpha: float) -> dict:
+    groups: dict[tuple[str, str | None], tuple[np.ndarray, np.ndarray]] = {}
     if paired_design:
-        for a, b in pairs:
-            group = groups.setdefault((a.model_run_id, a.dataset), ([], []))
-            group[0].append(a.val)
-            group[1].append(b.val)
+        keys, members = _groups(c, sn_index)
+        for key, at in zip(keys, members, strict=True):
+            groups[key] = (c.val[sn_index[at]], c.val[base_index[at]])
     else:
-        for t in done:
-            groups.setdefault((t.model_run_id, t.dataset), ([], []))[0 if t.spectral_norm else 1].append(t.val)
+        done = np.flatnonzero(c.done)
+        keys, members = _groups(c, done)
+        for key, at in zip(keys, members, strict=True):
+            trials = done[at]
+            arm = c.sn[trials]
+            groups[key] = (c.val[trials[arm]], c.val[trials[~arm]])
     return robustness.strata(groups, paired_design, alpha)
 
 
-def _where(done: list[TrialRecord], pairs: list[tuple[TrialRecord, TrialRecord]], paired_design: bool,
-           alpha: float) -> dict:
+def _where(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool, alpha: float) -> dict:
+    hps = c.hyperparams
     if paired_design:
-        entries = explore.paired([a.hyperparams or {} for a, _ in pairs], [a.val - b.val for a, b in pairs])
+        entries = explore.paired([hps[i] or {} for i in sn_index.tolist()], c.val[sn_index] - c.val[base_index])
     else:
-        entries = explore.independent([t.hyperparams or {} for t in done], [t.spectral_norm for t in done],
-                                      [t.val for t in done])
+        done = np.flatnonzero(c.done)
+        entries = explore.independent([hps[i] or {} for i in done.tolist()], c.sn[done], c.val[done])
     return explore.where_it_helps(entries, "paired" if paired_design else "independent", alpha)
 
 
@@ -328,74 +338,78 @@ def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha:
 
 
 def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: datetime | None) -> dict:
-    done = [t for t in data.trials if t.status == "completed" and t.val is not None]
-    sn = [t.val for t in done if t.spectral_norm]
-    base = [t.val for t in done if not t.spectral_norm]
-    by_flag = {True: data.arm(True), False: data.arm(False)}
+    c = Columns(data.trials)
+    sn_done, base_done = c.done & c.sn, c.done & ~c.sn
+    sn, base = c.val[sn_done], c.val[base_done]
     warnings: list[str] = [w for w in (_lag_warning(data),) if w]
 
-    arms = {name: _arm_from_trials(by_flag[flag]) for name, flag in zip(ARMS, (True, False), strict=True)}
+    arms = {name: _arm_from_trials(c, c.arm(flag)) for name, flag in zip(ARMS, (True, False), strict=True)}
     source = "trials"
     if data.aggregates is not None:
-        from_aggregates = {name: _arm_from_aggregates(data.aggregates, flag, by_flag[flag])
+        from_aggregates = {name: _arm_from_aggregates(data.aggregates, flag, arms[name])
                            for name, flag in zip(ARMS, (True, False), strict=True)}
         if all(from_aggregates[a]["trials"] == arms[a]["trials"] for a in ARMS):
             arms, source = from_aggregates, "sn_comparison"
         else:
             warnings.append("sn_comparison does not match the trials read model yet (the comparison consumer is "
                             "behind); the per-arm figures are computed from trials.")
-    for name, flag in zip(ARMS, (True, False), strict=True):
-        best = max((t for t in done if t.spectral_norm is flag), key=lambda t: (t.val, t.id), default=None)
-        arms[name]["best"] = {"trial_id": best.id if best else None, METRIC: best.val if best else None}
+    for name, mask in zip(ARMS, (sn_done, base_done), strict=True):
+        arms[name]["best"] = _best(c, mask)
 
-    pairs, linked = complete_pairs(data.trials)
-    pair_values = [(a.val, b.val) for a, b in pairs]
-    paired = st.paired([a for a, _ in pair_values], [b for _, b in pair_values])
-    primary, subset = _analyses(sn, base, pairs, paired)
+    sn_index, base_index, linked = c.pairs()
+    n_pairs = len(sn_index)
+    pa, pb = c.val[sn_index], c.val[base_index]
+    paired = st.paired(pa, pb)
+    welch, mann_whitney = st.welch_test(sn, base), st.mann_whitney(sn, base)
+    primary, subset = _analyses(sn, base, n_pairs, paired, welch, mann_whitney)
     paired_design = primary.design == vd.PAIRED
     tests = {
-        "welch_t": asdict(st.welch_test(sn, base)),
-        "mann_whitney_u": asdict(st.mann_whitney(sn, base)),
+        "welch_t": asdict(welch),
+        "mann_whitney_u": asdict(mann_whitney),
         "paired": {"n_pairs": paired.n_pairs, "n_linked_pairs": linked,
                    "mean_difference": asdict(paired.difference), "t_test": asdict(paired.t_test),
                    "wilcoxon_signed_rank": asdict(paired.wilcoxon)},
     }
     difference = asdict(primary.difference)
 
-    counts = {flag: _counts(by_flag[flag]) for flag in (True, False)}
+    counts = {flag: c.counts(c.arm(flag)) for flag in (True, False)}
     rates = {status: _rate(counts, status, alpha) for status in ("pruned", "failed")}
     for status, rate in rates.items():
         if rate["differs"]:
             warnings.append(f"{status} rates differ between the arms (SN {rate['spectral_norm']:.0%}, baseline "
                             f"{rate['baseline']:.0%}; Fisher's exact p = {vd.fmt_p(rate['p_value'])}): the "
                             "completed trials compared may be a biased selection.")
-    confounding = [] if paired_design else _confounding(data, alpha)
-    differing = [c for c in confounding if c["differs"]]
+    confounding = [] if paired_design else _confounding(c, alpha)
+    differing = [x for x in confounding if x["differs"]]
     if differing:
-        listed = ", ".join(f"{c['hyperparam']} (p = {vd.fmt_p(c['p_value'])})" for c in differing)
+        listed = ", ".join(f"{x['hyperparam']} (p = {vd.fmt_p(x['p_value'])})" for x in differing)
         warnings.append(f"the arms' hyper-parameters are distributed differently: {listed}, of {len(confounding)} "
                         f"tested at α = {alpha:g} without correction; an adaptive sampler may have confounded "
                         "the flag.")
-    check = manipulation.check(
-        [(t.id, t.sigmas, t.hyperparams) for t in done if t.spectral_norm and t.sigmas],
-        [(t.id, t.sigmas, t.hyperparams) for t in done if not t.spectral_norm and t.sigmas])
+    measured = np.fromiter(map(bool, c.sigmas), bool, c.n)  # σ were recorded
+    check = manipulation.check(*(tuple(list(map(column.__getitem__, np.flatnonzero(mask & measured).tolist()))
+                                       for column in (c.ids, c.sigmas, c.hyperparams))
+                                 for mask in (sn_done, base_done)))
     warnings += manipulation.warnings(check)
     disagrees = vd.disagreement(primary, subset, alpha)
     if disagrees:
         warnings.append(disagrees)
-    strata = _strata(done, pairs, paired_design, alpha)
+    strata = _strata(c, sn_index, base_index, paired_design, alpha)
     if strata["signs_disagree"]:
         warnings.append(f"the {len(strata['items'])} strata (search × dataset) disagree in the sign of SN − "
                         "baseline: read the per-stratum figures and the pooled estimate, not the mixed one.")
 
-    durations = [[t.duration_ms for t in by_flag[flag] if t.status == "completed" and t.duration_ms is not None]
-                 for flag in (True, False)]
+    timed = c.duration_present & c.completed
+    durations = [c.duration[timed & c.arm(flag)] for flag in (True, False)]
     mean_sn, mean_base = (arms[a]["duration_ms"]["mean"] for a in ARMS)
     overhead = mean_sn / mean_base - 1 if mean_sn is not None and mean_base else None
-    timed_pairs = [(a.duration_ms, b.duration_ms) for a, b in pairs if a.duration_ms and b.duration_ms]
+    # Pairs whose twins both have a duration that is not 0 (None and 0 are false, as they were in the lists).
+    with_duration = c.duration_present & (c.duration != 0)
+    both_timed = with_duration[sn_index] & with_duration[base_index]
+    timed_sn, timed_base = c.duration[sn_index[both_timed]], c.duration[base_index[both_timed]]
 
     if paired_design:
-        scale, n_now, unit = st.summarize([a - b for a, b in pair_values]).std, (paired.n_pairs,), "complete pairs"
+        scale, n_now, unit = st.summarize(pa - pb).std, (paired.n_pairs,), "complete pairs"
     else:
         scale, n_now, unit = st.pooled_std(sn, base), (len(sn), len(base)), "completed trials per arm"
     power = {
@@ -405,10 +419,12 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
                            "it is context, not evidence, and stays out of the verdict",
         "min_effect": _power_block(min_effect, scale, n_now, paired_design, alpha),
     }
-    equivalence, tost = _equivalence(sn, base, pair_values, paired_design, min_effect)
+    equivalence, tost = _equivalence(sn, base, pa, pb, paired_design, min_effect)
     # The arms may differ in more than the flag: a biased selection, confounding, or a treatment that did not take.
     arms_differ = any(r["differs"] for r in rates.values()) or bool(differing) or check["passed"] is False
     verdict = vd.verdict(primary, tost, power, alpha, disagrees, arms_differ)
+    epochs_done = c.done & c.epochs_present
+    epochs_paired = c.epochs_present[sn_index] & c.epochs_present[base_index]
     return _clean({
         "report_version": REPORT_VERSION,
         "generated_at": (now or datetime.now(UTC)).isoformat(),
@@ -418,8 +434,8 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
         "min_effect": min_effect,
         "source": source,
         "arms": arms,
-        "design": {"primary": primary.design, "completed_trials": len(done),
-                   "trials_in_complete_pairs": 2 * len(pairs),
+        "design": {"primary": primary.design, "completed_trials": int(c.done.sum()),
+                   "trials_in_complete_pairs": 2 * n_pairs,
                    "rule": "paired leads when at least 2 complete pairs hold more than half the completed trials"},
         "primary": primary.as_dict(alpha),
         "subset": (subset or vd.NO_ANALYSIS).as_dict(alpha),
@@ -428,17 +444,15 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
         "equivalence": equivalence,
         "effect_sizes": {"hedges_g": st.hedges_g(sn, base), "cliffs_delta": st.cliffs_delta(sn, base)},
         "training_time": {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations)),
-                          "ratio": robustness.duration_ratio(*durations, timed_pairs)},
+                          "ratio": robustness.duration_ratio(*durations, timed_sn, timed_base)},
         "rates": rates,
         "confounding": confounding,
         "manipulation": check,
-        "where_it_helps": _where(done, pairs, paired_design, alpha),
-        "stability": robustness.stability(sn, base, pair_values),
+        "where_it_helps": _where(c, sn_index, base_index, paired_design, alpha),
+        "stability": robustness.stability(sn, base, pa, pb),
         "convergence": robustness.convergence(
-            [t.epochs_to_95 for t in done if t.spectral_norm and t.epochs_to_95 is not None],
-            [t.epochs_to_95 for t in done if not t.spectral_norm and t.epochs_to_95 is not None],
-            [(a.epochs_to_95, b.epochs_to_95) for a, b in pairs
-             if a.epochs_to_95 is not None and b.epochs_to_95 is not None], paired_design),
+            c.epochs[epochs_done & c.sn], c.epochs[epochs_done & ~c.sn],
+            c.epochs[sn_index[epochs_paired]] - c.epochs[base_index[epochs_paired]], paired_design),
         "strata": strata,
         "power": power,
         "verdict": verdict,

@@ -10,34 +10,37 @@ from consumers.report import heterogeneity as het
 from consumers.report import stats as st
 
 
-def stability(sn: Sequence[float], base: Sequence[float], pairs: Sequence[tuple[float, float]]) -> dict:
+def stability(sn: Sequence[float], base: Sequence[float], pair_sn: Sequence[float],
+              pair_base: Sequence[float]) -> dict:
     """Spread of final validation accuracy per arm: variance ratio SN / baseline with its F interval and
-    Brown–Forsythe over all completed trials; over complete pairs, the same ratio and Pitman–Morgan's paired test."""
+    Brown–Forsythe over all completed trials; over complete pairs (pair_sn[i], pair_base[i]), the same ratio and
+    Pitman–Morgan's paired test."""
     ratio = st.variance_ratio(sn, base)
-    pair_sn, pair_base = [a for a, _ in pairs], [b for _, b in pairs]
     paired_ratio = st.variance_ratio(pair_sn, pair_base)
     return {
         "variance_ratio": {k: v for k, v in asdict(ratio).items() if k != "brown_forsythe"},
         "brown_forsythe": asdict(ratio.brown_forsythe),
-        "paired": {"n_pairs": len(pairs), "variance_ratio": paired_ratio.ratio,
+        "paired": {"n_pairs": len(pair_sn), "variance_ratio": paired_ratio.ratio,
                    "pitman_morgan": asdict(st.pitman_morgan(pair_sn, pair_base))},
     }
 
 
-def convergence(sn: Sequence[float], base: Sequence[float], pairs: Sequence[tuple[float, float]],
+def convergence(sn: Sequence[float], base: Sequence[float], pair_differences: Sequence[float],
                 paired_design: bool) -> dict:
-    """Epochs to reach 95% of a trial's final validation accuracy: per arm, and SN − baseline by the design."""
-    difference = (st.mean_difference([a - b for a, b in pairs]) if paired_design
+    """Epochs to reach 95% of a trial's final validation accuracy: per arm, and SN − baseline by the design (the
+    mean of the twins' differences when paired)."""
+    difference = (st.mean_difference(pair_differences) if paired_design
                   else st.welch_difference(sn, base))
     return {"threshold": 0.95, "spectral_norm": asdict(st.summarize(sn)), "baseline": asdict(st.summarize(base)),
             "difference": asdict(difference)}
 
 
-def duration_ratio(sn: Sequence[float], base: Sequence[float], pairs: Sequence[tuple[float, float]]) -> dict:
-    """SN / baseline training time as a geometric-mean ratio: over twins when there are at least 2 timed pairs (the
-    same configuration and seed, so only the flag differs), over the arms otherwise."""
-    if len(pairs) >= 2:
-        result, design = st.ratio_paired([a for a, _ in pairs], [b for _, b in pairs]), "paired twins"
+def duration_ratio(sn: Sequence[float], base: Sequence[float], pair_sn: Sequence[float],
+                   pair_base: Sequence[float]) -> dict:
+    """SN / baseline training time as a geometric-mean ratio: over twins (pair_sn[i], pair_base[i]) when there are at
+    least 2 timed pairs (the same configuration and seed, so only the flag differs), over the arms otherwise."""
+    if len(pair_sn) >= 2:
+        result, design = st.ratio_paired(pair_sn, pair_base), "paired twins"
     else:
         result, design = st.ratio_independent(sn, base), "independent"
     return {**asdict(result), "design": design}

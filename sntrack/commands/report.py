@@ -10,7 +10,6 @@ from pathlib import Path
 
 from common.errors import ConfigurationError
 from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
-from sntrack.commands.replay import RESERVED, SCHEMA_NAME
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
@@ -73,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 async def _use_schema(conn, schema: str) -> None:
     """Put `schema`, which must hold a past state of the trials projection, first on the connection's search_path:
     the report's reads of trials and trial_metrics go there, nothing else does, and nothing is written."""
+    from sntrack.commands.replay import RESERVED, SCHEMA_NAME  # with the consumers' registry: only for --schema
+
     if not SCHEMA_NAME.fullmatch(schema) or RESERVED.fullmatch(schema):  # what `replay --into` accepts, no more
         raise ConfigurationError(f"--schema {schema!r} is not a schema `sntrack replay --into` writes (lower case "
                                  "letters, digits, _, at most 63; not public, pg_* or sntrack_*)")
@@ -92,8 +93,18 @@ def _quoted(name: str) -> str:
 async def _report(args: argparse.Namespace, settings: Settings) -> int:
     if args.plot:
         check_plot_path(args.plot)
-    # scipy and matplotlib load here, not when `sntrack` builds its parser for another command.
-    from consumers.report.plot import plot_report
+    # numpy loads here, not when `sntrack` builds its parser; scipy.stats in a thread while the database is read
+    # (its first use waits for it), matplotlib only for --plot.
+    from consumers.report.lazy_stats import prefetch
+
+    scipy_import = prefetch()
+    try:
+        return await _read_and_report(args, settings)
+    finally:
+        scipy_import.join()  # not torn down half-imported at exit, whatever happened
+
+
+async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.report import UnknownScope, build_report, load
 
     pool = await read_pool(settings)
@@ -112,5 +123,7 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     report = build_report(data, min_effect=args.min_effect)
     sys.stdout.write(RENDERERS[args.format](report))
     if args.plot:
+        from consumers.report.plot import plot_report
+
         print(f"wrote {plot_report(data, report, args.plot)}", file=sys.stderr)
     return 0
