@@ -84,6 +84,15 @@ async def connect(config: ConsumerConfig) -> aio_pika.abc.AbstractRobustConnecti
         ) from None
 
 
+def _in_hand(message: AbstractIncomingMessage) -> bool:
+    """Whether `message` can still be acked: a delivery of a closed channel is back in its queue."""
+    try:
+        message.channel  # noqa: B018 - raises once the channel is closed
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return False
+    return True
+
+
 def _event_fields(event: Event) -> dict:
     return {"event_id": str(event.event_id), "trial_id": event.trial_id, "event_type": event.event_type}
 
@@ -346,6 +355,10 @@ class ConsumerRuntime:
         ids = _event_fields(event) if event else {"message_id": message.message_id}
         backoff = 0.5
         while True:
+            if not _in_hand(message):  # its channel is gone: the broker redelivers it, and that copy is dead-lettered
+                self.log.warning("the channel that delivered the message closed before its dead letter was sent; "
+                                 "leaving it to its redelivery", reason=str(reason), **ids)
+                return False
             try:
                 await dlx.publish(copy, routing_key=self.handler.queue.name, mandatory=True, timeout=30)
                 break

@@ -1,15 +1,20 @@
 """Dead-lettering never loses a message: a missing, unbound or full dead-letter queue keeps the original."""
 
 import asyncio
+from dataclasses import replace
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
 
 from consumers.broker_admin import apply_topology
+from consumers.runtime import DEAD_LETTER_MAX_BACKOFF_S
 from consumers.service import running_consumers
 from consumers.topology import QueueSpec
 from schemas.topology import DEAD_LETTER_EXCHANGE, REASON_HEADER
 from tests.conftest import wait_until
+from tests.faults import TcpProxy
+from tests.test_dlq import _empty
 
 QUEUE = "sntrack.journal"
 DLQ = f"{QUEUE}.dlq"
@@ -49,6 +54,27 @@ async def test_missing_then_full_dead_letter_queue_keeps_the_original(env):
     assert {m.body for m in filler} == {b"filler"}
     assert [m.body for m in letters] == [b"poison while the DLQ is full"]
     assert letters[0].headers[REASON_HEADER] == "invalid_json"
+
+
+async def test_a_dead_letter_waiting_through_a_lost_connection_is_sent_once(env):
+    """A dead letter retried while its DLQ is missing must not be sent for a delivery whose channel died: the broker
+    redelivers that message, and the redelivery is dead-lettered (before: both were, two copies in the DLQ)."""
+    amqp = urlsplit(env.settings.amqp_url)
+    with TcpProxy(amqp.hostname, amqp.port) as broker:
+        config = replace(env.settings.consumer(), amqp_url=broker.url_for(env.settings.amqp_url))
+        async with running_consumers(config, ["journal"]) as (runtime,):
+            env.api.request("DELETE", f"queues/{env.vhost}/{DLQ}")
+            await env.publish_raw([b"poison while the DLQ is missing"])
+            await wait_until(lambda: runtime.stats.dead_letter_failures >= 1, what="the returned dead letter")
+            broker.cut()  # the channel holding the poison dies; the broker puts it back in its queue
+            await asyncio.sleep(1)
+            broker.restore()
+            await asyncio.to_thread(apply_topology, env.api, env.vhost, user_prefix=env.vhost)
+            await wait_until(lambda: runtime.stats.dead_lettered >= 1, timeout=90, what="the dead letter")
+            await wait_until(lambda: _empty(env, QUEUE), what="the original to be acked")
+            await asyncio.sleep(DEAD_LETTER_MAX_BACKOFF_S + 1)  # a stale retry would have fired by now
+    letters = await env.dead_letters(QUEUE)
+    assert [m.body for m in letters] == [b"poison while the DLQ is missing"], [m.body for m in letters]
 
 
 async def _fill(env) -> None:
