@@ -1,0 +1,42 @@
+"""`sntrack subscribe NAME >&-`: started with its standard output closed, the subscriber used to take every event,
+fail each on `None.write`, dead-letter them all and exit with a traceback; the next run then had nothing (found by
+attack19). It is refused in one line before it takes anything."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+from consumers.service import running_consumers
+from tests.conftest import wait_until
+from tests.test_dlq import _depth
+from tests.test_end_to_end import cli_env
+from tests.test_subscribe_catchup import _journal_order, _last_id, study_events
+
+
+async def test_a_subscriber_started_with_stdout_closed_refuses_and_takes_nothing(env, tmp_path):
+    events = [e for e in study_events(2, 3, seed=21) if e.event_type == "ml.run.metric"]
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(events)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="the journal")
+        closed = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", 'exec "$0" -m sntrack subscribe closed --bind ml.run.metric --from-start >&-',
+            sys.executable, env=cli_env(env), stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(closed.communicate(), 60)
+        text = err.decode()
+        assert closed.returncode == 2 and "standard output is closed" in text, text[-3000:]
+        assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+        assert await _depth(env, "sntrack.sub.closed.dlq") in (None, 0)  # None: refused before declaring it
+        rest = tmp_path / "rest.jsonl"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "closed", "--bind", "ml.run.metric", "--from-start",
+            "--jsonl", str(rest), env=cli_env(env), stderr=asyncio.subprocess.DEVNULL)
+        order = await _journal_order(env)
+        try:
+            await wait_until(lambda: _last_id(rest) == order[-1], what="every event")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 60)
+    assert [json.loads(line)["event_id"] for line in rest.read_text().splitlines()] == order
