@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
+
+import pytest
 
 from consumers.service import running_consumers
 from tests.conftest import wait_until
@@ -40,3 +43,42 @@ async def test_a_subscriber_started_with_stdout_closed_refuses_and_takes_nothing
             process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(process.wait(), 60)
     assert [json.loads(line)["event_id"] for line in rest.read_text().splitlines()] == order
+
+
+@pytest.mark.xfail(strict=True, reason="attack19: JsonLinesSink writes stdout synchronously on the event loop; a full "
+                                       "pipe blocks the loop, so the SIGTERM handler never runs until the reader reads")
+async def test_sigterm_stops_a_subscriber_whose_reader_stalls(env):
+    """`sntrack subscribe NAME | slow-reader`: with the pipe full, SIGTERM must still stop the subscriber."""
+    events = study_events(30, 10, seed=22)  # more than a pipe's 64 KiB of JSON lines
+    async with running_consumers(env.settings.consumer(), ["journal"]):
+        await env.publish_events(events)
+        await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="the journal",
+                         timeout=120)
+        reader, writer = os.pipe()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "sntrack", "subscribe", "stall", "--from-start", env=cli_env(env), stdout=writer,
+            stderr=asyncio.subprocess.DEVNULL)
+        os.close(writer)
+        try:
+            await wait_until(lambda: _pipe_full(reader), what="the pipe to fill")
+            process.send_signal(signal.SIGTERM)
+            stopped = await _exits_within(process, 30)
+        finally:
+            os.close(reader)  # the reader goes: the write fails and the subscriber ends either way
+            await asyncio.wait_for(process.wait(), 60)
+        assert stopped, "SIGTERM did not stop the subscriber while its reader stalled"
+
+
+def _pipe_full(fd: int) -> bool:
+    import fcntl
+    import termios
+    pending = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    return int.from_bytes(pending, sys.byteorder) >= 60_000
+
+
+async def _exits_within(process, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(process.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
