@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         result = args.run(args, settings)
         if asyncio.iscoroutine(result):
             result = asyncio.run(result)
-        sys.stdout.flush()  # here, not at exit, so that a failed write is reported below
+        if sys.stdout is not None:  # None: started with it closed (`>&-`)
+            sys.stdout.flush()  # here, not at exit, so that a failed write is reported below
         return int(result or 0)
     except OSError as exc:
         if exc.errno not in OUTPUT_ERRNOS:

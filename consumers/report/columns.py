@@ -82,7 +82,9 @@ class Columns:
             return np.zeros(0, int), np.zeros(0, int), 0
         ends = np.stack([own[linked], other[linked]], axis=1)
         rank = np.empty(self.n, dtype=np.int64)
-        rank[np.argsort(np.array(ids), kind="stable")] = np.arange(self.n)
+        # Python's order of the ids (as min/max and sorted() compare them): numpy's string arrays drop trailing NULs,
+        # so "a" and "a\x00" would tie there.
+        rank[sorted(range(self.n), key=ids.__getitem__)] = np.arange(self.n)
         # A link is (lower id, higher id); ranks order the distinct ids as strings do.
         swap = rank[ends[:, 0]] > rank[ends[:, 1]]
         ends[swap] = ends[swap][:, ::-1]

@@ -81,6 +81,8 @@ def _sink(args: argparse.Namespace, files: AsyncExitStack):
             return JsonLinesSink(files.enter_context(open(args.jsonl, "a", encoding="utf-8")))  # noqa: SIM115
         except OSError as exc:
             raise ConfigurationError(f"--jsonl {args.jsonl}: {exc.strerror}") from None
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): nothing could be delivered
+        raise ConfigurationError("the standard output is closed: give --jsonl FILE, --command or --handler")
     return JsonLinesSink(sys.stdout)
 
 
