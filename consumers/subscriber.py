@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import os
 import re
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -59,27 +61,42 @@ def matching_types(patterns: Sequence[str]) -> list[str]:
 
 
 class JsonLinesSink:
-    """Each event as one JSON line, flushed before it counts as delivered. A reader that went away (`| head`)
-    calls `on_closed` (the subscriber stops) and a failed write (a full disk) is retried later: either way the
-    event is not delivered, so it stays for the next run."""
+    """Each event as one JSON line, written through the stream's unbuffered layer before it counts as delivered.
+    A reader that went away (`| head`) calls `on_closed` (the subscriber stops); a failed write (a full disk) is
+    retried later, with nothing of it left in a buffer and a torn line cut from a regular file: either way the event
+    is not delivered, so it stays for the next run, and is written once."""
 
     def __init__(self, stream: TextIO):
-        self.stream = stream
+        stream.flush()
+        self.stream = stream  # held: a wrapper that is collected closes the layer below it
+        self.raw = getattr(getattr(stream, "buffer", stream), "raw", None) or getattr(stream, "buffer", stream)
         self.closed = False
         self.on_closed: Callable[[], None] = lambda: None
 
     async def __call__(self, event: Event) -> None:
         if self.closed:
             raise RetryLater("the output was closed")
+        data = memoryview((event.model_dump_json() + "\n").encode())
+        start = _regular_file_size(self.raw)
         try:
-            self.stream.write(event.model_dump_json() + "\n")
-            self.stream.flush()
+            while data:
+                data = data[self.raw.write(data) or 0:]
         except BrokenPipeError:
             self.closed = True
             self.on_closed()
             raise RetryLater("the output was closed") from None
         except OSError as exc:
+            if start is not None:
+                os.ftruncate(self.raw.fileno(), start)  # no torn line before the retry's copy
             raise RetryLater(f"cannot write the output: {exc.strerror or exc}") from None
+
+
+def _regular_file_size(raw) -> int | None:
+    try:
+        status = os.fstat(raw.fileno())
+    except (AttributeError, OSError, ValueError):  # no descriptor (an in-memory stream)
+        return None
+    return status.st_size if stat.S_ISREG(status.st_mode) else None
 
 
 class ExecSink:

@@ -82,7 +82,7 @@ def _sink(args: argparse.Namespace, files: AsyncExitStack):
         except OSError as exc:
             raise ConfigurationError(f"--jsonl {args.jsonl}: {exc.strerror}") from None
     if sys.stdout is None:  # started with its standard output closed (`>&-`): nothing could be delivered
-        raise ConfigurationError("the standard output is closed: give --jsonl FILE, --command or --handler")
+        raise ConfigurationError("the standard output is closed: give --jsonl FILE, --exec CMD or --handler")
     return JsonLinesSink(sys.stdout)
 
 
