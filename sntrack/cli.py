@@ -26,7 +26,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command, or of the command `only` alone (a key of COMMANDS): the same parser for the
+    """The parser of every command, or of the command `only` alone (one of COMMANDS): the same parser for the
     arguments of that command, without importing the others' modules."""
     parser = OneLineParser(
         prog="sntrack",
