@@ -69,7 +69,9 @@ class JsonLinesSink:
     def __init__(self, stream: TextIO):
         stream.flush()
         self.stream = stream  # held: a wrapper that is collected closes the layer below it
-        self.raw = getattr(getattr(stream, "buffer", stream), "raw", None) or getattr(stream, "buffer", stream)
+        buffer = getattr(stream, "buffer", stream)
+        self.raw = getattr(buffer, "raw", buffer)
+        self.regular_file = _is_regular_file(self.raw)  # a torn line can be cut from it
         self.closed = False
         self.on_closed: Callable[[], None] = lambda: None
 
@@ -77,7 +79,7 @@ class JsonLinesSink:
         if self.closed:
             raise RetryLater("the output was closed")
         data = memoryview((event.model_dump_json() + "\n").encode())
-        start = _regular_file_size(self.raw)
+        start = os.fstat(self.raw.fileno()).st_size if self.regular_file else None
         try:
             while data:
                 data = data[self.raw.write(data) or 0:]
@@ -91,12 +93,11 @@ class JsonLinesSink:
             raise RetryLater(f"cannot write the output: {exc.strerror or exc}") from None
 
 
-def _regular_file_size(raw) -> int | None:
+def _is_regular_file(raw) -> bool:
     try:
-        status = os.fstat(raw.fileno())
+        return stat.S_ISREG(os.fstat(raw.fileno()).st_mode)
     except (AttributeError, OSError, ValueError):  # no descriptor (an in-memory stream)
-        return None
-    return status.st_size if stat.S_ISREG(status.st_mode) else None
+        return False
 
 
 class ExecSink:
