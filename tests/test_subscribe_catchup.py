@@ -481,28 +481,28 @@ async def test_a_reader_that_goes_away_stops_the_subscriber_and_the_rest_waits_f
         assert piped.returncode == 0 and "the output was closed" in text, text[-3000:]
         assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
         await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM events", len(events)), what="the journal")
-        rest = tmp_path / "rest.jsonl"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sntrack", "subscribe", "piped", "--jsonl", str(rest), env=cli_env(env),
-            stderr=asyncio.subprocess.DEVNULL)
-        order = await _journal_order(env)
-        try:
-            await wait_until(lambda: _last_id(rest) == order[-1], what="the tail")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 60)
-    delivered = [json.loads(line)["event_id"] for line in rest.read_text().splitlines()]
+        delivered, order = await read_to_the_tail(env, "piped", tmp_path / "rest.jsonl")
     # The next run starts with the event whose write failed, not after it: the journal's tail is all there.
     assert first == order[0] and delivered == order[order.index(delivered[0]):]
 
 
-def _last_id(path: Path) -> str | None:
-    written = path.read_text().splitlines() if path.exists() else []
-    return json.loads(written[-1])["event_id"] if written else None
+async def read_to_the_tail(env, name: str, out: Path, *args: str) -> tuple[list[str], list[str]]:
+    """Run `sntrack subscribe NAME ARGS --jsonl OUT` until it has written the journal's last event, then stop it:
+    (the event ids written to OUT, the journal's event ids in order)."""
+    order = [r["event_id"] for r in await env.fetch("SELECT event_id::text FROM events ORDER BY position")]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sntrack", "subscribe", name, *args, "--jsonl", str(out), env=cli_env(env),
+        stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: _written(out)[-1:] == order[-1:], what=f"{name} to write the journal's last event")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 60)
+    return _written(out), order
 
 
-async def _journal_order(env) -> list[str]:
-    return [r["event_id"] for r in await env.fetch("SELECT event_id::text FROM events ORDER BY position")]
+def _written(path: Path) -> list[str]:
+    return [json.loads(line)["event_id"] for line in path.read_text().splitlines()] if path.exists() else []
 
 
 async def test_a_full_disk_is_waited_out_not_dead_lettered(env, tmp_path):
@@ -524,13 +524,5 @@ async def test_a_full_disk_is_waited_out_not_dead_lettered(env, tmp_path):
         text = log.read_text()
         assert full.returncode in (0, 2) and "Traceback" not in text and '"dead_lettered": 0' in text, text[-3000:]
         assert await _depth(env, "sntrack.sub.disk.dlq") == 0
-        out = tmp_path / "disk.jsonl"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sntrack", "subscribe", "disk", "--jsonl", str(out), env=cli_env(env),
-            stderr=asyncio.subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: len(lines(out)) >= len(events), what="every stop once there is room")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 60)
-    assert sorted(json.loads(line)["event_id"] for line in lines(out)) == sorted(str(e.event_id) for e in events)
+        delivered, _ = await read_to_the_tail(env, "disk", tmp_path / "disk.jsonl")  # once there is room
+    assert sorted(delivered) == sorted(str(e.event_id) for e in events)

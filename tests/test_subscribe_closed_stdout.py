@@ -5,7 +5,6 @@ attack19). It is refused in one line before it takes anything."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -16,7 +15,7 @@ from consumers.service import running_consumers
 from tests.conftest import wait_until
 from tests.test_dlq import _depth
 from tests.test_end_to_end import cli_env
-from tests.test_subscribe_catchup import _journal_order, _last_id, study_events
+from tests.test_subscribe_catchup import read_to_the_tail, study_events
 
 
 async def test_a_subscriber_started_with_stdout_closed_refuses_and_takes_nothing(env, tmp_path):
@@ -32,17 +31,9 @@ async def test_a_subscriber_started_with_stdout_closed_refuses_and_takes_nothing
         assert closed.returncode == 2 and "standard output is closed" in text, text[-3000:]
         assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
         assert await _depth(env, "sntrack.sub.closed.dlq") in (None, 0)  # None: refused before declaring it
-        rest = tmp_path / "rest.jsonl"
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sntrack", "subscribe", "closed", "--bind", "ml.run.metric", "--from-start",
-            "--jsonl", str(rest), env=cli_env(env), stderr=asyncio.subprocess.DEVNULL)
-        order = await _journal_order(env)
-        try:
-            await wait_until(lambda: _last_id(rest) == order[-1], what="every event")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(process.wait(), 60)
-    assert [json.loads(line)["event_id"] for line in rest.read_text().splitlines()] == order
+        delivered, order = await read_to_the_tail(env, "closed", tmp_path / "rest.jsonl", "--bind", "ml.run.metric",
+                                                  "--from-start")
+    assert delivered == order
 
 
 @pytest.mark.xfail(strict=True, reason="attack19: JsonLinesSink writes stdout synchronously on the event loop; a full "
