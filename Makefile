@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 3
 
-.PHONY: help venv services setup test test-fast demo bench lint schemas topology clean
+.PHONY: help venv services setup test test-fast demo bench soak lint schemas topology clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ demo: setup  ## a real spectral-norm vs baseline study through the whole pipelin
 bench: setup  ## benchmarks; results in bench/results/
 	@bash infra/browser.sh || echo "[browser] could not install chromium: the dashboard benchmark will fail" >&2
 	$(BIN)/python -m bench
+
+soak: setup  ## one million events from 100 simulated workers (about 20 min); results in bench/results/soak.md
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint:  ## ruff, schema and topology staleness
 	$(BIN)/ruff check .
