@@ -4,7 +4,8 @@ it without writing anything.
 
 For a study mixing completed, pruned and failed trials, paired and unpaired, and one trial with two stops, any
 permutation, duplication and split into batches ends in the same rows as in-order application, and those equal a
-fresh replay from the journal.
+fresh replay from the journal (set-based where the projection has `bulk` SQL). On hostile journals the set-based
+replay equals the replay through `project`, value by value.
 """
 
 import asyncio
@@ -26,7 +27,7 @@ from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from producer.emitter import TrialEvents, producer_info
 from producer.sample import synthetic_study
-from schemas import RunError, parse_event
+from schemas import SCHEMA_VERSIONS, RunError, parse_event
 from schemas.history import RunMetricV1
 from tests.test_contract import LIMIT, METRIC, METRIC_V1, START, STOP
 
@@ -259,6 +260,14 @@ def _exact(rows: dict) -> dict:
     """Rows with every value as its type and text: 0.5 and 0.50 (Decimal) and -0.0 and 0.0 (float) differ here."""
     return {t: [{k: (type(v).__name__, str(v)) for k, v in r.items()} for r in rs] if t != "applied_events" else rs
             for t, rs in rows.items()}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PROJECTIONS.items() if p.bulk))
+def test_the_set_based_sql_reads_every_version_up_to_the_current_one(name):
+    """A new event version that the SQL does not read yet would send every replay through `project`: correct,
+    slow, and silent. This fails first."""
+    for event_type, versions in PROJECTIONS[name].bulk_versions.items():
+        assert versions == frozenset(range(1, SCHEMA_VERSIONS[event_type] + 1)), event_type
 
 
 async def _replay_rows(env, conn: asyncpg.Connection, projection: Projection, *, set_based: bool) -> tuple:
