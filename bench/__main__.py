@@ -2,8 +2,8 @@
 
 Writes bench/results/latest.json and bench/results/latest.md (the README links them). Options:
   --quick          shorter runs (smoke-checks the harness; figures are noisier)
-  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway, dashboard, rebuild, catchup (the
-                   others keep their last results)
+  --only NAME ...  pipeline, comparison, mlflow, training, report, gateway, dashboard, rebuild, catchup, replay
+                   (the others keep their last results)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from bench import (
     mlflow_sync,
     pipeline,
     rebuild_stall,
+    replay_bench,
     report_bench,
     training_overhead,
 )
@@ -37,7 +38,8 @@ from sntrack.settings import Settings
 from tests.sandbox import sandbox
 
 RESULTS = Path(__file__).parent / "results"
-NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard", "rebuild", "catchup")
+NAMES = ("pipeline", "comparison", "mlflow", "training", "report", "gateway", "dashboard", "rebuild", "catchup",
+         "replay")
 
 
 async def _with_mlflow(base: Settings, work):
@@ -97,6 +99,7 @@ async def main(names: list[str], quick: bool) -> int:
         "dashboard": lambda: dashboard_bench.run(base, duration_s=4 if quick else 8),
         "rebuild": lambda: rebuild_stall.run(base, trials=20_000 if quick else 100_000),
         "catchup": lambda: catchup_bench.run(base, events=10_000 if quick else 50_000),
+        "replay": lambda: replay_bench.run(base, events=20_000 if quick else 200_000),
     }
     failed = []
     for name in names:

@@ -45,13 +45,14 @@ STREAM_S = 240  # the live stream's length after the baseline: longer than a reb
 SWAP = re.compile(r"locks held (\d+) ms")
 
 
-def _journal_rows(trials: int, seed: int):
-    """Journal rows of `trials` trials of one epoch (search REBUILT): a template study copied with new event and
-    trial ids."""
-    template = synthetic_study(TEMPLATE_TRIALS, 1, seed=seed, producer=producer_info("bench"), model_run_id=REBUILT)
+def journal_rows(trials: int, seed: int, *, epochs: int = 1, template_trials: int = TEMPLATE_TRIALS):
+    """Journal rows of `trials` trials of up to `epochs` epochs (search REBUILT): a template study of
+    `template_trials` trials copied with new event and trial ids."""
+    template = synthetic_study(template_trials, epochs, seed=seed, producer=producer_info("bench"),
+                               model_run_id=REBUILT)
     dumped = [[(event, event.model_dump_json()) for event in trial] for trial in template]
     for n in range(trials):
-        copy, trial = divmod(n, TEMPLATE_TRIALS)
+        copy, trial = divmod(n, template_trials)
         for event, body in dumped[trial]:
             event_id, trial_id = uuid.uuid4(), f"{event.trial_id}-c{copy:03d}"
             envelope = body.replace(str(event.event_id), str(event_id)).replace(f'"{event.trial_id}"', f'"{trial_id}"')
@@ -112,7 +113,7 @@ async def run(base: Settings, *, trials: int = 100_000, rate: float = 200.0, bas
         conn = await asyncpg.connect(settings.database_url)
         try:
             started = time.perf_counter()
-            await conn.copy_records_to_table("events", records=_journal_rows(trials, seed=5), columns=JOURNAL_COLUMNS)
+            await conn.copy_records_to_table("events", records=journal_rows(trials, seed=5), columns=JOURNAL_COLUMNS)
             events = await conn.fetchval("SELECT count(*) FROM events")
             log(f"journal of {trials:,} trials ({events:,} events) in {time.perf_counter() - started:.1f} s")
             pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=2)

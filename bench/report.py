@@ -153,8 +153,24 @@ def _catchup(r: dict) -> list[str]:
             f"{' / '.join(map(str, r['load_avg_1m']))}."]
 
 
+def _replay(r: dict) -> list[str]:
+    copy = r["copy"]
+    lines = [f"## Replay throughput ({r['journal_events']:,} journal events)", "",
+             "| projection | set-based (as shipped), events/s | baseline: event by event through `project`, events/s "
+             "| speed-up | target |", "|---|---|---|---|---|"]
+    for name, p in r["projections"].items():
+        fast, slow = p["set_based"], p["project"]
+        lines.append(f"| `sntrack replay {name}` | {fast['events_per_s']:,} ({fast['seconds']} s, swap "
+                     f"{fast['swap_ms']} ms) | {slow['events_per_s']:,} ({slow['seconds']} s) | {p['speedup']}× | "
+                     f"≥ {r['target_events_per_s']:,} |")
+    return lines + ["", f"Baseline, same rows: COPY into the journal moved {copy['rows_per_s']:,} rows/s "
+                        f"({copy['rows']:,} rows in {copy['seconds']} s). 1-minute load average before / after each "
+                        f"projection: {' / '.join(map(str, r['load_avg_1m']))} on {r['cpus']} CPUs."]
+
+
 SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow, "training": _training,
-            "report": _report, "gateway": _gateway, "dashboard": _dashboard, "rebuild": _rebuild, "catchup": _catchup}
+            "report": _report, "gateway": _gateway, "dashboard": _dashboard, "rebuild": _rebuild, "catchup": _catchup,
+            "replay": _replay}
 
 
 def render_markdown(results: dict) -> str:

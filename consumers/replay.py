@@ -1,11 +1,12 @@
-"""Rebuild a projection from the journal with the same `project` code the live consumer runs, beside it.
+"""Rebuild a projection from the journal beside the live consumer: set-based SQL that gives the rows its `project`
+gives (consumers/bulk.py), or `project` itself, event by event.
 
 The rebuild never writes the live tables while it works (docs/replay.md):
 
 1. Shadow: a schema `sntrack_rebuild_<name>` gets empty copies of the projection's tables (columns, defaults,
-   constraints, then indexes, triggers and grants) and its own `applied_events`. The journal is applied to it with
-   `search_path` pointing there first, so `project` and `apply_events` run unchanged. Live tables take no lock
-   but ACCESS SHARE on their catalog entries.
+   constraints, then indexes, triggers and grants) and its own `applied_events`. The journal is loaded into it with
+   `search_path` pointing there first, so the projection's SQL (its `bulk` statements, or `project` through
+   `apply_events`) runs unchanged. Live tables take no lock but ACCESS SHARE on their catalog entries.
 2. Catch-up: every journal event the shadow has not applied (an anti-join, not a position watermark, so events
    that commit out of position order are not missed) is applied, outside any lock, and a fence is set: every
    event the shadow still lacks is above a known position (`_catch_up`).
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
+from consumers.bulk import journal_kinds, project_journal, supports
 from consumers.persistence import apply_events
 from consumers.projections.base import Projection
 from schemas.upcasting import read_stored
@@ -58,6 +60,7 @@ class ReplayResult:
     seconds: float
     schema: str  # where the rebuilt tables are: the live schema after a swap, else the `until` schema
     swap_seconds: float = 0.0  # how long the swap held the locks readers wait on
+    set_based: bool = False  # built by the projection's set-based SQL, not event by event through `project`
 
     @property
     def events_per_s(self) -> float:
@@ -76,10 +79,11 @@ async def replay(
     into: str | None = None,
     journal_wait_s: float = 30.0,
     progress: Progress | None = None,
+    set_based: bool = True,
 ) -> ReplayResult:
     """Rebuild `projection` from the journal and swap it in; with `until`, build the state as of that time into
-    schema `into` instead and leave the live tables alone. Uses two connections from `pool`: one reads and
-    validates the next page while the other writes the current one."""
+    schema `into` instead and leave the live tables alone. Uses two connections from `pool`. `set_based=False`
+    builds through `project` even where the projection has set-based SQL (the reference the tests compare with)."""
     if not projection.replayable:
         raise ValueError(f"projection {projection.name!r} is the journal itself and cannot be replayed")
     if (until is None) != (into is None):
@@ -97,10 +101,10 @@ async def replay(
             elif await writer.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", into):
                 raise ValueError(f"schema {into} already exists; drop it or choose another with --into")
             try:
-                done = await _build(reader, writer, projection, live, shadow, until, progress)
+                done, set_based = await _build(reader, writer, projection, live, shadow, until, progress, set_based)
                 if into is not None:
                     await _grant_usage_like(writer, live, into)
-                    return ReplayResult(done, time.perf_counter() - started, into)
+                    return ReplayResult(done, time.perf_counter() - started, into, set_based=set_based)
                 await _wait_for_journal(writer, projection, journal_wait_s)
                 done, held = await _swap(writer, projection, live, shadow, retired, done, journal_wait_s, progress)
             except BaseException:
@@ -112,12 +116,42 @@ async def replay(
             await writer.execute(f"DROP SCHEMA {_ident(retired)}; DROP SCHEMA {_ident(shadow)} CASCADE")
         finally:
             await writer.execute("SELECT pg_advisory_unlock(hashtext($1))", f"sntrack.replay.{shadow}")
-    return ReplayResult(done, time.perf_counter() - started, live, held)
+    return ReplayResult(done, time.perf_counter() - started, live, held, set_based)
 
 
 async def _build(reader: asyncpg.Connection, writer: asyncpg.Connection, projection: Projection, live: str,
-                 shadow: str, until: datetime | None, progress: Progress | None) -> int:
-    """Create the shadow tables and apply the journal (up to `until`) to them, in one transaction."""
+                 shadow: str, until: datetime | None, progress: Progress | None, set_based: bool) -> tuple[int, bool]:
+    """Create the shadow tables and apply the journal (up to `until`) to them, in one transaction: set-based
+    where the projection's SQL reads every event version the journal holds, else through `project`. (events,
+    whether set-based)."""
+    if set_based and (done := await _build_set_based(writer, projection, live, shadow, until)) is not None:
+        if progress:
+            progress(done, done)
+        return done, True
+    return await _build_by_project(reader, writer, projection, live, shadow, until, progress), False
+
+
+async def _build_set_based(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str,
+                           until: datetime | None) -> int | None:
+    """The whole journal in a few INSERT … SELECT statements (consumers/bulk.py), all reading one snapshot; how many
+    events, or None (nothing done) when the journal holds an event version the projection's SQL does not read."""
+    async with conn.transaction(isolation="repeatable_read"):
+        kinds = await journal_kinds(conn, until)
+        if not await supports(conn, projection, kinds):
+            return None
+        await _create_tables(conn, projection, live, shadow, keys=False)  # built once after the load: faster
+        await _use(conn, shadow, live)
+        await project_journal(conn, projection, until)
+        await _use(conn, live)
+        await _add_keys(conn, projection, live, shadow)
+        await _finish_tables(conn, projection, live, shadow, triggers=until is None)
+    return sum(kind["n"] for kind in kinds)
+
+
+async def _build_by_project(reader: asyncpg.Connection, writer: asyncpg.Connection, projection: Projection,
+                            live: str, shadow: str, until: datetime | None, progress: Progress | None) -> int:
+    """Read pages of the journal and apply them through `project`, one connection reading and validating the next
+    page while the other writes the current one."""
     total = await reader.fetchval(
         "SELECT count(*) FROM events WHERE $1::timestamptz IS NULL OR occurred_at <= $1", until)
     pages: asyncio.Queue[list | None] = asyncio.Queue(maxsize=2)
@@ -137,7 +171,7 @@ async def _build(reader: asyncpg.Connection, writer: asyncpg.Connection, project
     done = 0
     try:
         async with writer.transaction():
-            await _create_tables(writer, projection, live, shadow)
+            await _create_tables(writer, projection, live, shadow, keys=True)
             await _use(writer, shadow, live)
             while (events := await _next_page(pages, reading)) is not None:
                 await apply_events(writer, projection, events)
@@ -189,15 +223,21 @@ def _retarget(definition: str, live: str, shadow: str, table: str) -> str:
     return definition.replace(on_live, f" ON {_ident(shadow)}.{_ident(table)} ", 1)
 
 
-async def _create_tables(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str) -> None:
-    """The shadow schema: the projection's tables with the unique indexes ON CONFLICT needs (the other indexes
-    come after the load, which is faster), and an empty bookkeeping table."""
+async def _create_tables(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str, *,
+                         keys: bool) -> None:
+    """The shadow schema: empty copies of the bookkeeping and the projection's tables, with (`keys`) or without their
+    primary and unique keys. The other indexes come after the load, which is faster (_finish_tables)."""
     await conn.execute(f"CREATE SCHEMA {_ident(shadow)}")
-    await conn.execute(f"CREATE TABLE {_ident(shadow)}.{BOOKKEEPING} "
-                       f"(LIKE {_ident(live)}.{BOOKKEEPING} INCLUDING ALL)")
-    for table in projection.tables:
+    for table in (BOOKKEEPING, *projection.tables):
         await conn.execute(f"CREATE TABLE {_ident(shadow)}.{_ident(table)} "
                            f"(LIKE {_ident(live)}.{_ident(table)} INCLUDING ALL EXCLUDING INDEXES)")
+    if keys:
+        await _add_keys(conn, projection, live, shadow)
+
+
+async def _add_keys(conn: asyncpg.Connection, projection: Projection, live: str, shadow: str) -> None:
+    """The primary and unique keys of the live tables on the shadow ones (ON CONFLICT needs them)."""
+    for table in (BOOKKEEPING, *projection.tables):
         for index in await _catalog(conn, INDEXES, live, table):
             if index["contype"] in ("p", "u"):
                 await conn.execute(_retarget(index["def"], live, shadow, table))

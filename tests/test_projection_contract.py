@@ -4,10 +4,15 @@ it without writing anything.
 
 For a study mixing completed, pruned and failed trials, paired and unpaired, and one trial with two stops, any
 permutation, duplication and split into batches ends in the same rows as in-order application, and those equal a
-fresh replay from the journal.
+fresh replay from the journal (set-based where the projection has `bulk` SQL). On hostile journals the set-based
+replay equals the replay through `project`, value by value.
 """
 
 import asyncio
+import copy
+import json
+import random
+import uuid
 from collections import Counter
 
 import asyncpg
@@ -19,9 +24,12 @@ from consumers.persistence import Store, apply_events
 from consumers.projections.base import Projection, Statement
 from consumers.projections.trials import TrialsProjection
 from consumers.registry import PROJECTIONS
+from consumers.replay import replay
 from producer.emitter import TrialEvents, producer_info
 from producer.sample import synthetic_study
-from schemas import RunError
+from schemas import SCHEMA_VERSIONS, RunError, parse_event
+from schemas.history import RunMetricV1
+from tests.test_contract import LIMIT, METRIC, METRIC_V1, START, STOP
 
 EPOCHS = 3
 PAIRED = synthetic_study(6, EPOCHS, seed=8, producer=producer_info("w"), model_run_id="paired", paired=True)
@@ -166,3 +174,138 @@ async def test_the_higher_seq_stop_wins_in_the_trials_read_model(env):
     assert (row["status"], row["error_type"]) == ("failed", "worker_lost")
     assert await env.fetchval("SELECT count(*) FROM trial_metrics") == sum(e.event_type == "ml.run.metric"
                                                                           for e in EVENTS)
+
+
+# A journal the gate accepted, with what a set-based reading could get wrong: a trial started twice (the second start
+# without an MLflow run id), a stop before its start, two stops of equal seq, a worker_lost stop that supersedes a
+# completed one, metrics after the stops and twice for one epoch (higher seq, and equal seq), version 1 metrics as an
+# old journal holds them, a split's value shadowing a same-named measurement, numbers at the edges of a float (1e300,
+# 5e-324, -0.0, 1e16), integers at the edges of their columns, non-integer and boolean `epochs`, unicode, and gaps
+# that are equal but print differently (0.9 - 0.4 and 0.95 - 0.45).
+async def test_a_stop_sets_the_flag_over_its_start_in_any_order(env):
+    """A stop repeats the flag (sn_comparison counts it by the stop's); one that differs from its start's wins in
+    any order and batching, as the set-based replay reads it."""
+    start, stop = (parse_event(json.dumps(doc).encode(), max_bytes=LIMIT)
+                   for doc in (_doc(START, "flip", 0), _doc(STOP, "flip", 2, spectral_norm=False)))
+    for batches in ([[start, stop]], [[stop, start]], [[stop], [start]], [[start], [stop]]):
+        rows = await _apply(env.settings.database_url, PROJECTIONS["trials"], batches)
+        assert [(r["spectral_norm"], r["status"]) for r in rows["trials"]] == [(False, "completed")], batches
+
+
+def _doc(template: dict, trial: str, seq: int, at: str = "2026-11-25T10:00:00Z", run: str = "hostile",
+         **payload) -> dict:
+    doc = {**copy.deepcopy(template), "event_id": str(uuid.uuid4()), "trial_id": trial, "model_run_id": run,
+           "seq": seq, "occurred_at": at}
+    doc["payload"].update(payload)
+    return doc
+
+
+def _hostile() -> list[dict]:
+    lost = {"status": "failed", "spectral_norm": False, "measurements": {},
+            "error": {"type": "worker_lost", "message": "heartbeat stopped ⏱"}}
+    odd = {"": "", "lr": 1e300, "tiny": 5e-324, "neg": -0.0, "big": 10**30, "epochs": 5.0, "name": "é🧪\u202e",
+           "flag": True, "none": None}
+    return [
+        _doc(START, "twice", 0, hyperparams={"epochs": 3}, mlflow_run_id="run-1", dataset="wine"),
+        _doc(START, "twice", 0, "2026-11-25T09:00:00+05:30", spectral_norm=False, hyperparams=odd, seed=-(2**63),
+             optuna_trial_number=2**31 - 1, paired_with="ünï", model="ｍｌｐ"),
+        _doc(STOP, "twice", 5, "2026-11-25T10:05:00Z"),
+        _doc(STOP, "twice", 7, "2026-11-25T10:07:00Z", **lost),
+        _doc(METRIC, "twice", 8, "2026-11-25T10:08:00Z", epoch=0, step=2**63 - 1, spectral_norms=None,
+             measurements={"val_accuracy": 0.1, "lr": 1e-7, "train_loss": 2.0},
+             splits={"val": {"accuracy": 0.9}, "test": {"loss": 1e16}, "train": {"loss": -0.0}}),
+        _doc(METRIC, "twice", 3, epoch=0, splits={"train": {"loss": 9.0}}),
+        _doc(METRIC, "twice", 4, epoch=1, splits={"val": {"loss": 1.0}}),
+        _doc(METRIC, "twice", 4, epoch=1, splits={"val": {"loss": 2.0}}, spectral_norms={"a": 5e-324}),
+        {**_doc(METRIC_V1, "twice", 9, epoch=2), "schema_version": 1, "payload": {
+            "epoch": 2, "measurements": {"train_loss": 0.5, "trai_x": 1.0, "train_": 2.0, "val_accuracy": 0.75}}},
+        _doc(STOP, "stops only", 3, "2026-11-25T11:00:00Z", status="pruned", spectral_norm=True,
+             measurements={"final_val_accuracy": 0.4, "final_train_accuracy": 0.9, "duration_ms": 1e300}),
+        _doc(STOP, "stops only", 3, "2026-11-25T11:01:00Z", status="pruned", spectral_norm=False,
+             measurements={"final_val_accuracy": 0.45, "final_train_accuracy": 0.95, "duration_ms": 5e-324}),
+        _doc(STOP, "same gap", 1, status="pruned", spectral_norm=True,
+             measurements={"final_val_accuracy": 0.45, "final_train_accuracy": 0.95}),
+        _doc(STOP, "same negative gap", 1, status="pruned", spectral_norm=True,
+             measurements={"final_val_accuracy": 0.95, "final_train_accuracy": 0.45}),
+        _doc(STOP, "stops only", 2, "2026-11-25T10:59:00Z", run="other", status="completed",
+             measurements={"final_val_accuracy": 0.45, "final_train_accuracy": 0.95, "duration_ms": -0.0}),
+        _doc(STOP, "stop first", 4, "0001-01-02T00:00:00Z", status="pruned",
+             measurements={"final_val_accuracy": 0.9, "final_train_accuracy": 0.4}),
+        _doc(START, "stop first", 0, "9999-12-30T00:00:00Z", hyperparams={"epochs": True}),
+        _doc(START, "it's \"q\" ✓", 0, run="st'udy ✓", hyperparams={"epochs": -(2**31)}),
+        _doc(METRIC, "it's \"q\" ✓", 1, run="st'udy ✓", epoch=2**31 - 1, measurements={"x": 1e-300}),
+    ]
+
+
+INSERT_STORED = """
+INSERT INTO events (event_id, event_type, trial_id, model_run_id, seq, schema_version, occurred_at, envelope)
+SELECT event_id, event_type, trial_id, model_run_id, seq, schema_version, occurred_at, envelope::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::timestamptz[], $8::text[])
+    AS s(event_id, event_type, trial_id, model_run_id, seq, schema_version, occurred_at, envelope)
+"""
+
+
+def _stored(doc: dict):
+    """The journal's row for an accepted envelope, as the journal consumer writes it (model_dump_json of the
+    validated event); a version 1 metric as the journal held it before version 2."""
+    if doc["schema_version"] == 1 and doc["event_type"] == "ml.run.metric":
+        event = RunMetricV1.model_validate_json(json.dumps(doc))
+    else:
+        event = parse_event(json.dumps(doc).encode(), max_bytes=LIMIT)
+    return (event.event_id, event.event_type, event.trial_id, event.model_run_id, event.seq, event.schema_version,
+            event.occurred_at, event.model_dump_json())
+
+
+def _exact(rows: dict) -> dict:
+    """Rows with every value as its type and text: 0.5 and 0.50 (Decimal) and -0.0 and 0.0 (float) differ here."""
+    return {t: [{k: (type(v).__name__, str(v)) for k, v in r.items()} for r in rs] if t != "applied_events" else rs
+            for t, rs in rows.items()}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PROJECTIONS.items() if p.bulk))
+def test_the_set_based_sql_reads_every_version_up_to_the_current_one(name):
+    """A new event version that the SQL does not read yet would send every replay through `project`: correct,
+    slow, and silent. This fails first."""
+    for event_type, versions in PROJECTIONS[name].bulk_versions.items():
+        assert versions == frozenset(range(1, SCHEMA_VERSIONS[event_type] + 1)), event_type
+
+
+async def _replay_rows(env, conn: asyncpg.Connection, projection: Projection, *, set_based: bool) -> tuple:
+    pool = await asyncpg.create_pool(env.settings.database_url, min_size=2, max_size=2)
+    try:
+        result = await replay(pool, projection, set_based=set_based)
+    finally:
+        await pool.close()
+    return result, _exact(await _rows(conn, projection))
+
+
+@pytest.mark.parametrize("name", sorted(n for n, p in PROJECTIONS.items() if p.bulk))
+async def test_set_based_replay_equals_the_python_fold_on_hostile_journals(env, name):
+    projection, docs = PROJECTIONS[name], _hostile() + [json.loads(e.to_json()) for e in EVENTS]
+    stored = [_stored(doc) for doc in docs]
+    conn = await env.db()
+    try:
+        for order in range(4):  # the journal's position order decides ties; four orders, the first as written
+            if order:
+                random.Random(order).shuffle(stored)
+            async with conn.transaction():
+                for study in {row[3] for row in stored}:
+                    await conn.execute("SELECT set_config('sntrack.hard_delete', $1, true)", study)
+                    await conn.execute("DELETE FROM events WHERE model_run_id = $1", study)
+                await conn.execute(INSERT_STORED, *map(list, zip(*stored, strict=True)))
+            fast, rows = await _replay_rows(env, conn, projection, set_based=True)
+            slow, reference = await _replay_rows(env, conn, projection, set_based=False)
+            assert (fast.set_based, slow.set_based, fast.events, slow.events) == (True, False, len(docs), len(docs))
+            assert rows == reference, f"order {order}"
+        assert all(rows[t] for t in projection.tables)
+
+        # What the SQL does not read goes through `project`: an event version it does not list, a deleted study's
+        # events (which the journal never keeps: studies.hard_delete removes them).
+        narrower = copy.copy(projection)
+        narrower.bulk_versions = {**projection.bulk_versions, "ml.run.stop": frozenset()}
+        assert not (await _replay_rows(env, conn, narrower, set_based=True))[0].set_based
+        await conn.execute("INSERT INTO deleted_studies (model_run_id) VALUES ('other')")
+        fallback, rows = await _replay_rows(env, conn, projection, set_based=True)
+        assert not fallback.set_based and rows != reference
+    finally:
+        await conn.close()

@@ -5,12 +5,16 @@ runs those writes for a whole batch in one transaction together with the record 
 applied, so a projection never deals with redelivery, duplicates or "already seen" bookkeeping.
 Statements must be commutative per trial (upserts that keep the newest by seq, sums, LEAST/GREATEST):
 a projection is fed in any order and must end in the same rows.
+
+A projection may also give `bulk`: INSERT … SELECT statements that build its tables, empty, from a whole journal at
+once (consumers/bulk.py), giving the rows `project` gives applied in position order. `sntrack replay` uses them when
+every event in the journal is of a (type, version) listed in `bulk_versions`, and `project` otherwise.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from pydantic_core import to_json
@@ -35,6 +39,10 @@ class Projection(ABC):
     # Rebuilt from the journal into shadow copies and swapped in, locked in this order (consumers/replay.py).
     tables: tuple[str, ...] = ()
     replayable: bool = True
+    # Set-based rebuild (consumers/bulk.py): SQL over the relation `{journal}`, and the versions of each event type
+    # it reads. Empty: replay runs `project` over every event.
+    bulk: tuple[str, ...] = ()
+    bulk_versions: Mapping[str, frozenset[int]] = {}
 
     @abstractmethod
     def project(self, event: Event) -> Iterable[Statement]: ...

@@ -50,6 +50,33 @@ ON CONFLICT (model_run_id, spectral_norm, status) DO UPDATE SET
 """
 
 
+def _aggregates(prefix: str) -> str:
+    # LEAST/GREATEST keep the earlier of equal values: 0.5 and 0.50 are equal but print differently (a gap's scale is
+    # its operands'), so the minimum is the first one by position among the smallest, as applied in position order.
+    return (f"count({prefix}), sum(COALESCE({prefix}, 0)), sum(COALESCE({prefix} * {prefix}, 0)), "
+            f"(array_agg({prefix} ORDER BY {prefix}, position) FILTER (WHERE {prefix} IS NOT NULL))[1], "
+            f"(array_agg({prefix} ORDER BY {prefix} DESC, position) FILTER (WHERE {prefix} IS NOT NULL))[1]")
+
+
+# The set-based rebuild (consumers/bulk.py): every stop counted once in its search's row and in the overall row, from
+# the numbers as the journal's jsonb holds them (the decimal text the event carried, as Decimal(repr(x)) reads it).
+BULK_STOPS = f"""
+INSERT INTO sn_comparison (model_run_id, spectral_norm, status, trials, {", ".join(map(_columns, STATS))})
+SELECT CASE WHEN GROUPING(model_run_id) = 1 THEN '{OVERALL}' ELSE model_run_id END, spectral_norm, status, count(*),
+       {", ".join(map(_aggregates, STATS))}
+FROM (
+    SELECT e.position, e.model_run_id, (p ->> 'spectral_norm')::boolean AS spectral_norm, p ->> 'status' AS status,
+           (p -> 'measurements' -> 'final_val_accuracy')::numeric AS val,
+           (p -> 'measurements' -> 'final_train_accuracy')::numeric
+               - (p -> 'measurements' -> 'final_val_accuracy')::numeric AS gap,
+           (p -> 'measurements' -> 'duration_ms')::numeric AS duration
+    FROM {{journal}} e CROSS JOIN LATERAL (SELECT e.envelope -> 'payload' AS p) stop
+    WHERE e.event_type = '{RUN_STOP}'
+) stops
+GROUP BY GROUPING SETS ((model_run_id, spectral_norm, status), (spectral_norm, status))
+"""
+
+
 def _decimal(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(repr(value))
 
@@ -58,6 +85,8 @@ class ComparisonProjection(Projection):
     name = "comparison"
     queue = QueueSpec("sntrack.comparison", bindings=(RUN_STOP,))
     tables = ("sn_comparison",)
+    bulk = (BULK_STOPS,)
+    bulk_versions = {RUN_STOP: frozenset({1})}
 
     def project(self, event: Event):
         if not isinstance(event, RunStopped):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from consumers.projections.base import Projection, Statement, jsonb
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
+from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
 
 _KEEP_TIMES = """
     inserted_at = LEAST(t.inserted_at, EXCLUDED.inserted_at),
@@ -24,7 +25,7 @@ INSERT INTO trials AS t (id, model_run_id, spectral_norm, mlflow_run_id, hyperpa
 VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, 0, $12, $12)
 ON CONFLICT (id) DO UPDATE SET
     model_run_id = EXCLUDED.model_run_id,
-    spectral_norm = EXCLUDED.spectral_norm,
+    spectral_norm = CASE WHEN t.finished_at IS NULL THEN EXCLUDED.spectral_norm ELSE t.spectral_norm END,
     mlflow_run_id = COALESCE(EXCLUDED.mlflow_run_id, t.mlflow_run_id),
     hyperparams = EXCLUDED.hyperparams,
     dataset = EXCLUDED.dataset,
@@ -50,7 +51,9 @@ WHERE m.seq < EXCLUDED.seq
 """
 
 # A trial can have two stops: its worker made its stop durable and was killed before telling Optuna, and another
-# worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order.
+# worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order,
+# its flag included: a start applied after a stop keeps the stop's flag (UPSERT_START), so a stop whose flag differs
+# from its start's gives the same row in any order.
 _STOP_WINS = "(t.finished_at IS NULL OR EXCLUDED.last_seq >= t.last_seq)"
 _STOP_COLUMNS = ",\n".join(
     f"    {column} = CASE WHEN {_STOP_WINS} THEN EXCLUDED.{column} ELSE t.{column} END"
@@ -67,6 +70,70 @@ ON CONFLICT (id) DO UPDATE SET
 """
 
 
+# The set-based rebuild (consumers/bulk.py): the rows `project` gives applied in position order. Per trial, the last
+# start by position sets the configuration; the stop with the highest seq (the later one on a tie) sets the outcome
+# and the flag; times span all of the trial's starts and stops; mlflow_run_id is the last one a start carried.
+# A new `trials` column is one more line in UPSERT_START or UPSERT_STOP above and the matching expression on `s` (the
+# start) or `z` (the stop) here; one derived from metrics needs an aggregate over them joined on trial_id.
+BULK_TRIALS = """
+INSERT INTO trials (id, model_run_id, spectral_norm, status, mlflow_run_id, hyperparams, metrics, dataset, model, seed,
+                    optuna_trial_number, paired_with, epochs, duration_ms, error_type, error_message, last_seq,
+                    started_at, finished_at, inserted_at, updated_at)
+WITH touched AS MATERIALIZED (
+    SELECT e.position, e.event_type = 'ml.run.start' AS is_start, e.trial_id, e.model_run_id, e.seq, e.occurred_at,
+           e.envelope -> 'payload' AS p
+    FROM {journal} e WHERE e.event_type IN ('ml.run.start', 'ml.run.stop')
+), starts AS (
+    SELECT DISTINCT ON (trial_id) * FROM touched WHERE is_start ORDER BY trial_id, position DESC
+), stops AS (
+    SELECT DISTINCT ON (trial_id) * FROM touched WHERE NOT is_start ORDER BY trial_id, seq DESC, position DESC
+), spans AS (
+    SELECT trial_id, min(occurred_at) AS first_at, max(occurred_at) AS last_at,
+           (array_agg(model_run_id ORDER BY position) FILTER (WHERE NOT is_start))[1] AS stop_run,
+           (array_agg(p ->> 'mlflow_run_id' ORDER BY position DESC)
+                FILTER (WHERE is_start AND p ->> 'mlflow_run_id' IS NOT NULL))[1] AS mlflow_run_id
+    FROM touched GROUP BY trial_id
+)
+SELECT t.trial_id, COALESCE(s.model_run_id, t.stop_run),
+       COALESCE(z.p ->> 'spectral_norm', s.p ->> 'spectral_norm')::boolean,
+       COALESCE(z.p ->> 'status', 'running'), t.mlflow_run_id,
+       COALESCE(s.p -> 'hyperparams', '{}'), COALESCE(z.p -> 'measurements', '{}'),
+       s.p ->> 'dataset', s.p ->> 'model', (s.p ->> 'seed')::bigint, (s.p ->> 'optuna_trial_number')::integer,
+       s.p ->> 'paired_with',
+       -- _epochs: an integer only; jsonb prints a float with a decimal point (5.0), never with an exponent
+       CASE WHEN jsonb_typeof(s.p -> 'hyperparams' -> 'epochs') = 'number'
+                 AND strpos(s.p -> 'hyperparams' ->> 'epochs', '.') = 0
+            THEN (s.p -> 'hyperparams' ->> 'epochs')::integer END,
+       (z.p -> 'measurements' ->> 'duration_ms')::double precision,
+       z.p -> 'error' ->> 'type', z.p -> 'error' ->> 'message',
+       COALESCE(z.seq, 0), s.occurred_at, z.occurred_at, t.first_at, t.last_at
+FROM spans t LEFT JOIN starts s USING (trial_id) LEFT JOIN stops z USING (trial_id)
+"""
+
+# Per (trial, epoch) the metric with the highest seq, the earlier one on a tie (UPSERT_CURVE overwrites only a lower
+# seq). Version 1 carried the flat measurements; version 2 flattens its splits as `<split>_<name>` over them
+# (MetricPayload.flat_measurements). jsonb 'null' is SQL NULL as `project` writes None.
+BULK_CURVES = """
+INSERT INTO trial_metrics (trial_id, epoch, seq, train_loss, val_loss, train_accuracy, val_accuracy, measurements,
+                           spectral_norms, occurred_at, step)
+SELECT trial_id, epoch, seq, (m ->> 'train_loss')::double precision, (m ->> 'val_loss')::double precision,
+       (m ->> 'train_accuracy')::double precision, (m ->> 'val_accuracy')::double precision, m,
+       NULLIF(p -> 'spectral_norms', 'null'), occurred_at, (p ->> 'step')::bigint
+FROM (
+    SELECT DISTINCT ON (e.trial_id, (e.envelope -> 'payload' ->> 'epoch')::integer)
+           e.trial_id, (e.envelope -> 'payload' ->> 'epoch')::integer AS epoch, e.seq, e.occurred_at,
+           e.schema_version, e.envelope -> 'payload' AS p
+    FROM {journal} e WHERE e.event_type = 'ml.run.metric'
+    ORDER BY e.trial_id, (e.envelope -> 'payload' ->> 'epoch')::integer, e.seq DESC, e.position
+) w CROSS JOIN LATERAL (
+    SELECT COALESCE(p -> 'measurements', '{}') || CASE WHEN w.schema_version = 1 THEN '{}' ELSE COALESCE(
+        (SELECT jsonb_object_agg(s.key || '_' || v.key, v.value)
+         FROM jsonb_each(p -> 'splits') s CROSS JOIN LATERAL jsonb_each(s.value) v), '{}') END AS m
+    OFFSET 0  -- flattened once per row, not once per column that reads it
+) f
+"""
+
+
 def _epochs(hyperparams: dict) -> int | None:
     value = hyperparams.get("epochs")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -76,6 +143,8 @@ class TrialsProjection(Projection):
     name = "trials"
     queue = QueueSpec("sntrack.trials")
     tables = ("trial_metrics", "trials")
+    bulk = (BULK_TRIALS, BULK_CURVES)
+    bulk_versions = {RUN_START: frozenset({1}), RUN_METRIC: frozenset({1, 2}), RUN_STOP: frozenset({1})}
 
     def project(self, event: Event):
         match event:
@@ -98,3 +167,4 @@ class TrialsProjection(Projection):
                     p.measurements.get("duration_ms"), p.error.type if p.error else None,
                     p.error.message if p.error else None, event.occurred_at, event.seq,
                 ))
+

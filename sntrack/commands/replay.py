@@ -85,6 +85,7 @@ async def _replay(args: argparse.Namespace, settings: Settings) -> int:
         await pool.close()
     where = (f"swapped in (locks held {result.swap_seconds * 1000:.0f} ms)" if into is None
              else f"written to schema {into}, live tables untouched")
-    print(f"replayed {result.events} events into {args.name} in {result.seconds:.2f}s "
+    how = "set-based" if result.set_based else "event by event"
+    print(f"replayed {result.events} events into {args.name} ({how}) in {result.seconds:.2f}s "
           f"({result.events_per_s:,.0f} events/s); {where}", file=sys.stderr)
     return 0
