@@ -59,7 +59,7 @@ async def _mlflow(base: Settings, quick: bool) -> dict:
         async with sandbox(base, prefix="sntrack-bench-mlflow", mlflow_tracking_uri=url) as settings:
             result = await mlflow_sync.run(settings, trials=30 if quick else 100)
             backlog = await mlflow_sync.backlog_drain(settings, trials=300 if quick else 2000)
-            stop = await mlflow_sync.graceful_stop(settings, trials=300 if quick else 2000)
+            stop = await mlflow_sync.graceful_stop(settings, trials=300 if quick else 1000)
             curves = await mlflow_sync.curve_throughput(settings, trials=10 if quick else 40, epochs=50)
         return {**result, "backlog": backlog, "stop": stop, "curves": curves, "server": url,
                 "server_startup_s": startup_s, "cpus": os.cpu_count(),
