@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -56,10 +57,15 @@ async def _with_mlflow(base: Settings, work):
 
 async def _mlflow(base: Settings, quick: bool) -> dict:
     async def work(url: str, startup_s: float | None) -> dict:
+        load_before = round(os.getloadavg()[0], 2)
         async with sandbox(base, prefix="sntrack-bench-mlflow", mlflow_tracking_uri=url) as settings:
             result = await mlflow_sync.run(settings, trials=30 if quick else 100)
+            backlog = await mlflow_sync.backlog_drain(settings, trials=300 if quick else 2000)
+            stop = await mlflow_sync.graceful_stop(settings, trials=300 if quick else 1000)
             curves = await mlflow_sync.curve_throughput(settings, trials=10 if quick else 40, epochs=50)
-        return {**result, "curves": curves, "server": url, "server_startup_s": startup_s}
+        return {**result, "backlog": backlog, "stop": stop, "curves": curves, "server": url,
+                "server_startup_s": startup_s, "cpus": os.cpu_count(),
+                "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)]}
 
     return await _with_mlflow(base, work)
 

@@ -12,6 +12,7 @@ class MlflowConfig:
     experiment: str = "sntrack/{study}"  # a name, or a template: {study} = the model_run_id
     timeout_s: float = 10.0
     max_attempts: int = 8
+    concurrency: int = 8  # trials whose MLflow calls are in flight at once (each sends up to two calls together)
 
 
 @dataclass(frozen=True)

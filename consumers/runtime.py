@@ -13,9 +13,10 @@
   (tests/test_crash_loop.py);
 - dead letters are published with confirms and mandatory: a missing, unbound or full dead-letter queue keeps
   the original unacked, retried with a backoff, logged and counted (tests/test_dead_letter_safety.py);
-- graceful stop: stop consuming, finish the batch in hand, ack, close. Unprocessed prefetched messages go back
-  to the queue when the channel closes. A kill -9 loses nothing either: unacked messages are redelivered and
-  the handler's bookkeeping turns the duplicates into no-ops.
+- graceful stop: stop consuming, finish the batch in hand, ack, close; a handler with a `stop()` (MLflow's)
+  may instead finish only its calls in flight and leave the batch unacked (RetryLater). Unprocessed prefetched
+  messages go back to the queue when the channel closes. A kill -9 loses nothing either: unacked messages are
+  redelivered and the handler's bookkeeping turns the duplicates into no-ops.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class ConsumerRuntime:
 
     def stop(self) -> None:
         self._stopping.set()
+        # A handler whose batch takes long (MLflow's calls) stops starting new work when it has a stop().
+        if stop_handler := getattr(self.handler, "stop", None):
+            stop_handler()
 
     @property
     def stopping(self) -> bool:
@@ -296,15 +300,17 @@ class ConsumerRuntime:
                     self.metrics.applied(self.handler.name, [e for _, e in accepted], time.perf_counter() - started)
                 return True
             except (RetryLater, *TRANSIENT_ERRORS) as exc:
+                if not self._stopping.is_set():
+                    self.stats.retries += 1
+                    self.log.warning("dependency unavailable, retrying batch", error=str(exc) or type(exc).__name__,
+                                     events=len(accepted), backoff_s=backoff)
+                    await self.pause(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_S)
                 if self._stopping.is_set():
-                    # Shutting down with a dependency away: leave the batch unacked for the next run.
+                    # Shutting down (a dependency away, or a handler that stopped partway): leave the batch unacked
+                    # for the next run.
                     self.log.warning("stopping with an unapplied batch; it will be redelivered", error=str(exc))
                     return False
-                self.stats.retries += 1
-                self.log.warning("dependency unavailable, retrying batch", error=str(exc) or type(exc).__name__,
-                                 events=len(accepted), backoff_s=backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
             except DeadLetter as exc:
                 if len(accepted) > 1:
                     await self._one_by_one(accepted, dlx)

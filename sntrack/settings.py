@@ -65,6 +65,7 @@ class Settings(BaseModel):
     mlflow_experiment: str = "sntrack/{study}"  # a name, or a template: {study} = the model_run_id
     mlflow_timeout_s: float = Field(default=10.0, gt=0)
     mlflow_max_attempts: int = Field(default=8, ge=1)
+    mlflow_concurrency: int = Field(default=8, ge=1)  # trials the mlflow consumer syncs at once
     mlflow_start_wait_s: float = Field(default=2.0, gt=0)  # a trial's start event waits this long for its run id
 
     optuna_storage: str = "postgresql://postgres@127.0.0.1:5432/sntrack_optuna"
@@ -128,7 +129,7 @@ class Settings(BaseModel):
     def consumer(self) -> ConsumerConfig:
         mlflow = MlflowConfig(enabled=self.mlflow_enabled, tracking_uri=self.mlflow_tracking_uri,
                               experiment=self.mlflow_experiment, timeout_s=self.mlflow_timeout_s,
-                              max_attempts=self.mlflow_max_attempts)
+                              max_attempts=self.mlflow_max_attempts, concurrency=self.mlflow_concurrency)
         return ConsumerConfig(amqp_url=self.amqp_url, database_url=self.database_url, batch_size=self.batch_size,
                               prefetch=self.prefetch, max_message_bytes=self.max_message_bytes,
                               memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow)

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "consume", help="run consumers (daemon)",
         description="Consume ml.run.* events from each consumer's own quorum queue and apply them. "
-        "SIGTERM finishes the batch in hand, acks it and exits.")
+        "SIGTERM finishes the batch in hand, acks it and exits; the mlflow consumer finishes only its MLflow calls "
+        "in flight and leaves the rest of its batch unacked for the next run.")
     names = ", ".join(CONSUMER_NAMES)
     parser.add_argument("names", nargs="+", metavar="NAME",
                         help=f"consumers to run: {names} or all (installed projection plugins included)")
