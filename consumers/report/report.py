@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import math
 import warnings as _warnings
@@ -120,38 +121,75 @@ def _json_list(texts: Sequence[str | None]) -> list:
     return from_json("[" + ",".join(["null" if text is None else text for text in texts]) + "]") if texts else []
 
 
-def _trial_table(rows: Sequence, convergence: dict, sigmas: dict) -> TrialTable:
-    """REPORT_TRIALS' rows with each trial's convergence and last σ, as columns."""
-    names = ("id", "spectral_norm", "status", "paired_with", "hyperparams", "model_run_id", "dataset", "val",
-             "train", "duration_ms")
-    columns = dict(zip(names, map(list, zip(*rows, strict=True)), strict=True)) if rows else dict.fromkeys(names, [])
+_TRIAL_COLUMNS = ("id", "spectral_norm", "status", "paired_with", "hyperparams", "model_run_id", "dataset", "val",
+                  "train", "duration_ms")  # REPORT_TRIALS' columns, in order
+# The reads of the curves (trial_metrics), each a scan of millions of rows, the longest first.
+_CURVE_READS = (queries.REPORT_CONVERGENCE, queries.REPORT_CURVES, queries.REPORT_LAST_SIGMAS)
+_NO_JIT = "SET LOCAL jit = off"  # these reads scan millions of rows once: compiling them costs more than it saves
+
+
+def _trial_columns(rows: Sequence) -> dict[str, list]:
+    """REPORT_TRIALS' rows as columns, hyper-parameters parsed."""
+    columns = (dict(zip(_TRIAL_COLUMNS, map(list, zip(*rows, strict=True)), strict=True)) if rows
+               else {name: [] for name in _TRIAL_COLUMNS})
     columns["hyperparams"] = _json_list(columns["hyperparams"])
-    columns["epochs_to_95"] = list(map(convergence.get, columns["id"]))
-    columns["sigmas"] = _json_list(list(map(sigmas.get, columns["id"])))
-    return TrialTable(columns, TrialRecord)
+    return columns
+
+
+async def _side_reads(conn: asyncpg.Connection, helpers: Sequence[asyncpg.Connection], scope: tuple) -> list:
+    """_CURVE_READS started on the helpers (round robin, one task per helper), each in a transaction in `conn`'s
+    exported snapshot; every task gives (query, rows) pairs."""
+    snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+
+    async def lane(helper: asyncpg.Connection, reads: Sequence[str]) -> list[tuple[str, list]]:
+        async with helper.transaction(isolation="repeatable_read", readonly=True):
+            await helper.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'; {_NO_JIT}")
+            return [(query, await helper.fetch(query, *scope)) for query in reads]
+    return [asyncio.ensure_future(lane(helper, _CURVE_READS[k::len(helpers)]))
+            for k, helper in enumerate(helpers[:len(_CURVE_READS)])]
+
+
+async def _curve_rows(conn: asyncpg.Connection, side: list, scope: tuple) -> dict[str, list]:
+    """Each of _CURVE_READS' rows: from the side reads when there are any, else read on `conn`."""
+    if not side:
+        return {query: await conn.fetch(query, *scope) for query in _CURVE_READS}
+    return dict(pair for lane in await asyncio.gather(*side) for pair in lane)
 
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
-               dataset: str | None = None, *, live: bool = True) -> ComparisonData:
+               dataset: str | None = None, *, live: bool = True,
+               helpers: Sequence[asyncpg.Connection] = ()) -> ComparisonData:
     """Read trials, their curves and the sn_comparison rows in one repeatable-read snapshot. Not `live`: the
     connection's search_path starts with a schema written by `sntrack replay trials --until`, which holds trials and
     trial_metrics only; the summaries then come from its trials, and neither the live sn_comparison nor the journal
-    is read. The trials come back as a TrialTable (columns; records on demand)."""
+    is read. `helpers`, other connections to the same database and search_path, read the curves meanwhile, in the
+    same snapshot (so the scans of trial_metrics run side by side with each other and with the parsing of the
+    trials). The trials come back as a TrialTable (columns; records on demand)."""
+    scope = (model_run_id, dataset)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        # These reads scan millions of curve rows once: compiling them (JIT) costs more than it saves.
-        await conn.execute("SET LOCAL jit = off")
-        rows = await conn.fetch(queries.REPORT_TRIALS, model_run_id, dataset)
-        journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
-        curves = await conn.fetch(queries.REPORT_CURVES, model_run_id, dataset)
-        convergence = dict(await conn.fetch(queries.REPORT_CONVERGENCE, model_run_id, dataset))
-        sigmas = dict(await conn.fetch(queries.REPORT_LAST_SIGMAS, model_run_id, dataset))
+        await conn.execute(_NO_JIT)
+        side = await _side_reads(conn, helpers, scope) if helpers else []
+        try:
+            rows = await conn.fetch(queries.REPORT_TRIALS, *scope)
+            with paused_gc():
+                columns = _trial_columns(rows)
+            journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
+            curve_rows = await _curve_rows(conn, side, scope)
+        finally:  # an unknown scope: the side reads stop, and their connections are free again when this returns
+            for task in side:
+                task.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
         aggregates = None
         if dataset is None and live:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     with paused_gc():
-        trials = _trial_table(rows, convergence, sigmas)
-    points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"]) for r in curves]
+        convergence, sigmas = (dict(curve_rows[q]) for q in (queries.REPORT_CONVERGENCE, queries.REPORT_LAST_SIGMAS))
+        columns["epochs_to_95"] = list(map(convergence.get, columns["id"]))
+        columns["sigmas"] = _json_list(list(map(sigmas.get, columns["id"])))
+        trials = TrialTable(columns, TrialRecord)
+    points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"])
+              for r in curve_rows[queries.REPORT_CURVES]]
     return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
 
 
