@@ -18,7 +18,7 @@ import asyncpg
 import numpy as np
 from pydantic_core import from_json
 
-from consumers.projections.sn_comparison import OVERALL
+from consumers.projections.comparison_keys import OVERALL
 from consumers.report import equivalence as eq
 from consumers.report import explore, manipulation, queries, robustness
 from consumers.report import stats as st
