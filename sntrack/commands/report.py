@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import sys
@@ -110,11 +109,10 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.report import UnknownScope, build_report, load
 
-    pool = await read_pool(settings, max_size=1 + SIDE_READERS)
+    pool = await read_pool(settings, min_size=1 + SIDE_READERS, max_size=1 + SIDE_READERS)  # connected at once
     try:
         async with AsyncExitStack() as stack:
-            conn, *helpers = await asyncio.gather(*(stack.enter_async_context(pool.acquire())
-                                                   for _ in range(1 + SIDE_READERS)))
+            conn, *helpers = [await stack.enter_async_context(pool.acquire()) for _ in range(1 + SIDE_READERS)]
             if args.schema is not None:
                 for each in (conn, *helpers):
                     await _use_schema(each, args.schema)
