@@ -85,10 +85,14 @@ def _report(r: dict) -> list[str]:
             f"{', '.join(map(str, r['cli_samples_s']))}) | {r['cli_s']} | ≤ {r['target_s']} s |",
             f"| of which interpreter start and imports (`python -c 'import …'`) | {r['interpreter_and_imports_s']} | |",
             f"| in process: connect, load, build, render | {r['in_process_s']} | |",
-            f"| load (4 queries in one snapshot + parsing) | {r['load_s']} | |",
+            f"| load: 4 queries in one snapshot ({r['side_readers']} of them on side connections, side by side) + "
+            f"parsing | {r['load_s']} | |",
+            f"| the same load on one connection, the queries in turn | {r['load_one_connection_s']} | |",
             f"| build_report after load | {r['build_s']} | |",
             f"| baseline: build_report from data already in memory | {r['in_memory_build_s']} | |",
-            "", "Queries alone, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + "."]
+            "", "Queries alone, one after the other, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + ".",
+            *([f"1-minute load average before / after: {r['load_avg_1m'][0]} / {r['load_avg_1m'][1]} on {r['cpus']} "
+               "CPUs."] if "load_avg_1m" in r else [])]
 
 
 def _gateway(r: dict) -> list[str]:

@@ -5,7 +5,8 @@ The scratch database is filled by SQL (generate_series: paired twins with shared
 a learning curve per trial with per-layer singular values, sn_comparison derived from the trials), so this measures
 the report, not the pipeline. Figures: the command as a user runs it (a fresh `python -m sntrack report` process),
 the same in process (connect, load, build, render), build alone from loaded data (the baseline), and where the time
-goes (each query, the Python-side parsing, each report section).
+goes: load as the command runs it (the curves read on side connections meanwhile) and on one connection, and each
+query alone.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from consumers.report import queries
 from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
 from consumers.report.render import render_table
 from consumers.report.report import build_report, load
+from sntrack.commands.report import SIDE_READERS
 
 TARGET_S = 1.0
 EPOCHS = 30
@@ -109,8 +111,10 @@ def _interpreter_and_imports() -> float:
 
 
 async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
-    """Each read of the report alone, in ms (median of REPEATS)."""
+    """Each read of the report alone, one after the other, without JIT as `load` runs them, in ms (median of
+    REPEATS)."""
     out = {}
+    await conn.execute("SET jit = off")
     for name in ("REPORT_TRIALS", "REPORT_CURVES", "REPORT_CONVERGENCE", "REPORT_LAST_SIGMAS"):
         samples = []
         for _ in range(REPEATS):
@@ -119,6 +123,16 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
             samples.append(time.perf_counter() - started)
         out[name] = round(statistics.median(samples) * 1000, 1)
     return out
+
+
+async def _load(url: str, side_readers: int):
+    """`load` as `sntrack report` runs it: connect, then read with `side_readers` helper connections (0: the one
+    connection reads everything in turn)."""
+    connections = await asyncio.gather(*(asyncpg.connect(url) for _ in range(1 + side_readers)))
+    try:
+        return await load(connections[0], helpers=connections[1:])
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
 
 
 async def run(database_url: str, trials: int = 100_000) -> dict:
@@ -143,17 +157,13 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         finally:
             await conn.close()
 
+        load_before = round(os.getloadavg()[0], 2)
         cli = [await asyncio.to_thread(_cli, scratch_url) for _ in range(REPEATS)]
         imports = [await asyncio.to_thread(_interpreter_and_imports) for _ in range(REPEATS)]
-        load_s, build_s, render_s, in_memory_s = [], [], [], []
+        load_s, one_connection_s, build_s, render_s, in_memory_s = [], [], [], [], []
         for _ in range(REPEATS):
-            async def read():
-                connection = await asyncpg.connect(scratch_url)
-                try:
-                    return await load(connection)
-                finally:
-                    await connection.close()
-            elapsed, data = await _timed(read)
+            one_connection_s.append((await _timed(lambda: _load(scratch_url, 0)))[0])
+            elapsed, data = await _timed(lambda: _load(scratch_url, SIDE_READERS))
             load_s.append(elapsed)
             started = time.perf_counter()
             report = build_report(data)
@@ -174,9 +184,11 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         "verdict": report["verdict"]["outcome"],
         "cli_s": _median(cli), "cli_samples_s": [round(s, 3) for s in cli],
         "interpreter_and_imports_s": _median(imports),
-        "in_process_s": _median(in_process), "load_s": _median(load_s), "build_s": _median(build_s),
+        "in_process_s": _median(in_process), "load_s": _median(load_s), "side_readers": SIDE_READERS,
+        "load_one_connection_s": _median(one_connection_s), "build_s": _median(build_s),
         "render_s": _median(render_s), "in_memory_build_s": _median(in_memory_s),
         "query_ms": query_ms, "target_s": TARGET_S, "target_met": _median(cli) <= TARGET_S,
+        "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
     }
 
 

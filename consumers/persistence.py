@@ -8,14 +8,17 @@ import json
 import ssl
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 import asyncpg
 
 from common.errors import ConfigurationError
 from common.tls import certificate_problem
 from common.urls import redact
-from consumers.projections.base import Projection, Statement
-from schemas import Event
+
+if TYPE_CHECKING:  # pools of read-only commands (`sntrack report`) need not build the event models
+    from consumers.projections.base import Projection, Statement
+    from schemas import Event
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
 READ_MODEL_CHANNEL = "sntrack_read_model"  # NOTIFY channel: a projection committed new events (the dashboard)

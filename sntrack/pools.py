@@ -20,8 +20,8 @@ async def writer_pool(settings: Settings, *, max_size: int = 1) -> asyncpg.Pool:
     return await create_pool(settings.database_url, max_size=max_size)
 
 
-async def read_pool(settings: Settings, *, max_size: int = 1) -> asyncpg.Pool:
-    return await create_pool(settings.read_url, max_size=max_size,
+async def read_pool(settings: Settings, *, min_size: int = 1, max_size: int = 1) -> asyncpg.Pool:
+    return await create_pool(settings.read_url, min_size=min_size, max_size=max_size,
                              variable=_named(settings.read_database_url, "SNTRACK_READ_DATABASE_URL"))
 
 

@@ -1,5 +1,6 @@
 """The report's heavy imports are lazy: `sntrack report --help` loads none of numpy, scipy, statsmodels or
-matplotlib, and a report without --plot loads no matplotlib (measured with `python -X importtime`)."""
+matplotlib, a report without --plot loads no matplotlib, and a report builds none of the event models (`schemas`)
+(measured with `python -X importtime`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import subprocess
 import sys
 
 from consumers.persistence import apply_events
+from consumers.projections.comparison_keys import OVERALL
 from consumers.registry import PROJECTIONS
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
+from schemas.events import ALL_SEARCHES
 
 HEAVY = ("numpy", "scipy", "statsmodels", "matplotlib")
 
@@ -31,7 +34,11 @@ def test_report_help_loads_no_statistics_or_plotting_package():
     assert not found & set(HEAVY)
 
 
-async def test_a_report_without_a_plot_loads_no_matplotlib(env):
+def test_the_report_names_the_overall_row_as_the_contract_does():
+    assert OVERALL == ALL_SEARCHES
+
+
+async def test_a_report_without_a_plot_loads_no_matplotlib_and_no_event_models(env):
     events = [e for trial in synthetic_study(30, 5, seed=31, producer=producer_info(), model_run_id="paired",
                                              paired=True) for e in trial]
     conn = await env.db()
@@ -43,3 +50,4 @@ async def test_a_report_without_a_plot_loads_no_matplotlib(env):
     found = await asyncio.to_thread(_imported, "report", "--run", "paired",
                                     env={**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url})
     assert "scipy" in found and "matplotlib" not in found and "statsmodels" not in found
+    assert "schemas" not in found

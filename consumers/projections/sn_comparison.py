@@ -14,14 +14,10 @@ from __future__ import annotations
 from decimal import Decimal
 
 from consumers.projections.base import Projection, Statement
+from consumers.projections.comparison_keys import OVERALL, STATS
 from consumers.topology import QueueSpec
 from schemas import Event, RunStopped
-from schemas.events import ALL_SEARCHES
 from schemas.topology import RUN_STOP
-
-OVERALL = ALL_SEARCHES  # the contract refuses it as a real model_run_id
-
-STATS = ("val", "gap", "duration")  # column prefixes: final val accuracy, train-val gap, duration_ms
 
 
 def _columns(prefix: str) -> str:

@@ -4,7 +4,7 @@ loader)."""
 
 from __future__ import annotations
 
-from consumers.projections.sn_comparison import OVERALL, STATS
+from consumers.projections.comparison_keys import OVERALL, STATS
 
 # The dashboard's "average validation accuracy by spectral_norm over completed trials": at most two rows of
 # sn_comparison by primary key, whatever the number of trials. $1 = a model_run_id, or '*' for all searches.

@@ -6,6 +6,7 @@ import argparse
 import gc
 import os
 import sys
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 from common.errors import ConfigurationError
@@ -13,6 +14,7 @@ from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
+SIDE_READERS = 3  # connections that read the curves beside the one that reads the trials (consumers.report.report.load)
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
@@ -107,12 +109,14 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.report import UnknownScope, build_report, load
 
-    pool = await read_pool(settings)
+    pool = await read_pool(settings, min_size=1 + SIDE_READERS, max_size=1 + SIDE_READERS)  # connected at once
     try:
-        async with pool.acquire() as conn:
+        async with AsyncExitStack() as stack:
+            conn, *helpers = [await stack.enter_async_context(pool.acquire()) for _ in range(1 + SIDE_READERS)]
             if args.schema is not None:
-                await _use_schema(conn, args.schema)
-            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None)
+                for each in (conn, *helpers):
+                    await _use_schema(each, args.schema)
+            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None, helpers=helpers)
     except UnknownScope as exc:
         raise ConfigurationError(str(exc)) from None
     finally:
