@@ -14,8 +14,9 @@ of the bounded in-memory buffer:
   drained in order; once it is empty, back to direct mode. New events therefore always queue behind older
   spooled ones, which keeps each trial's events in order.
 
-The thread wakes in batches, not per event: publish() only appends (it wakes the thread once WAKE_EVENTS wait),
-and the thread looks at the buffer every LINGER_S, or at once when flush(), drain() or close() waits. A training
+The thread wakes in batches, not per event: publish() wakes it for the first event in an empty buffer and again
+once WAKE_EVENTS wait; the thread then lets the buffer fill for LINGER_S (no longer when flush(), drain() or
+close() waits, or WAKE_EVENTS wait) and sends it as one batch. An idle publisher does not wake at all. A training
 loop that publishes one event per epoch would otherwise pay, per event, a loop wake-up, a socket write and a
 confirm read on a thread that takes the GIL from it (the thread's CPU per event: `PublisherStats.thread_cpu_s`;
 bench/training_overhead.py). The cost is latency: an event leaves at most LINGER_S after publish(), and its
@@ -141,7 +142,7 @@ class EventPublisher:
             if len(self._buffer) < self.config.buffer:
                 self._published += 1
                 self._buffer.append(record)
-                if len(self._buffer) == WAKE_EVENTS:
+                if len(self._buffer) in (1, WAKE_EVENTS):
                     self._wake()
                 return
         self._overflow(record)
@@ -366,7 +367,7 @@ class EventPublisher:
         self._lost.set()
 
     async def _dispatch(self) -> None:
-        due = False  # LINGER_S passed since the thread last looked: send what is buffered
+        due = False  # the buffer lingered LINGER_S: send it
         while not self._stopping.is_set():
             self._wakeup.clear()
             with self._lock:
@@ -395,14 +396,14 @@ class EventPublisher:
                 self._set_spooling()
                 self._lost.set()
                 continue
-            due = await self._linger()
+            due = await self._rest(LINGER_S if buffered else None)
         await asyncio.to_thread(self._spill_all)
 
-    async def _linger(self) -> bool:
-        """Wait for a wake-up, at most LINGER_S; True when the time ran out."""
+    async def _rest(self, seconds: float | None) -> bool:
+        """Wait for a wake-up, at most `seconds` (None: no limit); True when the time ran out."""
         self._thread_cpu_s = time.thread_time()
         try:
-            await asyncio.wait_for(self._wakeup.wait(), LINGER_S)
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
         except TimeoutError:
             return True
         return False
