@@ -141,6 +141,7 @@ def _optuna_arm(tracking_uri: str) -> Callable[[TrialConfig, _Timed], None]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=__name__)  # deprecated since 4.9, still shipped
     study = optuna.create_study(study_name=f"{EXPERIMENT}-optuna", direction="maximize")
     callback = MLflowCallback(tracking_uri=tracking_uri, metric_name="val_accuracy")
 
