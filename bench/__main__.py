@@ -72,8 +72,8 @@ async def _mlflow(base: Settings, quick: bool) -> dict:
 
 async def _training(base: Settings, quick: bool) -> dict:
     async def work(url: str, startup_s: float | None) -> dict:
-        return await training_overhead.run(base, repetitions=2 if quick else 11, tracking_uri=url,
-                                           budget_s=40 if quick else 100)
+        return await training_overhead.run(base, repetitions=2 if quick else 31, tracking_uri=url,
+                                           budget_s=40 if quick else 240)
 
     return await _with_mlflow(base, work)
 

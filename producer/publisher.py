@@ -14,6 +14,14 @@ of the bounded in-memory buffer:
   drained in order; once it is empty, back to direct mode. New events therefore always queue behind older
   spooled ones, which keeps each trial's events in order.
 
+The thread wakes in batches, not per event: publish() wakes it for the first event in an empty buffer and again
+once WAKE_EVENTS wait; the thread then lets the buffer fill for LINGER_S (no longer when flush(), drain() or
+close() waits, or WAKE_EVENTS wait) and sends it as one batch. An idle publisher does not wake at all. A training
+loop that publishes one event per epoch would otherwise pay, per event, a loop wake-up, a socket write and a
+confirm read on a thread that takes the GIL from it (the thread's CPU per event: `PublisherStats.thread_cpu_s`;
+bench/training_overhead.py). The cost is latency: an event leaves at most LINGER_S after publish(), and its
+durability (confirmed or spooled) waits that much longer unless someone flushes.
+
 When the buffer is full, publish() writes to the spool itself (with whatever is buffered or in flight ahead
 of it, so order holds), still without touching the network. Every event is confirmed, spooled, or (while the
 publisher runs) on its way to one of the two; close() spools anything still in memory, also when a second
@@ -54,6 +62,8 @@ from schemas import EXCHANGE, Event
 log = structlog.get_logger("sntrack.publisher")
 
 BATCH = 500  # events published concurrently before awaiting their confirms
+LINGER_S = 0.25  # the longest an event waits in the buffer before the thread looks (when nobody flushes)
+WAKE_EVENTS = 64  # this many events waiting wake the thread at once
 RECONNECT_MIN_S = 0.25
 RECONNECT_MAX_S = 5.0
 FIRST_CONTACT_S = 5.0  # how long to wait to tell a refusing broker (configuration) from an absent one
@@ -71,6 +81,7 @@ class PublisherStats:
     rejected: int  # returned by the broker as unroutable, quarantined in <spool_dir>/rejected/
     connected: bool
     refused: str | None  # the broker answered but refused us (credentials, vhost): configuration, not an outage
+    thread_cpu_s: float = 0.0  # CPU time the publishing thread had used when it last went to rest
 
 
 class SpoolFull(RuntimeError):
@@ -96,6 +107,8 @@ class EventPublisher:
         self._rejected = 0
         self._rejected_direct = 0  # settled by quarantine before reaching the spool
         self._disk_retry_at = 0.0  # after a failed spool write the dispatcher rests before the next one
+        self._waiting = 0  # callers waiting in flush() or drain(): the thread does not linger for them
+        self._thread_cpu_s = 0.0  # the publishing thread's time.thread_time(), as of its last rest
         self._state = "new"
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -129,20 +142,32 @@ class EventPublisher:
             if len(self._buffer) < self.config.buffer:
                 self._published += 1
                 self._buffer.append(record)
-                if len(self._buffer) == 1:
+                if len(self._buffer) in (1, WAKE_EVENTS):
                     self._wake()
                 return
         self._overflow(record)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every event published so far is confirmed or spooled; False if `timeout` ran out first."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self._pending() == 0, timeout)
+        return self._wait_for(lambda: self._pending() == 0, timeout)
 
     def drain(self, timeout: float | None = None) -> bool:
         """Wait until everything is confirmed by the broker, the spool (adopted orphans included) emptied too."""
+        return self._wait_for(lambda: self._pending() == 0 and not self._spooling, timeout)
+
+    def _wait_for(self, done, timeout: float | None) -> bool:
+        """Wait for `done` with the thread told to send what is buffered now rather than after LINGER_S."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._pending() == 0 and not self._spooling, timeout)
+            if done():
+                return True
+            self._waiting += 1
+        try:
+            self._wake()
+            with self._changed:
+                return self._changed.wait_for(done, timeout)
+        finally:
+            with self._lock:
+                self._waiting -= 1
 
     def close(self, timeout: float | None = 30.0, *, interrupted: bool = False) -> bool:
         """Flush (and, while connected, drain the spool) within `timeout`, then stop the thread; anything
@@ -181,7 +206,8 @@ class EventPublisher:
     def stats(self) -> PublisherStats:
         with self._lock:
             return PublisherStats(self._published, self._confirmed, self._spooled, self._from_spool,
-                                  self._pending(), self._rejected, self._connected, self._refused)
+                                  self._pending(), self._rejected, self._connected, self._refused,
+                                  self._thread_cpu_s)
 
     def first_contact(self, timeout: float = FIRST_CONTACT_S) -> str | None:
         """Wait up to `timeout` for the first connection attempt to be decided. Returns why the broker refused
@@ -318,6 +344,7 @@ class EventPublisher:
             loop.run_until_complete(self._main())
         finally:
             loop.close()
+            self._thread_cpu_s = time.thread_time()
 
     async def _main(self) -> None:
         self._wakeup = asyncio.Event()
@@ -340,10 +367,12 @@ class EventPublisher:
         self._lost.set()
 
     async def _dispatch(self) -> None:
+        due = False  # the buffer lingered LINGER_S: send it
         while not self._stopping.is_set():
             self._wakeup.clear()
             with self._lock:
                 spooling, buffered = self._spooling, bool(self._buffer)
+                due = due or self._waiting > 0 or len(self._buffer) >= WAKE_EVENTS
             exchange = self._exchange
             disk_rests = time.monotonic() < self._disk_retry_at
             try:
@@ -354,8 +383,9 @@ class EventPublisher:
                 if exchange is not None and spooling:
                     await self._drain_chunk(exchange)
                     continue
-                if exchange is not None and buffered:
+                if exchange is not None and buffered and due:
                     await self._send_direct(exchange)
+                    due = False
                     continue
                 if spooling and buffered:
                     await self._sleep(self._disk_retry_at - time.monotonic(), wake=True)
@@ -366,8 +396,17 @@ class EventPublisher:
                 self._set_spooling()
                 self._lost.set()
                 continue
-            await self._wakeup.wait()
+            due = await self._rest(LINGER_S if buffered else None)
         await asyncio.to_thread(self._spill_all)
+
+    async def _rest(self, seconds: float | None) -> bool:
+        """Wait for a wake-up, at most `seconds` (None: no limit); True when the time ran out."""
+        self._thread_cpu_s = time.thread_time()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            return True
+        return False
 
     async def _publish(self, exchange: aio_pika.abc.AbstractExchange, record: Record) -> str | None:
         """Publish and await the confirm; the broker's reason when it returned the event as unroutable."""

@@ -69,6 +69,18 @@ async def test_published_study_reaches_journal_and_trials(env):
     assert _spooled_events(env.settings.spool_dir) == 0
 
 
+async def test_events_go_out_in_batches_without_a_flush(env):
+    """publish() does not wake the thread per event; the thread still sends what waits, unasked, and says what its
+    work cost (PublisherStats.thread_cpu_s)."""
+    events = _events(2, 5)
+    with EventPublisher(env.settings.publisher()) as publisher:
+        await wait_until(lambda: publisher.stats.connected, timeout=10, what="publisher connected")
+        for event in events:
+            publisher.publish(event)
+        await wait_until(lambda: publisher.stats.confirmed == len(events), timeout=10, what="confirmed unflushed")
+        await wait_until(lambda: publisher.stats.thread_cpu_s > 0, timeout=10, what="the thread's CPU time")
+
+
 async def test_broker_unreachable_from_start_spools_without_blocking_then_delivers(env):
     events = _events(40, 23, seed=2)[:1000]
     proxy, settings = _proxied(env)

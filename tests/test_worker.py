@@ -7,9 +7,11 @@ import threading
 
 import pytest
 import torch
+from torch import nn
 
+from producer.data import load_split
 from producer.emitter import producer_info
-from producer.model import SingularValueMeter, build_model
+from producer.model import SingularValueMeter, build_model, refresh_spectral_norm
 from producer.search_space import SearchSpace, SearchSpaceError
 from producer.tracking import Tracker
 from producer.training import TrialConfig, TrialOutcome, _error, run_trial
@@ -78,6 +80,55 @@ def test_singular_value_meter_tracks_the_exact_value_as_weights_change():
                  for i, layer in enumerate(model.layers)}
         assert measured.keys() == exact.keys()
         assert all(-1e-5 < (exact[k] - measured[k]) / exact[k] < 1e-2 for k in exact), (measured, exact)
+
+
+def _train_and_measure(config: TrialConfig, epochs: int) -> list[tuple[dict, dict]]:
+    """(measured, exact) singular values at the end of each epoch of a real training run, the worker's way: SN's
+    vectors refreshed, eval mode, one meter warm-started across epochs."""
+    split = load_split(config.dataset, config.split_seed)
+    torch.manual_seed(config.seed)
+    model = build_model(split.n_features, split.n_classes, hidden=config.hidden, depth=config.depth,
+                        dropout=config.dropout, spectral_norm=config.spectral_norm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    order = torch.Generator().manual_seed(config.seed)
+    meter, results = SingularValueMeter(seed=0), []
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(split.x_train.shape[0], generator=order).split(config.batch_size):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(split.x_train[batch]), split.y_train[batch]).backward()
+            optimizer.step()
+        if config.spectral_norm:
+            refresh_spectral_norm(model)
+        model.eval()
+        measured = meter.measure(model)
+        with torch.no_grad():
+            exact = {f"layers.{i}": float(torch.linalg.matrix_norm(layer.weight, ord=2))
+                     for i, layer in enumerate(model.layers)}
+        results.append((measured, exact))
+    return results
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True], ids=["plain", "spectral_norm"])
+def test_singular_value_meter_tracks_training(spectral_norm):
+    """Warm-started across the epochs of the benchmark's trial, plain and spectrally normalized: within 1% of the
+    SVD of the effective weight, never above it."""
+    config = dataclasses.replace(BASE, dataset="digits", hidden=64, lr=3e-3, spectral_norm=spectral_norm)
+    for epoch, (measured, exact) in enumerate(_train_and_measure(config, epochs=8)):
+        assert measured.keys() == exact.keys()
+        assert all(-1e-5 < (exact[k] - measured[k]) / exact[k] < 1e-2 for k in exact), (epoch, measured, exact)
+
+
+def test_singular_value_meter_leaves_spectral_norm_vectors_alone():
+    torch.manual_seed(2)
+    model = build_model(16, 4, hidden=32, depth=2, dropout=0.0, spectral_norm=True, sn_output_layer=False).eval()
+    wrapped = [layer.parametrizations.weight[0] for layer in model.layers[:-1]]
+    before = [(norm._u.clone(), norm._v.clone()) for norm in wrapped]
+    meter = SingularValueMeter(seed=0)
+    measured = meter.measure(model)
+    assert set(measured) == {"layers.0", "layers.1", "layers.2"}
+    after = [(norm._u, norm._v) for norm in wrapped]
+    assert all(torch.equal(a, b) for pair in zip(after, before, strict=True) for a, b in zip(*pair, strict=True))
 
 
 def test_pair_starts_from_the_same_weights():
