@@ -145,7 +145,8 @@ class ConsumerRuntime:
             await channel.set_qos(prefetch_count=self.prefetch)
             try:
                 queue = await self._open_queue(channel)
-                consumer_tag = await queue.consume(self._inbox.put if self.stage_log is None else self._stamped_put)
+                # A plain function, not a coroutine: aio-pika then runs it without a task of its own per message.
+                consumer_tag = await queue.consume(self._inbox.put_nowait if self.stage_log is None else self._stamped)
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ConfigurationError(
                     f"RabbitMQ refused the user of {redact(self.config.amqp_url)}: {exc}; built-in consumers run as "
@@ -189,9 +190,9 @@ class ConsumerRuntime:
             await queue.bind(EXCHANGE, routing_key=pattern)
         return queue
 
-    async def _stamped_put(self, message: AbstractIncomingMessage) -> None:
+    def _stamped(self, message: AbstractIncomingMessage) -> None:
         self.stage_log.arrived(message)
-        await self._inbox.put(message)
+        self._inbox.put_nowait(message)
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(self._inbox.get())
@@ -278,7 +279,7 @@ class ConsumerRuntime:
             self.log.debug("batch applied", events=len(accepted))
             if self.stage_log is not None:
                 mark("acked")
-                self.stage_log.applied([m for m, _ in accepted])
+                self.stage_log.applied(accepted)
 
     async def _ack_batch(self, messages: list[AbstractIncomingMessage], multiple: bool) -> None:
         if not multiple:

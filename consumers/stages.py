@@ -18,6 +18,8 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from schemas import Event
+
 Marks = list[tuple[str, float]]
 
 _marks: contextvars.ContextVar[Marks | None] = contextvars.ContextVar("sntrack_stage_marks", default=None)
@@ -48,9 +50,9 @@ class StageLog:
         finally:
             _marks.reset(token)
 
-    def applied(self, messages: Sequence[AbstractIncomingMessage]) -> None:
-        """Write the line of a batch whose `messages` were applied and acked."""
-        events = [[m.message_id, self._arrived.pop(id(m), None)] for m in messages]
+    def applied(self, accepted: Sequence[tuple[AbstractIncomingMessage, Event]]) -> None:
+        """Write the line of a batch whose (message, event) pairs were applied and acked."""
+        events = [[str(event.event_id), self._arrived.pop(id(message), None)] for message, event in accepted]
         self._file.write(json.dumps({"events": events, "marks": _marks.get()}) + "\n")
 
     def restart(self) -> None:
