@@ -7,9 +7,11 @@ machine runs.
 
 Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on `applied_events`
 (written in the same transaction as the trials rows) notifies the projection and event id, and PostgreSQL delivers
-notifications at commit. The consumers run as `sntrack consume` daemons, one per consumer, as they would be
-deployed: journal and trials for latency, journal, trials and comparison for throughput. Each writes its batches'
-stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which each event's latency is split into its stages.
+notifications at commit. The consumers run as `sntrack consume` daemons in two layouts, each in its own sandbox and
+measured in the same turns: one daemon per consumer (as the systemd units deploy them) and one daemon for all (fewer
+processes on the CPUs). Journal and trials for latency; journal, trials and comparison for throughput. The trials
+daemon of the first layout writes its batches' stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which
+each event's latency is split into its stages.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tests.sandbox import sandbox
 RAW_EXCHANGE = "sntrack.bench-raw"
 LATENCY_CONSUMERS = ("journal", "trials")
 THROUGHPUT_CONSUMERS = ("journal", "trials", "comparison")
+DAEMONS, ONE_PROCESS = "one daemon per consumer", "one daemon for all"  # the layouts measured side by side
 MEASURED = "trials"  # latency is publish → this projection's commit (the raw baseline's consume stands for it)
 NOTIFY_TRIGGER = """
 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -133,19 +136,23 @@ async def _measure(settings: Settings, messages: list[Message], rate: float | No
         await close()
 
 
-async def _measure_in_turns(settings: Settings, arms: dict[str, tuple[list[Message], str, Callable]], rate: float,
-                            turn: int) -> dict[str, _Arrivals]:
-    """Latency of each arm (name → messages, exchange, listener), published at `rate` in alternating turns of
-    `turn` events; each turn ends when all its events arrived."""
-    connection = await aio_pika.connect(settings.amqp_url)
+Arm = tuple[list[Message], Settings, str, Callable]  # messages, the sandbox, the exchange, the listener
+
+
+async def _measure_in_turns(arms: dict[str, Arm], rate: float, turn: int) -> dict[str, _Arrivals]:
+    """Latency of each arm, published at `rate` in alternating turns of `turn` events; each turn ends when all its
+    events arrived."""
     arrivals = {name: _Arrivals() for name in arms}
-    closers = [await listen(arrivals[name]) for name, (_, _, listen) in arms.items()]
+    closers, exchanges = [], {}
     try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchanges = {name: await channel.get_exchange(exchange, ensure=False)
-                     for name, (_, exchange, _) in arms.items()}
-        for start in range(0, max(len(messages) for messages, _, _ in arms.values()), turn):
-            for name, (messages, _, _) in arms.items():
+        for name, (_, settings, exchange, listen) in arms.items():
+            closers.append(await listen(arrivals[name]))
+            connection = await aio_pika.connect(settings.amqp_url)
+            closers.append(connection.close)
+            channel = await connection.channel(publisher_confirms=True)
+            exchanges[name] = await channel.get_exchange(exchange, ensure=False)
+        for start in range(0, max(len(arm[0]) for arm in arms.values()), turn):
+            for name, (messages, *_) in arms.items():
                 part = messages[start:start + turn]
                 if part:
                     arrivals[name].expect(part, (MEASURED,))
@@ -153,7 +160,6 @@ async def _measure_in_turns(settings: Settings, arms: dict[str, tuple[list[Messa
                     await asyncio.wait_for(arrivals[name].done.wait(), timeout=120)
         return arrivals
     finally:
-        await connection.close()
         for close in closers:
             await close()
 
@@ -195,14 +201,15 @@ async def _declare_raw(settings: Settings) -> None:
         await connection.close()
 
 
-def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS,
-                     stage_log: Path | None = None) -> list[subprocess.Popen]:
-    """One `sntrack consume NAME` daemon per name."""
+def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS, stage_log: Path | None = None,
+                     together: bool = False) -> list[subprocess.Popen]:
+    """One `sntrack consume NAME` daemon per name, or one `sntrack consume NAME…` for all when `together`."""
     env = {**os.environ, **settings.to_env(), "SNTRACK_LOG_JSON": "true"}
     if stage_log is not None:
         env["SNTRACK_STAGE_LOG"] = str(stage_log)
-    return [subprocess.Popen([sys.executable, "-m", "sntrack", "consume", name], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in names]
+    groups = [names] if together else [(name,) for name in names]
+    return [subprocess.Popen([sys.executable, "-m", "sntrack", "consume", *group], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for group in groups]
 
 
 def _stop(daemons: list[subprocess.Popen]) -> None:
@@ -258,58 +265,80 @@ def _breakdown(stage_log: Path, arrivals: _Arrivals, event_ids: set[str]) -> dic
             "batch_size": {"mean": round(statistics.fmean(batch_sizes), 2), "max": max(batch_sizes)}}
 
 
-async def _latency(settings: Settings, rate: int, duration_s: float, seed: int, turn: int, stage_log: Path) -> dict:
-    arms = {"raw": (_messages(int(rate * duration_s), seed), RAW_EXCHANGE, raw_listener(settings)),
-            "sntrack": (_messages(int(rate * duration_s), seed + 10), EXCHANGE, pipeline_listener(settings))}
+async def _latency(layouts: dict[str, Settings], raw: Settings, rate: int, duration_s: float, seed: int, turn: int,
+                   stage_log: Path) -> dict:
+    """The raw baseline and each layout (its own sandbox) in alternating turns; the stage breakdown of DAEMONS."""
+    events = int(rate * duration_s)
+    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw))}
+    for n, (name, settings) in enumerate(layouts.items(), start=1):
+        arms[name] = (_messages(events, seed + 10 * n), settings, EXCHANGE, pipeline_listener(settings))
     load = os.getloadavg()[0]
-    arrivals = await _measure_in_turns(settings, arms, rate, turn)
-    row = {name: percentiles(arrivals[name].latencies_ms(messages)) for name, (messages, _, _) in arms.items()}
-    row = {"raw_ms": row["raw"], "pipeline_ms": row["sntrack"],
-           "p95_ratio": round(row["sntrack"]["p95"] / row["raw"]["p95"], 2),
-           "p95_delta_ms": round(row["sntrack"]["p95"] - row["raw"]["p95"], 2),
-           "p99_delta_ms": round(row["sntrack"]["p99"] - row["raw"]["p99"], 2),
+    arrivals = await _measure_in_turns(arms, rate, turn)
+    ms = {name: percentiles(arrivals[name].latencies_ms(arm[0])) for name, arm in arms.items()}
+    row = {"raw_ms": ms["raw"], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
+           "p95_ratio": round(ms[DAEMONS]["p95"] / ms["raw"]["p95"], 2),
            "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    row["breakdown"] = _breakdown(stage_log, arrivals["sntrack"], {i for i, _, _ in arms["sntrack"][0]})
+    for name, key in ((DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
+        row[f"{key}_delta_ms"] = {q: round(ms[name][q] - ms["raw"][q], 2) for q in ("p50", "p95", "p99")}
+    row["breakdown"] = _breakdown(stage_log, arrivals[DAEMONS], {event_id for event_id, _, _ in arms[DAEMONS][0]})
     return row
+
+
+async def _throughput(layouts: dict[str, tuple[Settings, list[subprocess.Popen]]], raw: Settings,
+                      events: int) -> dict:
+    load = os.getloadavg()[0]
+    _, raw_rate = await _measure(raw, _messages(events, 42), None, RAW_EXCHANGE, raw_listener(raw))
+    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate)}
+    for n, (name, (settings, daemons)) in enumerate(layouts.items()):
+        cpu_before = _cpu_s(daemons)
+        _, rate = await _measure(settings, _messages(events, 43 + n), None, EXCHANGE, pipeline_listener(settings),
+                                 THROUGHPUT_CONSUMERS)
+        key = "pipeline" if name == DAEMONS else "one_process"
+        result.update({f"{key}_events_per_s": round(rate), f"{key}_ratio": round(rate / raw_rate, 2),
+                       f"{key}_cpu_ms_per_event": round((_cpu_s(daemons) - cpu_before) * 1000 / events, 3)})
+    result["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return result
 
 
 async def run(base: Settings, *, duration_s: float = 8.0, throughput_events: int = 20_000, turn: int = 250,
               log=print) -> dict:
     results: dict = {"latency": {}, "cpus": os.cpu_count()}
-    async with sandbox(base, prefix="sntrack-bench") as settings:
-        conn = await asyncpg.connect(settings.database_url)
-        await conn.execute(NOTIFY_TRIGGER)
-        await conn.close()
+    async with (sandbox(base, prefix="sntrack-bench") as settings,
+                sandbox(base, prefix="sntrack-bench") as single):
+        layouts = {DAEMONS: settings, ONE_PROCESS: single}
+        for each in layouts.values():
+            conn = await asyncpg.connect(each.database_url)
+            await conn.execute(NOTIFY_TRIGGER)
+            await conn.close()
         await _declare_raw(settings)
-        raw, pipe = raw_listener(settings), pipeline_listener(settings)
         with tempfile.TemporaryDirectory(prefix="sntrack-bench-stages-") as folder:
             stage_log = Path(folder)
-            daemons = _start_consumers(settings, LATENCY_CONSUMERS, stage_log)
+            daemons = {DAEMONS: _start_consumers(settings, LATENCY_CONSUMERS, stage_log),
+                       ONE_PROCESS: _start_consumers(single, LATENCY_CONSUMERS, together=True)}
             try:
-                await _wait_for_consumers(settings, LATENCY_CONSUMERS)
-                await _measure(settings, _messages(500, seed=99), None, EXCHANGE, pipe)  # warm-up
+                for each in layouts.values():
+                    await _wait_for_consumers(each, LATENCY_CONSUMERS)
+                    await _measure(each, _messages(500, seed=99), None, EXCHANGE, pipeline_listener(each))  # warm-up
                 for seed, rate in enumerate((250, 500), start=1):
-                    log(f"latency at {rate} events/s: {int(rate * duration_s)} events each, raw and sntrack in "
-                        f"alternating turns of {turn}")
-                    row = results["latency"][str(rate)] = await _latency(settings, rate, duration_s, seed, turn,
-                                                                         stage_log)
-                    log(f"  raw {row['raw_ms']}\n  sntrack {row['pipeline_ms']}  (load {row['load_avg_1m']})")
-                daemons += _start_consumers(settings, ("comparison",))
-                await _wait_for_consumers(settings, THROUGHPUT_CONSUMERS)
+                    log(f"latency at {rate} events/s: {int(rate * duration_s)} events each, raw, {DAEMONS} and "
+                        f"{ONE_PROCESS} in alternating turns of {turn}")
+                    row = results["latency"][str(rate)] = await _latency(layouts, settings, rate, duration_s, seed,
+                                                                         turn, stage_log)
+                    log(f"  raw {row['raw_ms']}\n  {DAEMONS} {row['pipeline_ms']}\n  {ONE_PROCESS} "
+                        f"{row['one_process_ms']}  (load {row['load_avg_1m']})")
+                daemons[DAEMONS] += _start_consumers(settings, ("comparison",))
+                _stop(daemons[ONE_PROCESS])
+                daemons[ONE_PROCESS] = _start_consumers(single, THROUGHPUT_CONSUMERS, together=True)
+                for each in layouts.values():
+                    await _wait_for_consumers(each, THROUGHPUT_CONSUMERS)
                 log(f"throughput: {throughput_events} events published as fast as confirms allow")
-                load = os.getloadavg()[0]
-                _, raw_rate = await _measure(settings, _messages(throughput_events, 42), None, RAW_EXCHANGE, raw)
-                cpu_before = _cpu_s(daemons)
-                _, pipe_rate = await _measure(settings, _messages(throughput_events, 43), None, EXCHANGE, pipe,
-                                              THROUGHPUT_CONSUMERS)
-                cpu_ms = (_cpu_s(daemons) - cpu_before) * 1000 / throughput_events
+                tp = results["throughput"] = await _throughput(
+                    {name: (layouts[name], daemons[name]) for name in layouts}, settings, throughput_events)
             finally:
-                _stop(daemons)
-        results["throughput"] = {"events": throughput_events, "consumers": list(THROUGHPUT_CONSUMERS),
-                                 "raw_events_per_s": round(raw_rate), "pipeline_events_per_s": round(pipe_rate),
-                                 "ratio": round(pipe_rate / raw_rate, 2), "daemons_cpu_ms_per_event": round(cpu_ms, 3),
-                                 "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
-        log(f"  raw {raw_rate:,.0f}/s  {'+'.join(THROUGHPUT_CONSUMERS)} {pipe_rate:,.0f}/s")
+                for each in daemons.values():
+                    _stop(each)
+        log(f"  raw {tp['raw_events_per_s']:,}/s  {DAEMONS} {tp['pipeline_events_per_s']:,}/s  {ONE_PROCESS} "
+            f"{tp['one_process_events_per_s']:,}/s")
         pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=2)
         try:
             replayed = await replay(pool, PROJECTIONS["trials"])

@@ -145,8 +145,7 @@ class ConsumerRuntime:
             await channel.set_qos(prefetch_count=self.prefetch)
             try:
                 queue = await self._open_queue(channel)
-                # A plain function, not a coroutine: aio-pika then runs it without a task of its own per message.
-                consumer_tag = await queue.consume(self._inbox.put_nowait if self.stage_log is None else self._stamped)
+                consumer_tag = await queue.consume(self._inbox.put if self.stage_log is None else self._stamped_put)
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ConfigurationError(
                     f"RabbitMQ refused the user of {redact(self.config.amqp_url)}: {exc}; built-in consumers run as "
@@ -190,9 +189,9 @@ class ConsumerRuntime:
             await queue.bind(EXCHANGE, routing_key=pattern)
         return queue
 
-    def _stamped(self, message: AbstractIncomingMessage) -> None:
+    async def _stamped_put(self, message: AbstractIncomingMessage) -> None:
         self.stage_log.arrived(message)
-        self._inbox.put_nowait(message)
+        await self._inbox.put(message)
 
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(self._inbox.get())
