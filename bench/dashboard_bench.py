@@ -26,7 +26,7 @@ import asyncpg
 from bench import pipeline
 from bench.browser import chromium
 from bench.timing import percentiles
-from consumers.persistence import READ_MODEL_CHANNEL, apply_events
+from consumers.persistence import READ_MODEL_CHANNEL, apply_events, change_payload
 from consumers.registry import PROJECTIONS
 from producer.emitter import producer_info
 from producer.sample import synthetic_trial
@@ -192,9 +192,9 @@ async def run(base: Settings, *, rate: float = 200.0, duration_s: float = 8.0, t
 
 
 async def notify_cost(settings: Settings, batches: int = 200, batch: int = 50) -> dict:
-    """The NOTIFY's cost on the consumer path: `trials` batches applied as the runtime does (one transaction, the
-    NOTIFY queued by the bookkeeping statement), interleaved with the same transaction plus a pg_notify statement of
-    its own; the difference of the medians is what a NOTIFY as its own statement would add to a batch."""
+    """The NOTIFY's cost on the consumer path: `trials` batches applied as the runtime does (one transaction,
+    NOTIFY included), interleaved with the same transaction plus a second, identical pg_notify statement; the
+    difference of the medians is what one NOTIFY statement adds to a batch."""
     _, metrics = _study(batches * batch // 20, 20, 9)
     chunks = [metrics[i:i + batch] for i in range(0, batches * batch, batch)]
     conn = await asyncpg.connect(settings.database_url)
@@ -205,9 +205,8 @@ async def notify_cost(settings: Settings, batches: int = 200, batch: int = 50) -
             async with conn.transaction():
                 await apply_events(conn, PROJECTIONS["trials"], events)
                 if i % 2:
-                    trials = sorted({e.trial_id for e in events})
                     await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL,
-                                       json.dumps({"projection": "bench", "trials": trials}))
+                                       change_payload("bench", events))
             (doubled if i % 2 else shipped).append((time.perf_counter() - started) * 1000)
     finally:
         await conn.close()

@@ -58,8 +58,9 @@ STAGES = (
     ("waiting for the batch in hand to finish", "taken"),
     ("gate: parse and validate", "gated"),
     ("pool acquire + BEGIN", "begun"),
-    ("bookkeeping: record in applied_events, queue the NOTIFY", "recorded"),
+    ("bookkeeping: record in applied_events", "recorded"),
     ("projection statements", "projected"),
+    ("NOTIFY statement", "notified"),
     ("COMMIT (WAL flush)", "committed"),
     ("commit → NOTIFY heard by the bench", "heard"),
 )

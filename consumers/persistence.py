@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import ssl
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
@@ -134,11 +135,8 @@ async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Ev
     records with record=True."""
     rows = await conn.fetch(RECORD_APPLIED if record else READ_UNAPPLIED, consumer, [e.event_id for e in events],
                             list({e.model_run_id for e in events}))
+    fresh = {r["event_id"] for r in rows if r["event_id"] is not None}
     deleted = {r["deleted"] for r in rows if r["deleted"] is not None}
-    return _each_once(events, {r["event_id"] for r in rows if r["event_id"] is not None}, deleted)
-
-
-def _each_once(events: Sequence[Event], fresh: set, deleted: set[str] = frozenset()) -> list[Event]:
     found = []
     for event in events:
         if event.event_id in fresh and event.model_run_id not in deleted:
@@ -147,41 +145,24 @@ def _each_once(events: Sequence[Event], fresh: set, deleted: set[str] = frozense
     return found
 
 
-# apply_events' bookkeeping, in one round trip: RECORD_APPLIED's insert and tombstones, and the NOTIFY of the trials
-# of the new events (the projection and the trials it changed, null = too many to list, reread all; sorted by code
-# point). PostgreSQL delivers it only when the transaction commits, so a listener never sees uncommitted rows.
-RECORD_AND_NOTIFY = """
-WITH batch AS (
-    SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS b(event_id, model_run_id, trial_id)
-), fresh AS (
-    INSERT INTO applied_events (projection, event_id) SELECT $1, event_id FROM batch
-    ON CONFLICT DO NOTHING RETURNING event_id
-), new AS (
-    SELECT b.event_id, b.trial_id FROM fresh JOIN batch b USING (event_id)
-    WHERE NOT EXISTS (SELECT 1 FROM deleted_studies d WHERE d.model_run_id = b.model_run_id)
-), listed AS (
-    SELECT json_build_object('projection', $1::text, 'trials', json_agg(trial_id ORDER BY trial_id))::text AS payload
-    FROM (SELECT DISTINCT trial_id COLLATE "C" AS trial_id FROM new) AS changed HAVING count(*) > 0
-)
-SELECT event_id FROM new
-UNION ALL
-SELECT NULL FROM listed, pg_notify($5, CASE WHEN octet_length(payload) < $6 THEN payload
-                                       ELSE json_build_object('projection', $1::text, 'trials', NULL)::text END)
-"""
-
-
 async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
-    """Inside the caller's transaction: record the events as applied by `projection`, run the writes of those not
-    applied before (nor of a study removed for good, as `unapplied`) and notify READ_MODEL_CHANNEL of their trials.
-    Returns how many were new."""
-    rows = await conn.fetch(RECORD_AND_NOTIFY, projection.name, [e.event_id for e in events],
-                            [e.model_run_id for e in events], [e.trial_id for e in events], READ_MODEL_CHANNEL,
-                            NOTIFY_LIMIT)
-    new_events = _each_once(events, {r["event_id"] for r in rows if r["event_id"] is not None})
+    """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
+    those not applied before. Returns how many were new."""
+    new_events = await unapplied(conn, projection.name, events, record=True)
     mark("recorded")
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
     mark("projected")
+    if new_events:
+        await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL, change_payload(projection.name, new_events))
+    mark("notified")
     return len(new_events)
+
+
+def change_payload(projection: str, events: Sequence[Event]) -> str:
+    """The NOTIFY payload: the projection and the trials it changed (null = too many to list, reread all).
+    PostgreSQL delivers it only when the transaction commits, so a listener never sees uncommitted rows."""
+    payload = json.dumps({"projection": projection, "trials": sorted({e.trial_id for e in events})})
+    return payload if len(payload.encode()) < NOTIFY_LIMIT else json.dumps({"projection": projection, "trials": None})
 
 
 class Store:
