@@ -1,23 +1,32 @@
-"""Pipeline benchmark: end-to-end latency and sustained throughput of journal+trials, and replay speed.
+"""Pipeline benchmark: end-to-end latency and where it goes, sustained throughput, and replay speed.
 
-Baseline, measured in the same run on the same broker: raw aio-pika publish → consume (ack) of the same
-message bodies through a plain quorum queue on an exchange of its own, no validation, no database.
+Baseline, measured in the same run on the same broker: raw aio-pika publish → consume (ack) of the same kind of
+message bodies through a plain quorum queue on an exchange of its own, no validation, no database. Latency is
+measured in alternating turns (raw, then sntrack, then raw…), so both see the same load from whatever else the
+machine runs.
 
-Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on
-`applied_events` (written in the same transaction as the trials rows) notifies the event id, and PostgreSQL
-delivers notifications at commit. The consumers run as two daemons, `sntrack consume journal` and
-`sntrack consume trials`, as they would be deployed.
+Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on `applied_events`
+(written in the same transaction as the trials rows) notifies the projection and event id, and PostgreSQL delivers
+notifications at commit. The consumers run as `sntrack consume` daemons in two layouts, each in its own sandbox and
+measured in the same turns: one daemon per consumer (as the systemd units deploy them) and one daemon for all (fewer
+processes on the CPUs). Journal and trials for latency; journal, trials and comparison for throughput. The trials
+daemon of the first layout writes its batches' stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which
+each event's latency is split into its stages.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aio_pika
 import asyncpg
@@ -29,16 +38,32 @@ from consumers.replay import replay
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import EXCHANGE
+from schemas.topology import RUN_STOP
 from sntrack.settings import Settings
 from tests.sandbox import sandbox
 
 RAW_EXCHANGE = "sntrack.bench-raw"
+LATENCY_CONSUMERS = ("journal", "trials")
+THROUGHPUT_CONSUMERS = ("journal", "trials", "comparison")
+DAEMONS, ONE_PROCESS = "one daemon per consumer", "one daemon for all"  # the layouts measured side by side
+MEASURED = "trials"  # latency is publish → this projection's commit (the raw baseline's consume stands for it)
 NOTIFY_TRIGGER = """
 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN PERFORM pg_notify('bench', NEW.event_id::text); RETURN NEW; END $$;
-CREATE TRIGGER bench_notify AFTER INSERT ON applied_events FOR EACH ROW
-    WHEN (NEW.projection = 'trials') EXECUTE FUNCTION bench_notify();
+BEGIN PERFORM pg_notify('bench', NEW.projection || ' ' || NEW.event_id::text); RETURN NEW; END $$;
+CREATE TRIGGER bench_notify AFTER INSERT ON applied_events FOR EACH ROW EXECUTE FUNCTION bench_notify();
 """
+# (label, stage stamp that ends it) in path order; each stage runs from the previous stamp to its own.
+STAGES = (
+    ("broker: publish → delivered to the consumer", "arrived"),
+    ("waiting for the batch in hand to finish", "taken"),
+    ("gate: parse and validate", "gated"),
+    ("pool acquire + BEGIN", "begun"),
+    ("bookkeeping: record in applied_events", "recorded"),
+    ("projection statements", "projected"),
+    ("NOTIFY statement", "notified"),
+    ("COMMIT (WAL flush)", "committed"),
+    ("commit → NOTIFY heard by the bench", "heard"),
+)
 
 Message = tuple[str, bytes, str]  # (event id, body, routing key)
 
@@ -66,27 +91,38 @@ async def _publish(exchange, messages: list[Message], rate: float | None, sent_a
 
 
 class _Arrivals:
-    """Records when each expected event id arrives; `done` is set when all have."""
+    """Which (projection, event id) pairs are still awaited, and when MEASURED's arrived; `done` is set when none
+    is awaited."""
 
-    def __init__(self, messages: list[Message]):
-        self.wanted = {event_id for event_id, _, _ in messages}
+    def __init__(self):
         self.sent_at: dict[str, float] = {}
-        self.latencies_ms: list[float] = []
+        self.heard_at: dict[str, float] = {}
+        self.awaited: set[tuple[str, str]] = set()
         self.done = asyncio.Event()
 
-    def arrived(self, event_id: str) -> None:
-        if event_id in self.wanted:
-            self.wanted.discard(event_id)
-            self.latencies_ms.append((time.perf_counter() - self.sent_at[event_id]) * 1000)
-            if not self.wanted:
+    def expect(self, messages: list[Message], projections: tuple[str, ...]) -> None:
+        self.awaited.update((projection, event_id) for event_id, _, routing_key in messages
+                            for projection in projections if projection != "comparison" or routing_key == RUN_STOP)
+        self.done.clear()
+
+    def arrived(self, projection: str, event_id: str) -> None:
+        if (projection, event_id) in self.awaited:
+            self.awaited.discard((projection, event_id))
+            if projection == MEASURED:
+                self.heard_at[event_id] = time.perf_counter()
+            if not self.awaited:
                 self.done.set()
+
+    def latencies_ms(self, messages: list[Message]) -> list[float]:
+        return [(self.heard_at[i] - self.sent_at[i]) * 1000 for i, _, _ in messages if i in self.heard_at]
 
 
 async def _measure(settings: Settings, messages: list[Message], rate: float | None, exchange_name: str,
-                   listen: Callable) -> tuple[list[float], float]:
+                   listen: Callable, projections: tuple[str, ...] = (MEASURED,)) -> tuple[list[float], float]:
     """Publish `messages` to `exchange_name`; `listen(arrivals)` wires up arrival detection and returns a
-    closer. Returns per-event latencies and events/s over the whole run."""
-    arrivals = _Arrivals(messages)
+    closer. Returns per-event latencies and events/s until every one of `projections` had them all."""
+    arrivals = _Arrivals()
+    arrivals.expect(messages, projections)
     close = await listen(arrivals)
     connection = await aio_pika.connect(settings.amqp_url)
     try:
@@ -95,10 +131,38 @@ async def _measure(settings: Settings, messages: list[Message], rate: float | No
         started = time.perf_counter()
         await _publish(exchange, messages, rate, arrivals.sent_at)
         await asyncio.wait_for(arrivals.done.wait(), timeout=300)
-        return arrivals.latencies_ms, len(messages) / (time.perf_counter() - started)
+        return arrivals.latencies_ms(messages), len(messages) / (time.perf_counter() - started)
     finally:
         await connection.close()
         await close()
+
+
+Arm = tuple[list[Message], Settings, str, Callable]  # messages, the sandbox, the exchange, the listener
+
+
+async def _measure_in_turns(arms: dict[str, Arm], rate: float, turn: int) -> dict[str, _Arrivals]:
+    """Latency of each arm, published at `rate` in alternating turns of `turn` events; each turn ends when all its
+    events arrived."""
+    arrivals = {name: _Arrivals() for name in arms}
+    closers, exchanges = [], {}
+    try:
+        for name, (_, settings, exchange, listen) in arms.items():
+            closers.append(await listen(arrivals[name]))
+            connection = await aio_pika.connect(settings.amqp_url)
+            closers.append(connection.close)
+            channel = await connection.channel(publisher_confirms=True)
+            exchanges[name] = await channel.get_exchange(exchange, ensure=False)
+        for start in range(0, max(len(arm[0]) for arm in arms.values()), turn):
+            for name, (messages, *_) in arms.items():
+                part = messages[start:start + turn]
+                if part:
+                    arrivals[name].expect(part, (MEASURED,))
+                    await _publish(exchanges[name], part, rate, arrivals[name].sent_at)
+                    await asyncio.wait_for(arrivals[name].done.wait(), timeout=120)
+        return arrivals
+    finally:
+        for close in closers:
+            await close()
 
 
 def raw_listener(settings: Settings):
@@ -110,7 +174,7 @@ def raw_listener(settings: Settings):
 
         async def on_message(message):
             await message.ack()
-            arrivals.arrived(message.message_id)
+            arrivals.arrived(MEASURED, message.message_id)
 
         await queue.consume(on_message)
         return connection.close
@@ -121,7 +185,7 @@ def raw_listener(settings: Settings):
 def pipeline_listener(settings: Settings):
     async def listen(arrivals: _Arrivals):
         listener = await asyncpg.connect(settings.database_url)
-        await listener.add_listener("bench", lambda _c, _p, _ch, event_id: arrivals.arrived(event_id))
+        await listener.add_listener("bench", lambda _c, _p, _ch, payload: arrivals.arrived(*payload.split(" ")))
         return listener.close
 
     return listen
@@ -138,57 +202,144 @@ async def _declare_raw(settings: Settings) -> None:
         await connection.close()
 
 
-def _start_consumers(settings: Settings) -> list[subprocess.Popen]:
+def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS, stage_log: Path | None = None,
+                     together: bool = False) -> list[subprocess.Popen]:
+    """One `sntrack consume NAME` daemon per name, or one `sntrack consume NAME…` for all when `together`."""
     env = {**os.environ, **settings.to_env(), "SNTRACK_LOG_JSON": "true"}
-    return [subprocess.Popen([sys.executable, "-m", "sntrack", "consume", name], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name in ("journal", "trials")]
+    if stage_log is not None:
+        env["SNTRACK_STAGE_LOG"] = str(stage_log)
+    groups = [names] if together else [(name,) for name in names]
+    return [subprocess.Popen([sys.executable, "-m", "sntrack", "consume", *group], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for group in groups]
 
 
-async def _wait_for_consumers(settings: Settings) -> None:
+def _stop(daemons: list[subprocess.Popen]) -> None:
+    for daemon in daemons:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon in daemons:
+        daemon.wait(timeout=30)
+
+
+async def _wait_for_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS) -> None:
     api = ManagementApi(settings.rabbitmq_admin_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        infos = [await asyncio.to_thread(api.request, "GET", f"queues/{settings.amqp_vhost}/{queue}")
-                 for queue in ("sntrack.journal", "sntrack.trials")]
+        infos = [await asyncio.to_thread(api.request, "GET", f"queues/{settings.amqp_vhost}/sntrack.{name}")
+                 for name in names]
         if all(info and info.get("consumers") for info in infos):
             return
         await asyncio.sleep(0.2)
     raise RuntimeError("consumers did not attach within 60 s")
 
 
-async def run(base: Settings, *, duration_s: float = 8.0, throughput_events: int = 20_000, log=print) -> dict:
-    results: dict = {"latency": {}}
-    async with sandbox(base, prefix="sntrack-bench") as settings:
-        conn = await asyncpg.connect(settings.database_url)
-        await conn.execute(NOTIFY_TRIGGER)
-        await conn.close()
+def _cpu_s(daemons: list[subprocess.Popen]) -> float:
+    """User + system CPU seconds the daemons have used so far."""
+    ticks = 0
+    for daemon in daemons:
+        fields = Path(f"/proc/{daemon.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _breakdown(stage_log: Path, arrivals: _Arrivals, event_ids: set[str]) -> dict:
+    """Per stage (STAGES), the ms each of `event_ids` spent in it: mean (the means add up to the mean latency)
+    and percentiles. From the MEASURED consumer's stage log, the publish and the NOTIFY heard."""
+    spans: dict[str, list[float]] = {label: [] for label, _ in STAGES}
+    batch_sizes = []
+    for line in (stage_log / f"{MEASURED}.jsonl").read_text().splitlines():
+        batch = json.loads(line)
+        ids = [(event_id, arrived) for event_id, arrived in batch["events"] if event_id in event_ids]
+        if not ids:
+            continue
+        batch_sizes.append(len(batch["events"]))
+        marks = dict(reversed(batch["marks"]))  # the first stamp of each stage: a retried batch stamps again
+        for event_id, arrived in ids:
+            if event_id not in arrivals.heard_at:
+                continue
+            stamps = {**marks, "arrived": arrived, "heard": arrivals.heard_at[event_id]}
+            previous = arrivals.sent_at[event_id]
+            for label, stage in STAGES:
+                spans[label].append((stamps[stage] - previous) * 1000)
+                previous = stamps[stage]
+    return {"stages": {label: {"mean": round(statistics.fmean(ms), 3), **percentiles(ms)}
+                       for label, ms in spans.items()},
+            "batch_size": {"mean": round(statistics.fmean(batch_sizes), 2), "max": max(batch_sizes)}}
+
+
+async def _latency(layouts: dict[str, Settings], raw: Settings, rate: int, duration_s: float, seed: int, turn: int,
+                   stage_log: Path) -> dict:
+    """The raw baseline and each layout (its own sandbox) in alternating turns; the stage breakdown of DAEMONS."""
+    events = int(rate * duration_s)
+    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw))}
+    for n, (name, settings) in enumerate(layouts.items(), start=1):
+        arms[name] = (_messages(events, seed + 10 * n), settings, EXCHANGE, pipeline_listener(settings))
+    load = os.getloadavg()[0]
+    arrivals = await _measure_in_turns(arms, rate, turn)
+    ms = {name: percentiles(arrivals[name].latencies_ms(arm[0])) for name, arm in arms.items()}
+    row = {"raw_ms": ms["raw"], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
+           "p95_ratio": round(ms[DAEMONS]["p95"] / ms["raw"]["p95"], 2),
+           "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
+    for name, key in ((DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
+        row[f"{key}_delta_ms"] = {q: round(ms[name][q] - ms["raw"][q], 2) for q in ("p50", "p95", "p99")}
+    row["breakdown"] = _breakdown(stage_log, arrivals[DAEMONS], {event_id for event_id, _, _ in arms[DAEMONS][0]})
+    return row
+
+
+async def _throughput(layouts: dict[str, tuple[Settings, list[subprocess.Popen]]], raw: Settings,
+                      events: int) -> dict:
+    load = os.getloadavg()[0]
+    _, raw_rate = await _measure(raw, _messages(events, 42), None, RAW_EXCHANGE, raw_listener(raw))
+    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate)}
+    for n, (name, (settings, daemons)) in enumerate(layouts.items()):
+        cpu_before = _cpu_s(daemons)
+        _, rate = await _measure(settings, _messages(events, 43 + n), None, EXCHANGE, pipeline_listener(settings),
+                                 THROUGHPUT_CONSUMERS)
+        key = "pipeline" if name == DAEMONS else "one_process"
+        result.update({f"{key}_events_per_s": round(rate), f"{key}_ratio": round(rate / raw_rate, 2),
+                       f"{key}_cpu_ms_per_event": round((_cpu_s(daemons) - cpu_before) * 1000 / events, 3)})
+    result["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+    return result
+
+
+async def run(base: Settings, *, duration_s: float = 8.0, throughput_events: int = 20_000, turn: int = 250,
+              log=print) -> dict:
+    results: dict = {"latency": {}, "cpus": os.cpu_count()}
+    async with (sandbox(base, prefix="sntrack-bench") as settings,
+                sandbox(base, prefix="sntrack-bench") as single):
+        layouts = {DAEMONS: settings, ONE_PROCESS: single}
+        for each in layouts.values():
+            conn = await asyncpg.connect(each.database_url)
+            await conn.execute(NOTIFY_TRIGGER)
+            await conn.close()
         await _declare_raw(settings)
-        raw, pipe = raw_listener(settings), pipeline_listener(settings)
-        daemons = _start_consumers(settings)
-        try:
-            await _wait_for_consumers(settings)
-            await _measure(settings, _messages(500, seed=99), None, EXCHANGE, pipe)  # warm-up
-            for seed, rate in enumerate((250, 500), start=1):
-                messages = _messages(int(rate * duration_s), seed)
-                log(f"latency at {rate} events/s: {len(messages)} events each, raw baseline then sntrack")
-                raw_ms, _ = await _measure(settings, messages, rate, RAW_EXCHANGE, raw)
-                pipe_ms, _ = await _measure(settings, _messages(int(rate * duration_s), seed + 10), rate, EXCHANGE,
-                                            pipe)
-                row = {"raw_ms": percentiles(raw_ms), "pipeline_ms": percentiles(pipe_ms)}
-                row["p95_ratio"] = round(row["pipeline_ms"]["p95"] / row["raw_ms"]["p95"], 2)
-                results["latency"][str(rate)] = row
-                log(f"  raw {row['raw_ms']}\n  sntrack {row['pipeline_ms']}")
-            log(f"throughput: {throughput_events} events published as fast as confirms allow")
-            _, raw_rate = await _measure(settings, _messages(throughput_events, 42), None, RAW_EXCHANGE, raw)
-            _, pipe_rate = await _measure(settings, _messages(throughput_events, 43), None, EXCHANGE, pipe)
-            results["throughput"] = {"events": throughput_events, "raw_events_per_s": round(raw_rate),
-                                     "pipeline_events_per_s": round(pipe_rate), "ratio": round(pipe_rate / raw_rate, 2)}
-            log(f"  raw {raw_rate:,.0f}/s  journal+trials {pipe_rate:,.0f}/s")
-        finally:
-            for daemon in daemons:
-                daemon.send_signal(signal.SIGTERM)
-            for daemon in daemons:
-                daemon.wait(timeout=30)
+        with tempfile.TemporaryDirectory(prefix="sntrack-bench-stages-") as folder:
+            stage_log = Path(folder)
+            daemons = {DAEMONS: _start_consumers(settings, LATENCY_CONSUMERS, stage_log),
+                       ONE_PROCESS: _start_consumers(single, LATENCY_CONSUMERS, together=True)}
+            try:
+                for each in layouts.values():
+                    await _wait_for_consumers(each, LATENCY_CONSUMERS)
+                    await _measure(each, _messages(500, seed=99), None, EXCHANGE, pipeline_listener(each))  # warm-up
+                for seed, rate in enumerate((250, 500), start=1):
+                    log(f"latency at {rate} events/s: {int(rate * duration_s)} events each, raw, {DAEMONS} and "
+                        f"{ONE_PROCESS} in alternating turns of {turn}")
+                    row = results["latency"][str(rate)] = await _latency(layouts, settings, rate, duration_s, seed,
+                                                                         turn, stage_log)
+                    log(f"  raw {row['raw_ms']}\n  {DAEMONS} {row['pipeline_ms']}\n  {ONE_PROCESS} "
+                        f"{row['one_process_ms']}  (load {row['load_avg_1m']})")
+                daemons[DAEMONS] += _start_consumers(settings, ("comparison",))
+                _stop(daemons[ONE_PROCESS])
+                daemons[ONE_PROCESS] = _start_consumers(single, THROUGHPUT_CONSUMERS, together=True)
+                for each in layouts.values():
+                    await _wait_for_consumers(each, THROUGHPUT_CONSUMERS)
+                log(f"throughput: {throughput_events} events published as fast as confirms allow")
+                tp = results["throughput"] = await _throughput(
+                    {name: (layouts[name], daemons[name]) for name in layouts}, settings, throughput_events)
+            finally:
+                for each in daemons.values():
+                    _stop(each)
+        log(f"  raw {tp['raw_events_per_s']:,}/s  {DAEMONS} {tp['pipeline_events_per_s']:,}/s  {ONE_PROCESS} "
+            f"{tp['one_process_events_per_s']:,}/s")
         pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=2)
         try:
             replayed = await replay(pool, PROJECTIONS["trials"])

@@ -7,19 +7,46 @@ def _ms(d: dict) -> str:
     return f"{d['p50']:.1f} / {d['p95']:.1f} / {d.get('p99', float('nan')):.1f}" if d.get("p50") is not None else "–"
 
 
+def _delta(d: dict) -> str:
+    return f"p95 + {d['p95']} ms, p99 + {d['p99']} ms"
+
+
 def _pipeline(r: dict) -> list[str]:
-    lines = ["## Pipeline (journal and trials consumers as two `sntrack consume` daemons)", "",
-             "| figure | sntrack | baseline: raw aio-pika publish→consume | ratio | target |", "|---|---|---|---|---|"]
+    lines = ["## Pipeline (`sntrack consume` daemons)", "",
+             "Latency: publish → `trials` row committed, with the journal and trials consumers as two daemons (one "
+             "per consumer), and beside them as one daemon running both (its own vhost and database), each measured "
+             "in alternating turns with the baseline. Throughput: journal, trials and comparison consumers, until "
+             "all three applied everything.", "",
+             "| figure | sntrack | baseline: raw aio-pika publish→consume | difference | target |",
+             "|---|---|---|---|---|"]
     for rate, row in r["latency"].items():
-        target = "p95 ≤ 1.5× raw and < 50 ms" if rate == "500" else ""
-        lines.append(f"| e2e latency at {rate} events/s, p50 / p95 / p99 ms | {_ms(row['pipeline_ms'])} | "
-                     f"{_ms(row['raw_ms'])} | p95 × {row['p95_ratio']} | {target} |")
+        target = "p95 ≤ raw + 3 ms, p99 ≤ raw + 6 ms" if rate == "500" else ""
+        load = " / ".join(map(str, row["load_avg_1m"]))
+        lines += [f"| e2e latency at {rate} events/s, p50 / p95 / p99 ms, one daemon per consumer (1-minute load "
+                  f"{load}) | {_ms(row['pipeline_ms'])} | {_ms(row['raw_ms'])} | {_delta(row['pipeline_delta_ms'])} "
+                  f"| {target} |",
+                  f"| the same, one daemon for both | {_ms(row['one_process_ms'])} | (same turns) | "
+                  f"{_delta(row['one_process_delta_ms'])} | |"]
     tp = r["throughput"]
-    lines.append(f"| sustained events/s ({tp['events']} events) | {tp['pipeline_events_per_s']:,} | "
-                 f"{tp['raw_events_per_s']:,} | {tp['ratio']:.0%} | ≥ 60% |")
+    consumers = "+".join(tp["consumers"])
+    lines += [f"| sustained events/s ({tp['events']} events; {consumers}, one daemon per consumer; 1-minute load "
+              f"{' / '.join(map(str, tp['load_avg_1m']))}) | {tp['pipeline_events_per_s']:,} | "
+              f"{tp['raw_events_per_s']:,} | {tp['pipeline_ratio']:.0%} | ≥ 90% |",
+              f"| the same, one daemon for all three | {tp['one_process_events_per_s']:,} | (same run) | "
+              f"{tp['one_process_ratio']:.0%} | |"]
     rp = r["replay"]
     lines.append(f"| replay of `trials`, events/s ({rp['events']} events) | {rp['events_per_s']:,} "
-                 "| – | – | ≥ 20,000 |")
+                 "| – | – | ≥ 50,000 |")
+    lines += ["", f"CPU the consumer daemons used per event during the throughput runs, on {r['cpus']} CPUs: "
+              f"{tp['pipeline_cpu_ms_per_event']} ms as one daemon per consumer, {tp['one_process_cpu_ms_per_event']} "
+              "ms as one daemon for all."]
+    for rate, row in r["latency"].items():
+        b = row["breakdown"]
+        lines += ["", f"Where an event's time goes at {rate} events/s, one daemon per consumer (the trials daemon's "
+                  f"stage stamps, SNTRACK_STAGE_LOG; batches of {b['batch_size']['mean']} events on average, at most "
+                  f"{b['batch_size']['max']}; the means add up, the percentiles do not):", "",
+                  "| stage | mean ms | p50 / p95 / p99 ms |", "|---|---|---|"]
+        lines += [f"| {label} | {part['mean']:.3f} | {_ms(part)} |" for label, part in b["stages"].items()]
     return lines
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -26,4 +27,5 @@ class ConsumerConfig:
     max_message_bytes: int = 1_048_576
     memory_mb: int = 512  # bodies held at once: the effective prefetch is at most memory_mb MiB / max_message_bytes
     worker_id: str | None = None  # names the connection
+    stage_log: Path | None = None  # a folder for each consumer's per-batch stage timestamps (consumers.stages)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -15,6 +15,7 @@ import asyncpg
 from common.errors import ConfigurationError
 from common.tls import certificate_problem
 from common.urls import redact
+from consumers.stages import mark
 
 if TYPE_CHECKING:  # pools of read-only commands (`sntrack report`) need not build the event models
     from consumers.projections.base import Projection, Statement
@@ -151,9 +152,12 @@ async def apply_events(conn: asyncpg.Connection, projection: Projection, events:
     """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
     those not applied before. Returns how many were new."""
     new_events = await unapplied(conn, projection.name, events, record=True)
+    mark("recorded")
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
+    mark("projected")
     if new_events:
         await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL, change_payload(projection.name, new_events))
+    mark("notified")
     return len(new_events)
 
 
@@ -171,5 +175,10 @@ class Store:
         self.pool = pool
 
     async def apply(self, projection: Projection, events: Sequence[Event]) -> int:
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await apply_events(conn, projection, events)
+        async with self.pool.acquire() as conn:
+            mark("acquired")
+            async with conn.transaction():
+                mark("begun")
+                applied = await apply_events(conn, projection, events)
+            mark("committed")
+            return applied

@@ -40,6 +40,7 @@ from consumers.attempts import AttemptLedger, message_key
 from consumers.config import ConsumerConfig
 from consumers.handler import DeadLetter, Handler, RetryLater
 from consumers.persistence import TRANSIENT_ERRORS
+from consumers.stages import StageLog, mark
 from schemas import DEAD_LETTER_EXCHANGE, EXCHANGE, Event, GateRejection, parse_event
 from schemas.topology import DETAIL_HEADER, REASON_HEADER
 
@@ -113,6 +114,7 @@ class ConsumerRuntime:
         self.finished = asyncio.Event()
         self.gave_up = asyncio.Event()  # set by consumers.service.supervise when restarts did not help
         self.metrics = None  # a consumers.metrics.ConsumerMetrics while the daemon serves /metrics
+        self.stage_log = StageLog(config.stage_log, handler.name) if config.stage_log else None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -132,6 +134,8 @@ class ConsumerRuntime:
     async def run(self, connection: aio_pika.abc.AbstractRobustConnection) -> None:
         """Consume until stopped. May be called again after it raised: it starts on a fresh channel."""
         self._inbox = asyncio.Queue()  # deliveries of an earlier channel can no longer be acked
+        if self.stage_log is not None:
+            self.stage_log.restart()
         self.finished.clear()
         channels: list[aio_pika.abc.AbstractChannel] = []
         started = False
@@ -145,7 +149,7 @@ class ConsumerRuntime:
             await channel.set_qos(prefetch_count=self.prefetch)
             try:
                 queue = await self._open_queue(channel)
-                consumer_tag = await queue.consume(self._inbox.put)
+                consumer_tag = await queue.consume(self._inbox.put if self.stage_log is None else self._stamped_put)
             except aiormq.exceptions.ChannelAccessRefused as exc:
                 raise ConfigurationError(
                     f"RabbitMQ refused the user of {redact(self.config.amqp_url)}: {exc}; built-in consumers run as "
@@ -189,6 +193,10 @@ class ConsumerRuntime:
             await queue.bind(EXCHANGE, routing_key=pattern)
         return queue
 
+    async def _stamped_put(self, message: AbstractIncomingMessage) -> None:
+        self.stage_log.arrived(message)
+        await self._inbox.put(message)
+
     async def _next_batch(self) -> list[AbstractIncomingMessage]:
         getter = asyncio.ensure_future(self._inbox.get())
         stopper = asyncio.ensure_future(self._stopping.wait())
@@ -203,6 +211,13 @@ class ConsumerRuntime:
         return batch
 
     async def _process(self, batch: list[AbstractIncomingMessage], dlx: aio_pika.abc.AbstractExchange) -> None:
+        if self.stage_log is None:
+            await self._process_batch(batch, dlx)
+            return
+        with self.stage_log.batch():
+            await self._process_batch(batch, dlx)
+
+    async def _process_batch(self, batch: list[AbstractIncomingMessage], dlx: aio_pika.abc.AbstractExchange) -> None:
         crashes = await self._crash_counts(batch)
         if crashes is None:
             return  # stopping with the database away: everything stays unacked
@@ -258,12 +273,16 @@ class ConsumerRuntime:
                     ack_multiple = False  # it stays unacked: a multiple ack must not settle it
         if not accepted:
             return
+        mark("gated")
         if await self._handle(accepted, dlx):
             self.stats.batches += 1
             self.stats.handled += len(accepted)
             await self._forget([m for m, _ in accepted if m.redelivered])
             await self._ack_batch([m for m, _ in accepted], multiple=ack_multiple)
             self.log.debug("batch applied", events=len(accepted))
+            if self.stage_log is not None:
+                mark("acked")
+                self.stage_log.applied(accepted)
 
     async def _ack_batch(self, messages: list[AbstractIncomingMessage], multiple: bool) -> None:
         if not multiple:

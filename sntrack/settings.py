@@ -84,6 +84,7 @@ class Settings(BaseModel):
     consumer_memory_mb: int = Field(default=512, ge=1)
 
     worker_id: str | None = None
+    stage_log: Path | None = None  # a folder for the consumers' per-batch stage timestamps (consumers.stages)
 
     # `sntrack gateway` (HTTP ingest): its broker URL (a user that may only publish to ml.events; default amqp_url),
     # the request size limit, and each token's rate limit (a token bucket: burst, then rate_per_s requests/s).
@@ -132,7 +133,8 @@ class Settings(BaseModel):
                               max_attempts=self.mlflow_max_attempts, concurrency=self.mlflow_concurrency)
         return ConsumerConfig(amqp_url=self.amqp_url, database_url=self.database_url, batch_size=self.batch_size,
                               prefetch=self.prefetch, max_message_bytes=self.max_message_bytes,
-                              memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow)
+                              memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow,
+                              stage_log=self.stage_log)
 
     @property
     def read_url(self) -> str:
