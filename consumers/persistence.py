@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # pools of read-only commands (`sntrack report`) need not bui
 
 MIGRATION_LOCK = 0x5E7AC4  # advisory lock id: one migrator at a time
 READ_MODEL_CHANNEL = "sntrack_read_model"  # NOTIFY channel: a projection committed new events (the dashboard)
+RESTART_WAIT_S = 30.0  # how long a new pool waits for a PostgreSQL that said it is starting up or shutting down
 NOTIFY_LIMIT = 7900  # PostgreSQL refuses payloads of 8000 bytes or more
 
 # Errors that mean "the database is away or the transaction lost a race": retry the batch later.
@@ -47,7 +49,28 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(database_url: str, *, min_size: int = 1, max_size: int = 4,
                       variable: str = "SNTRACK_DATABASE_URL") -> asyncpg.Pool:
-    """A pool on `database_url`; its errors are one line naming `variable`, the setting the URL came from."""
+    """A pool on `database_url`; its errors are one line naming `variable`, the setting the URL came from.
+
+    A server that answers "starting up" or "shutting down" is restarting: it is waited for, through the refused
+    connections of the restart itself, for up to RESTART_WAIT_S
+    (tests/test_pool_restart.py::test_a_pool_waits_for_a_server_that_is_restarting)."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    restarting = False
+    while True:
+        try:
+            return await _create_pool(database_url, min_size, max_size, variable)
+        except asyncpg.CannotConnectNowError as exc:
+            restarting = True
+            if time.monotonic() > deadline:
+                raise ConfigurationError(f"PostgreSQL at {redact(database_url)} is still restarting after "
+                                         f"{RESTART_WAIT_S:.0f} s ({exc})") from None
+        except ConfigurationError:
+            if not restarting or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.5)
+
+
+async def _create_pool(database_url: str, min_size: int, max_size: int, variable: str) -> asyncpg.Pool:
     try:
         return await asyncpg.create_pool(database_url, min_size=min_size, max_size=max_size, timeout=10,
                                          reset=_keep_session)
