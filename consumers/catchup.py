@@ -155,7 +155,10 @@ class CatchUpSubscriber:
         self.requeued: set[UUID] = set()  # ids of the batch in hand that `sntrack dlq requeue` sent back
 
     def stop(self) -> None:
-        """Stop the catch-up and the runtime feeding live batches (a signal, or a failure of the subscriber)."""
+        """Stop the catch-up and the runtime feeding live batches (a signal, or a failure of the subscriber). The
+        runtime's own stop() calls this one back: the second call returns at once."""
+        if self.stopping.is_set():
+            return
         self.stopping.set()
         self._stop_runtime()
 
