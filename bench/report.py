@@ -243,7 +243,14 @@ def render_markdown(results: dict) -> str:
         if "error" in result:
             lines += [f"## {name}", "", f"failed: `{result['error']}`"]
         else:
-            lines += SECTIONS[name](result)
+            try:
+                lines += SECTIONS[name](result)
+            except KeyError:
+                if not result.get("from_run"):
+                    raise
+                # kept from a run (--only) of an earlier version of this benchmark, whose figures it no longer reads
+                lines += [f"## {name}", "", "Kept from a run of an earlier version of this benchmark, in a form this "
+                          f"version does not read: rerun `python -m bench --only {name}`."]
         origin = f", from the run of {result['from_run']}" if result.get("from_run") else ""
         lines += ["", f"({name}: {result['wall_s']} s{origin})", ""]
     return "\n".join(lines)
