@@ -18,6 +18,7 @@ import pytest
 from common.errors import ConfigurationError
 from consumers.persistence import create_pool
 from sntrack.mlflow_server import free_port
+from tests.tls import pump
 
 
 def _error_response(message: str) -> bytes:
@@ -40,21 +41,10 @@ async def _refuse_as_restarting(reader: asyncio.StreamReader, writer: asyncio.St
     writer.close()
 
 
-async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-    try:
-        while data := await source.read(65536):
-            sink.write(data)
-            await sink.drain()
-    except ConnectionError:
-        pass
-    finally:
-        sink.close()
-
-
 def _forward_to(host: str, port: int):
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
-        await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
 
     return forward
 

@@ -123,7 +123,7 @@ class TlsProxy:
             writer.close()
             return
         self._writers.add(upstream_writer)
-        await asyncio.gather(_pump(reader, upstream_writer), _pump(upstream_reader, writer))
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
 
     async def _start_postgres_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         while (request := await reader.readexactly(8)) == GSSENC_REQUEST:
@@ -152,7 +152,8 @@ class TlsProxy:
         self.close()
 
 
-async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+    """Copy `source` to `sink` until either side closes, then close `sink`."""
     try:
         while data := await source.read(65536):
             sink.write(data)
