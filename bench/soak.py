@@ -141,6 +141,7 @@ async def _drained(settings: Settings, published: Published, timeout_s: float) -
         channel = await connection.channel()
         while time.perf_counter() - started < timeout_s:
             applied = dict(await conn.fetch("SELECT projection, count(*) FROM applied_events GROUP BY projection"))
+            applied["journal"] = await conn.fetchval("SELECT count(*) FROM events")  # it keeps no applied_events rows
             wanted = {"journal": published.events, "trials": published.events,
                       "comparison": published.by_type[RUN_STOP]}
             if all(applied.get(k, 0) >= v for k, v in wanted.items()) and not any((await _backlogs(channel)).values()):

@@ -20,6 +20,8 @@ import asyncpg
 from consumers.topology import QueueSpec
 from schemas.topology import ROUTING_KEYS
 
+JOURNAL = "journal"  # consumers.projections.journal.JournalProjection.name (not imported: no event models here)
+
 LAG_SQL = """
 WITH pos AS (
     SELECT coalesce((SELECT e.position FROM events e
@@ -72,6 +74,9 @@ async def lags(conn: asyncpg.Connection, consumers: Sequence[tuple[str, Iterable
     """For each (consumer name, its queue's bindings): its position and lag on the journal."""
     out = []
     for name, bindings in consumers:
+        if name == JOURNAL:  # it keeps no applied_events rows (it dedupes itself), and its position is the head
+            out.append(Lag(name, await journal_head(conn), 0))
+            continue
         row = await conn.fetchrow(LAG_SQL, name, routed_types(bindings))
         out.append(Lag(name, row["position"], row["lag"]))
     return out

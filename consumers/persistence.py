@@ -144,6 +144,14 @@ WITH fresh AS (
 )
 SELECT event_id, NULL::text AS deleted FROM fresh UNION ALL {_TOMBSTONES}
 """
+# A projection that dedupes itself (Projection.dedupes_itself: the journal) records nothing, but its transaction
+# takes, as a recording INSERT would, applied_events' ROW EXCLUSIVE lock, so that studies.hard_delete orders it
+# the same way, and a transaction id before its first write (replay's fence: consumers.replay._catch_up).
+HOLD_WITHOUT_RECORDING = """
+WITH hold AS (INSERT INTO applied_events (projection, event_id) SELECT NULL, NULL WHERE false RETURNING 1)
+SELECT NULL::text AS deleted WHERE pg_current_xact_id() IS NOT NULL
+UNION ALL SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($1::text[])
+"""
 READ_UNAPPLIED = f"""
 SELECT e AS event_id, NULL::text AS deleted FROM unnest($2::uuid[]) e
 WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = e)
@@ -161,8 +169,18 @@ async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Ev
     records with record=True."""
     rows = await conn.fetch(RECORD_APPLIED if record else READ_UNAPPLIED, consumer, [e.event_id for e in events],
                             list({e.model_run_id for e in events}))
-    fresh = {r["event_id"] for r in rows if r["event_id"] is not None}
-    deleted = {r["deleted"] for r in rows if r["deleted"] is not None}
+    return _kept(events, {r["event_id"] for r in rows if r["event_id"] is not None},
+                 {r["deleted"] for r in rows if r["deleted"] is not None})
+
+
+async def not_deleted(conn: asyncpg.Connection, events: Sequence[Event]) -> list[Event]:
+    """For a projection that dedupes itself: `events`, each once, in their order, leaving out those of a study
+    removed for good. Records nothing; call it first in the transaction that makes their writes."""
+    rows = await conn.fetch(HOLD_WITHOUT_RECORDING, list({e.model_run_id for e in events}))
+    return _kept(events, {e.event_id for e in events}, {r["deleted"] for r in rows if r["deleted"] is not None})
+
+
+def _kept(events: Sequence[Event], fresh: set, deleted: set) -> list[Event]:
     found = []
     for event in events:
         if event.event_id in fresh and event.model_run_id not in deleted:
@@ -173,8 +191,12 @@ async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Ev
 
 async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
     """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
-    those not applied before. Returns how many were new."""
-    new_events = await unapplied(conn, projection.name, events, record=True)
+    those not applied before. Returns how many were new (for a projection that dedupes itself, how many it was
+    given, a study removed for good left out: its own writes skip what they already hold)."""
+    if projection.dedupes_itself:
+        new_events = await not_deleted(conn, events)
+    else:
+        new_events = await unapplied(conn, projection.name, events, record=True)
     mark("recorded")
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
     mark("projected")

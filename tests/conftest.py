@@ -57,6 +57,18 @@ class TestEnv:
         finally:
             await conn.close()
 
+    async def applied(self, projection: str, ids: list | None = None) -> int:
+        """How many events (of `ids`, when given) `projection` applied: its applied_events rows, or the rows of a
+        projection that dedupes itself and keeps none (the journal: its events)."""
+        if PROJECTIONS[projection].dedupes_itself:
+            return await self.fetchval("SELECT count(*) FROM events WHERE $1::uuid[] IS NULL OR event_id = ANY($1)",
+                                       ids)
+        return await self.fetchval("SELECT count(*) FROM applied_events WHERE projection = $1 "
+                                   "AND ($2::uuid[] IS NULL OR event_id = ANY($2))", projection, ids)
+
+    async def has_applied(self, projection: str, expected: int, ids: list | None = None) -> bool:
+        return await self.applied(projection, ids) == expected
+
     async def replay(self, name: str):
         """Rebuild projection `name` from the journal, as `sntrack replay` does."""
         pool = await asyncpg.create_pool(self.settings.database_url, min_size=2, max_size=2)

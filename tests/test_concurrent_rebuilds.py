@@ -38,8 +38,7 @@ async def test_two_rebuilds_of_each_projection_at_once_beside_a_live_daemon(env)
         outcomes = [await asyncio.to_thread(p.communicate, timeout=240) for p in rebuilds]
         await publishing
         for name in ("journal", "trials"):
-            await wait_until(lambda n=name: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, len(events)), timeout=240,
+            await wait_until(lambda n=name: env.has_applied(n, len(events)), timeout=240,
                 what=f"{name} to catch up")
         # A rebuild records every journal event as applied by comparison, the live consumer only the stops.
         await wait_until(lambda: env.fetchval(

@@ -119,8 +119,7 @@ async def test_the_messages_that_killed_the_daemon_are_dead_lettered(env, tmp_pa
             await env.publish_raw(poison)
             await env.publish_events(good[20:])
             for projection in ("journal", "trials"):
-                await wait_until(lambda p=projection: env.fetchval(
-                    "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, len(good)), what=projection)
+                await wait_until(lambda p=projection: env.has_applied(p, len(good)), what=projection)
             assert daemon.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
         finally:
             daemon.send_signal(signal.SIGTERM)
@@ -165,9 +164,8 @@ async def test_ten_thousand_malformed_messages_through_the_daemon(env, tmp_path)
 
         await wait_until(all_dead_lettered, timeout=150, interval=1, what="every malformed message dead-lettered")
         for projection, count in (("journal", len(good)), ("trials", len(good)), ("comparison", stops)):
-            await wait_until(lambda p=projection, n=count: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, n),
-                timeout=60, what=f"{projection} to apply every good event")
+            await wait_until(lambda p=projection, n=count: env.has_applied(p, n), timeout=60,
+                             what=f"{projection} to apply every good event")
         await asyncio.sleep(2)  # nothing more arrives: the counts are exact, not a passing moment
         assert await queue_depths(env, *dlqs) == want
         alive(True)

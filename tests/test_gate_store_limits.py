@@ -63,8 +63,7 @@ async def test_unstorable_values_are_gate_rejections_for_every_consumer(env):
             await env.publish_raw([json.dumps(doc).encode()], routing_key=doc["event_type"])
         await env.publish_events(good[half:])
         for projection, expected in (("journal", len(good)), ("trials", len(good)), ("comparison", stops)):
-            await wait_until(lambda p=projection, n=expected: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, n), what=f"{projection}")
+            await wait_until(lambda p=projection, n=expected: env.has_applied(p, n), what=f"{projection}")
         for queue, expected in (("journal", len(bad)), ("trials", len(bad)), ("comparison", bad_stops)):
             await wait_until(lambda q=f"sntrack.{queue}.dlq", n=expected: env.queue_depth(q) == n,
                              timeout=60, what=f"{queue} dead letters")
@@ -115,8 +114,7 @@ async def test_the_most_extreme_valid_values_are_stored_by_every_consumer(env):
         for doc in extreme:
             await env.publish_raw([json.dumps(doc).encode()], routing_key=doc["event_type"])
         for projection, expected in (("journal", 3), ("trials", 3), ("comparison", 1)):
-            await wait_until(lambda p=projection, n=expected: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", p, n), what=projection)
+            await wait_until(lambda p=projection, n=expected: env.has_applied(p, n), what=projection)
     assert [env.queue_depth(f"sntrack.{name}.dlq") for name in CONSUMERS] == [0, 0, 0]
     row = (await env.fetch("SELECT seed, epochs, hyperparams, last_seq, started_at, finished_at FROM trials"))[0]
     assert (row["seed"], row["epochs"], row["last_seq"]) == (-(2**63), 2**31 - 1, 2**31 - 1)

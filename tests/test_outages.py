@@ -15,6 +15,10 @@ def _proxy_for(url: str) -> TcpProxy:
     return TcpProxy(parts.hostname, parts.port)
 
 
+async def _caught_up(env, events: int) -> bool:
+    return await env.has_applied("journal", events) and await env.has_applied("trials", events)
+
+
 async def test_database_and_broker_outages_mid_stream(env):
     study = synthetic_study(120, 10, producer=producer_info(), seed=21)
     events = [e for trial in study for e in trial]
@@ -25,7 +29,7 @@ async def test_database_and_broker_outages_mid_stream(env):
                                                    "database_url": database.url_for(env.settings.database_url)})
         async with running_consumers(settings.consumer(), ["journal", "trials"]) as runtimes:
             await env.publish_events(thirds[0])
-            await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM applied_events"), what="progress")
+            await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM events"), what="progress")
 
             database.cut()  # PostgreSQL "restarts" while batches are in flight
             await env.publish_events(thirds[1], duplicates=50)
@@ -37,8 +41,7 @@ async def test_database_and_broker_outages_mid_stream(env):
             await asyncio.sleep(2)
             broker.restore()
 
-            await wait_until(lambda: env.fetchval("SELECT count(*) = $1 FROM applied_events", 2 * len(events)),
-                             timeout=90, what="both projections to catch up")
+            await wait_until(lambda: _caught_up(env, len(events)), timeout=90, what="both projections to catch up")
             assert sum(r.stats.retries for r in runtimes) > 0  # the database outage was felt and retried
             assert broker.connections > 1  # and the broker connection was re-established
     assert await env.fetchval("SELECT count(*) FROM events") == len(events)

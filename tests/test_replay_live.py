@@ -230,9 +230,7 @@ async def test_rebuilds_beside_the_live_daemon_never_deadlock_lose_or_double(env
                 rebuilds.append(await run_replay(env, name, journal_wait_s=60))
         await publishing
         for name in ("journal", "trials"):
-            await wait_until(lambda n=name: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, len(events)),
-                timeout=180, what=f"{name} to catch up")
+            await wait_until(lambda n=name: env.has_applied(n, len(events)), timeout=180, what=f"{name} to catch up")
         # The live comparison consumer records the stops it receives, a rebuild every journal event it read: count
         # the stops, which both record.
         await wait_until(lambda: env.fetchval(

@@ -39,6 +39,9 @@ class Projection(ABC):
     # Rebuilt from the journal into shadow copies and swapped in, locked in this order (consumers/replay.py).
     tables: tuple[str, ...] = ()
     replayable: bool = True
+    # Its own writes skip an event they already hold (the journal's UNIQUE event_id): the runtime then keeps no
+    # applied_events row for it, only leaving out the events of a study removed for good.
+    dedupes_itself: bool = False
     # Set-based rebuild (consumers/bulk.py): SQL over the relation `{journal}`, and the versions of each event type
     # it reads. Empty: replay runs `project` over every event.
     bulk: tuple[str, ...] = ()

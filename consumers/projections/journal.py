@@ -17,6 +17,7 @@ class JournalProjection(Projection):
     name = "journal"
     queue = QueueSpec("sntrack.journal")
     replayable = False  # it is the source every replay reads
+    dedupes_itself = True  # ON CONFLICT (event_id) DO NOTHING: a row per event in applied_events would only repeat it
 
     def project(self, event: Event):
         yield Statement(
