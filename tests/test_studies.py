@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 from common.postgres import drop_database
+from consumers.persistence import not_deleted
 from consumers.registry import PROJECTIONS as REGISTRY
 from consumers.service import running_consumers
 from producer.emitter import producer_info
@@ -111,6 +112,31 @@ async def test_late_events_of_a_deleted_study_are_ignored(env, storage):
         assert await env.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = 'doomed'") == 0, table
     listed = sntrack(env, "studies", "list")
     assert "doomed" not in listed.stdout and "kept" in listed.stdout
+
+
+async def test_the_journal_records_nothing_but_waits_for_a_hard_delete_and_sees_its_tombstone(env):
+    """The journal keeps no applied_events rows, so its batch must still take the lock a recording INSERT takes (the
+    hard delete's EXCLUSIVE lock orders them) and a transaction id before its first write (the replay fence)."""
+    study = [e for t in synthetic_study(1, 2, producer=producer_info(), model_run_id="doomed", seed=4) for e in t]
+    deleter, journal = await env.db(), await env.db()
+    try:
+        async with journal.transaction():
+            assert await not_deleted(journal, study) == study
+            assert await journal.fetchval("SELECT pg_current_xact_id_if_assigned()") is not None
+        holding = deleter.transaction()
+        await holding.start()
+        await deleter.execute("LOCK TABLE applied_events IN EXCLUSIVE MODE")  # as studies.hard_delete does
+        async with journal.transaction():
+            waiting = asyncio.create_task(not_deleted(journal, study))
+            await asyncio.sleep(0.5)
+            assert not waiting.done(), "the journal's batch must wait for the hard delete"
+            await deleter.execute("INSERT INTO deleted_studies (model_run_id) VALUES ('doomed')")
+            await holding.commit()
+            assert await waiting == []  # its snapshot, taken after the lock, sees the tombstone
+        assert await env.fetchval("SELECT count(*) FROM applied_events") == 0
+    finally:
+        await deleter.close()
+        await journal.close()
 
 
 async def test_soft_delete_archives_and_restores(env):
