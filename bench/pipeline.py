@@ -6,12 +6,12 @@ measured in alternating turns (raw, then sntrack, then raw…), so both see the 
 machine runs.
 
 Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on `applied_events`
-(written in the same transaction as the trials rows) notifies the projection and event id, and PostgreSQL delivers
-notifications at commit. The consumers run as `sntrack consume` daemons in two layouts, each in its own sandbox and
-measured in the same turns: one daemon per consumer (as the systemd units deploy them) and one daemon for all (fewer
-processes on the CPUs). Journal and trials for latency; journal, trials and comparison for throughput. The trials
-daemon of the first layout writes its batches' stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which
-each event's latency is split into its stages.
+(written in the same transaction as the trials rows) notifies the projection and event id (the journal, which keeps no
+applied_events rows, by a trigger on its own rows), and PostgreSQL delivers notifications at commit. The consumers run
+as `sntrack consume` daemons in two layouts, each in its own sandbox and measured in the same turns: one daemon per
+consumer (as the systemd units deploy them) and one daemon for all (fewer processes on the CPUs). Journal and trials
+for latency; journal, trials and comparison for throughput. The trials daemon of the first layout writes its batches'
+stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which each event's latency is split into its stages.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ NOTIFY_TRIGGER = """
 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM pg_notify('bench', NEW.projection || ' ' || NEW.event_id::text); RETURN NEW; END $$;
 CREATE TRIGGER bench_notify AFTER INSERT ON applied_events FOR EACH ROW EXECUTE FUNCTION bench_notify();
-"""
+CREATE FUNCTION bench_notify_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_notify('bench', 'journal ' || NEW.event_id::text); RETURN NEW; END $$;
+CREATE TRIGGER bench_notify_journal AFTER INSERT ON events FOR EACH ROW EXECUTE FUNCTION bench_notify_journal();
+"""  # the journal keeps no applied_events rows: its own rows tell when it applied an event
 # (label, stage stamp that ends it) in path order; each stage runs from the previous stamp to its own.
 STAGES = (
     ("broker: publish → delivered to the consumer", "arrived"),
