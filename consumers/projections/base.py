@@ -40,7 +40,8 @@ class Projection(ABC):
     tables: tuple[str, ...] = ()
     replayable: bool = True
     # Its own writes skip an event they already hold (the journal's UNIQUE event_id): the runtime then keeps no
-    # applied_events row for it, only leaving out the events of a study removed for good.
+    # applied_events row for it, only leaving out the events of a study removed for good. Only the journal sets it:
+    # lag (consumers/lag.py) and replay read a projection's progress from those rows.
     dedupes_itself: bool = False
     # Set-based rebuild (consumers/bulk.py): SQL over the relation `{journal}`, and the versions of each event type
     # it reads. Empty: replay runs `project` over every event.
