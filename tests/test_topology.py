@@ -231,9 +231,7 @@ async def test_consume_as_the_consumer_role_applies_events_and_dead_letters_pois
         assert f": {events} confirmed" in published.stdout
         await env.publish_raw([b"not json"])
         for name in ("journal", "trials"):
-            await wait_until(lambda n=name: env.fetchval(
-                "SELECT count(*) = $2 FROM applied_events WHERE projection = $1", n, events), timeout=60,
-                what=f"{name} to apply every event")
+            await wait_until(lambda n=name: env.has_applied(n, events), timeout=60, what=f"{name} to apply every event")
         letters = {name: await wait_until(lambda n=name: env.dead_letters(f"sntrack.{n}"), timeout=60,
                                           what=f"the poison's dead letter from {name}")
                    for name in ("journal", "trials")}
