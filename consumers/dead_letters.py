@@ -9,7 +9,8 @@ Requeue publishes a copy, with publisher confirms and mandatory, to the queue th
 default exchange, so no other consumer gets it twice), or, for ml.events.unrouted, to ml.events with its routing
 key. The dead letter is acked only after the broker confirmed its copy. A requeue cut half-way loses nothing: what
 was not confirmed stays in the dead-letter queue; a crash between a confirm and its ack leaves a copy in both places,
-which the consumer's event-id bookkeeping (applied_events) turns into a no-op (tests/test_dlq.py).
+which the consumer's event-id bookkeeping (applied_events; the journal's UNIQUE event_id) turns into a no-op
+(tests/test_dlq.py).
 """
 
 from __future__ import annotations

@@ -97,6 +97,8 @@ def _check(projection: object, entry: EntryPoint, taken: set[str]) -> str | None
         return f"tables {', '.join(built_in)} are built-in: choose another plugin name than {name!r}"
     if not projection.replayable:
         return "a plugin projection must be replayable from the journal"
+    if projection.dedupes_itself:  # lag and replay read a plugin's progress from its applied_events rows
+        return "a plugin projection must keep its applied_events bookkeeping (dedupes_itself is the journal's)"
     return None
 
 

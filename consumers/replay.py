@@ -333,10 +333,10 @@ async def _catch_up(conn: asyncpg.Connection, projection: Projection, shadow: st
     Returns (events applied, floor): every journal event at or below position `floor` is then in the shadow, so
     the swap scans only above it. Positions do not follow commit order, hence the fence: the largest position
     visible to a snapshot, then waiting until the transactions in progress at that snapshot have ended. A later
-    transaction takes its position after the fence (the journal writes its applied_events row, which gives it
-    its transaction id, before its events row), so above the floor; the earlier ones are visible to the
-    anti-join that follows. If they do not end within FENCE_WAIT_S the floor stays the last one set (0 at first:
-    the swap scans everything). Each round scans only above the floor the previous one set."""
+    transaction takes its position after the fence (a journal batch takes its transaction id before its events row,
+    in the statement that holds applied_events' lock: consumers/persistence.py), so above the floor; the earlier
+    ones are visible to the anti-join that follows. If they do not end within FENCE_WAIT_S the floor stays the last
+    one set (0 at first: the swap scans everything). Each round scans only above the floor the previous one set."""
     applied, floor = 0, 0
     for _ in range(CATCH_UP_ROUNDS):
         fence = await conn.fetchrow(FENCE)

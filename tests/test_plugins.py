@@ -168,6 +168,9 @@ BROKEN = [
      "tables trial_metrics are built-in"),
     ("no_patterns", PLUGIN.format(name="no_patterns", patterns=(), tables=()), "are not routing patterns"),
     ("other_name", PLUGIN.format(name="renamed", patterns=("ml.run.#",), tables=()), "differs from the entry"),
+    # It would record nothing: its lag would be every event for ever, and its replay would never see its catch-up end.
+    ("self_dedupe", PLUGIN.format(name="self_dedupe", patterns=("ml.run.#",), tables=()).replace(
+        "    def project", "    dedupes_itself = True\n\n    def project"), "must keep its applied_events bookkeeping"),
 ]
 
 
