@@ -133,29 +133,33 @@ async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statemen
         await conn.executemany(sql, rows)
 
 
+def _tombstones(studies: str) -> str:
+    """The rows (NULL, model_run_id) of the studies in parameter `studies` (a text[]) that were removed for good."""
+    return f"SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY({studies}::text[])"
+
+
 # The "already applied" bookkeeping of every consumer, in one statement with the tombstones of studies removed for
 # good. Recording: studies.hard_delete takes an EXCLUSIVE lock on applied_events; the INSERT waits for it, and its
 # snapshot, taken after the lock, then sees the tombstone.
-_TOMBSTONES = "SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[])"
 RECORD_APPLIED = f"""
 WITH fresh AS (
     INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[])
     ON CONFLICT DO NOTHING RETURNING event_id
 )
-SELECT event_id, NULL::text AS deleted FROM fresh UNION ALL {_TOMBSTONES}
+SELECT event_id, NULL::text AS deleted FROM fresh UNION ALL {_tombstones('$3')}
 """
 # A projection that dedupes itself (Projection.dedupes_itself: the journal) records nothing, but its transaction
 # takes, as a recording INSERT would, applied_events' ROW EXCLUSIVE lock, so that studies.hard_delete orders it
 # the same way, and a transaction id before its first write (replay's fence: consumers.replay._catch_up).
-HOLD_WITHOUT_RECORDING = """
+HOLD_WITHOUT_RECORDING = f"""
 WITH hold AS (INSERT INTO applied_events (projection, event_id) SELECT NULL, NULL WHERE false RETURNING 1)
-SELECT NULL::text AS deleted WHERE pg_current_xact_id() IS NOT NULL
-UNION ALL SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($1::text[])
+SELECT NULL::uuid AS event_id, NULL::text AS deleted WHERE pg_current_xact_id() IS NOT NULL
+UNION ALL {_tombstones('$1')}
 """
 READ_UNAPPLIED = f"""
 SELECT e AS event_id, NULL::text AS deleted FROM unnest($2::uuid[]) e
 WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = e)
-UNION ALL {_TOMBSTONES}
+UNION ALL {_tombstones('$3')}
 """
 
 
