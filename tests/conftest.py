@@ -32,6 +32,14 @@ TEST_PREFIX = "sntrack-test"
 BROKER_ACCESS = pytest.StashKey[dict]()
 
 
+def applied_sql(projection: str) -> str:
+    """SQL counting the events (of $2, a uuid[]; NULL: all) that projection $1 applied: its applied_events rows, or the
+    rows of a projection that dedupes itself and keeps none (the journal: its events)."""
+    if PROJECTIONS[projection].dedupes_itself:
+        return "SELECT count(*) FROM events WHERE $1::text IS NOT NULL AND ($2::uuid[] IS NULL OR event_id = ANY($2))"
+    return "SELECT count(*) FROM applied_events WHERE projection = $1 AND ($2::uuid[] IS NULL OR event_id = ANY($2))"
+
+
 @dataclass
 class TestEnv:
     settings: Settings
@@ -58,16 +66,15 @@ class TestEnv:
             await conn.close()
 
     async def applied(self, projection: str, ids: list | None = None) -> int:
-        """How many events (of `ids`, when given) `projection` applied: its applied_events rows, or the rows of a
-        projection that dedupes itself and keeps none (the journal: its events)."""
-        if PROJECTIONS[projection].dedupes_itself:
-            return await self.fetchval("SELECT count(*) FROM events WHERE $1::uuid[] IS NULL OR event_id = ANY($1)",
-                                       ids)
-        return await self.fetchval("SELECT count(*) FROM applied_events WHERE projection = $1 "
-                                   "AND ($2::uuid[] IS NULL OR event_id = ANY($2))", projection, ids)
+        """How many events (of `ids`, when given) `projection` applied (applied_sql)."""
+        return await self.fetchval(applied_sql(projection), projection, ids)
 
     async def has_applied(self, projection: str, expected: int, ids: list | None = None) -> bool:
         return await self.applied(projection, ids) == expected
+
+    async def all_applied(self, projections: tuple[str, ...], expected: int) -> bool:
+        """Each of `projections` applied `expected` events."""
+        return all([await self.has_applied(name, expected) for name in projections])
 
     async def replay(self, name: str):
         """Rebuild projection `name` from the journal, as `sntrack replay` does."""

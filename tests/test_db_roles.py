@@ -21,14 +21,13 @@ import pytest
 from common.postgres import drop_database
 from common.urls import with_path
 from consumers.mlflow.sync import UPSERT_LINK
-from consumers.registry import PROJECTIONS as REGISTRY
 from consumers.replay import _ident
 from consumers.roles import OWNER_ONLY, WRITER_GRANTS, scram_verifier
 from consumers.studies import hard_delete
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from sntrack.settings import Settings
-from tests.conftest import wait_until
+from tests.conftest import applied_sql, wait_until
 
 if TYPE_CHECKING:
     from tests.conftest import TestEnv
@@ -236,10 +235,7 @@ def _applied(prod: Prod, events) -> Callable:
     async def check() -> bool:
         for name in PROJECTIONS:
             ids = [e.event_id for e in events if name != "comparison" or e.event_type == "ml.run.stop"]
-            held = ("SELECT count(*) = $2 FROM events WHERE $1::text IS NOT NULL AND event_id = ANY($3::uuid[])"
-                    if REGISTRY[name].dedupes_itself else  # the journal keeps no applied_events rows
-                    "SELECT count(*) = $2 FROM applied_events WHERE projection = $1 AND event_id = ANY($3::uuid[])")
-            if not await prod.value(prod.owner_url, held, name, len(ids), ids):
+            if await prod.value(prod.owner_url, applied_sql(name), name, ids) != len(ids):
                 return False
         return True
     return check

@@ -15,10 +15,6 @@ def _proxy_for(url: str) -> TcpProxy:
     return TcpProxy(parts.hostname, parts.port)
 
 
-async def _caught_up(env, events: int) -> bool:
-    return await env.has_applied("journal", events) and await env.has_applied("trials", events)
-
-
 async def test_database_and_broker_outages_mid_stream(env):
     study = synthetic_study(120, 10, producer=producer_info(), seed=21)
     events = [e for trial in study for e in trial]
@@ -41,7 +37,8 @@ async def test_database_and_broker_outages_mid_stream(env):
             await asyncio.sleep(2)
             broker.restore()
 
-            await wait_until(lambda: _caught_up(env, len(events)), timeout=90, what="both projections to catch up")
+            await wait_until(lambda: env.all_applied(("journal", "trials"), len(events)), timeout=90,
+                             what="both projections to catch up")
             assert sum(r.stats.retries for r in runtimes) > 0  # the database outage was felt and retried
             assert broker.connections > 1  # and the broker connection was re-established
     assert await env.fetchval("SELECT count(*) FROM events") == len(events)

@@ -29,10 +29,6 @@ def _postgres_cluster() -> list[str]:
     return [versions[-1], "main"] if versions else []
 
 
-async def _caught_up(env, events: int) -> bool:
-    return await env.has_applied("journal", events) and await env.has_applied("trials", events)
-
-
 async def _stream_through_restart(env, restart) -> None:
     study = synthetic_study(150, 10, producer=producer_info(), seed=31)
     events = [e for trial in study for e in trial]
@@ -48,7 +44,7 @@ async def _stream_through_restart(env, restart) -> None:
             assert await asyncio.to_thread(publisher.drain, 120), "events neither confirmed nor delivered from spool"
         finally:
             await asyncio.to_thread(publisher.close, 30)
-        await wait_until(lambda: _caught_up(env, len(events)), timeout=120,
+        await wait_until(lambda: env.all_applied(("journal", "trials"), len(events)), timeout=120,
                          what="both projections to catch up after the restart")
     assert await env.fetchval("SELECT count(*) FROM events") == len(events)
     assert await env.fetchval("SELECT count(*) FROM trials") == len(study)

@@ -52,7 +52,7 @@ async def _record(env, events) -> None:
             expected = len(ids)
             await wait_until(lambda r=runtime, n=expected: _handled(r, n), what=f"{name} handled", timeout=90)
             if not REGISTRY[name].dedupes_itself:
-                assert await env.has_applied(name, len(ids), ids), name
+                assert await env.has_applied(name, expected, ids), name
 
 
 async def _handled(runtime, expected: int) -> bool:
