@@ -61,9 +61,8 @@ STAGES = (
     ("waiting for the batch in hand to finish", "taken"),
     ("gate: parse and validate", "gated"),
     ("pool acquire + BEGIN", "begun"),
-    ("bookkeeping: record in applied_events", "recorded"),
+    ("bookkeeping: record in applied_events, NOTIFY", "recorded"),
     ("projection statements", "projected"),
-    ("NOTIFY statement", "notified"),
     ("COMMIT (WAL flush)", "committed"),
     ("commit → NOTIFY heard by the bench", "heard"),
 )

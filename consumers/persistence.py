@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -133,34 +132,71 @@ async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statemen
         await conn.executemany(sql, rows)
 
 
-def _tombstones(studies: str) -> str:
-    """The rows (NULL, model_run_id) of the studies in parameter `studies` (a text[]) that were removed for good."""
-    return f"SELECT NULL, model_run_id FROM deleted_studies WHERE model_run_id = ANY({studies}::text[])"
-
+# A batch's events as rows: $2 their ids, $3 their studies, $4 their trials (aligned arrays).
+_BATCH = "batch AS (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS b(event_id, model_run_id, trial_id))"
+# The studies of the batch removed for good (a tombstone in deleted_studies).
+_GONE = "gone AS (SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[]))"
+# The NOTIFY the dashboard listens for, sent by the bookkeeping statement itself rather than a round trip of its own
+# (PostgreSQL delivers it at commit): the projection ($1) and the trials its new events (`new`) changed, or null
+# when too many to list (a listener then rereads everything). No new event, no NOTIFY.
+_NOTICE = f"""changed AS (
+    SELECT DISTINCT b.trial_id FROM batch b JOIN new USING (event_id)
+    WHERE b.model_run_id NOT IN (SELECT model_run_id FROM gone)
+), listed AS (
+    SELECT json_build_object('projection', $1::text,
+                             'trials', json_agg(trial_id ORDER BY trial_id COLLATE "C"))::text AS payload
+    FROM changed HAVING count(*) > 0
+), notice AS (
+    SELECT CASE WHEN octet_length(payload) < {NOTIFY_LIMIT} THEN payload
+                ELSE json_build_object('projection', $1::text, 'trials', NULL)::text END AS payload
+    FROM listed
+)"""
+# The statement's rows: (event_id, NULL) for each new event, (NULL, model_run_id) for each study removed for good.
+_ROWS = "SELECT event_id, NULL::text AS deleted FROM new UNION ALL SELECT NULL, model_run_id FROM gone"
+_SEND = f"UNION ALL SELECT NULL, NULL FROM notice, pg_notify('{READ_MODEL_CHANNEL}', notice.payload) AS sent"
 
 # The "already applied" bookkeeping of every consumer, in one statement with the tombstones of studies removed for
 # good. Recording: studies.hard_delete takes an EXCLUSIVE lock on applied_events; the INSERT waits for it, and its
 # snapshot, taken after the lock, then sees the tombstone.
-RECORD_APPLIED = f"""
-WITH fresh AS (
-    INSERT INTO applied_events (projection, event_id) SELECT $1, unnest($2::uuid[])
+_RECORD = f"""WITH {_BATCH}, new AS (
+    INSERT INTO applied_events (projection, event_id) SELECT $1, event_id FROM batch
     ON CONFLICT DO NOTHING RETURNING event_id
-)
-SELECT event_id, NULL::text AS deleted FROM fresh UNION ALL {_tombstones('$3')}
-"""
+), {_GONE}"""
+RECORD_APPLIED = f"{_RECORD}\n{_ROWS}"
+RECORD_AND_NOTIFY = f"{_RECORD}, {_NOTICE}\n{_ROWS}\n{_SEND}"
 # A projection that dedupes itself (Projection.dedupes_itself: the journal) records nothing, but its transaction
 # takes, as a recording INSERT would, applied_events' ROW EXCLUSIVE lock, so that studies.hard_delete orders it
-# the same way, and a transaction id before its first write (replay's fence: consumers.replay._catch_up).
-HOLD_WITHOUT_RECORDING = f"""
-WITH hold AS (INSERT INTO applied_events (projection, event_id) SELECT NULL, NULL WHERE false RETURNING 1)
-SELECT NULL::uuid AS event_id, NULL::text AS deleted WHERE pg_current_xact_id() IS NOT NULL
-UNION ALL {_tombstones('$1')}
-"""
-READ_UNAPPLIED = f"""
-SELECT e AS event_id, NULL::text AS deleted FROM unnest($2::uuid[]) e
-WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = e)
-UNION ALL {_tombstones('$3')}
-"""
+# the same way, and a transaction id before its first write (replay's fence: consumers.replay._catch_up). Every
+# event of the batch counts as new: its own writes skip what they already hold.
+HOLD_AND_NOTIFY = f"""WITH {_BATCH}, hold AS (
+    INSERT INTO applied_events (projection, event_id) SELECT NULL, NULL WHERE false RETURNING 1
+), new AS (
+    SELECT DISTINCT event_id FROM batch WHERE pg_current_xact_id() IS NOT NULL
+), {_GONE}, {_NOTICE}
+{_ROWS}
+{_SEND}"""
+READ_UNAPPLIED = f"""WITH {_BATCH}, new AS (
+    SELECT event_id FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = b.event_id)
+), {_GONE}
+{_ROWS}"""
+
+
+async def _fresh(conn: asyncpg.Connection, sql: str, consumer: str, events: Sequence[Event]) -> list[Event]:
+    rows = await conn.fetch(sql, consumer, [e.event_id for e in events], [e.model_run_id for e in events],
+                            [e.trial_id for e in events])
+    found, deleted = set(), set()
+    for row in rows:
+        if row["event_id"] is not None:
+            found.add(row["event_id"])
+        elif row["deleted"] is not None:
+            deleted.add(row["deleted"])
+    kept = []
+    for event in events:
+        if event.event_id in found and event.model_run_id not in deleted:
+            found.discard(event.event_id)  # a duplicate inside the same batch counts once
+            kept.append(event)
+    return kept
 
 
 async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Event], *, record: bool) -> list[Event]:
@@ -171,50 +207,22 @@ async def unapplied(conn: asyncpg.Connection, consumer: str, events: Sequence[Ev
     record=True also records all of `events` as applied: call it inside the transaction that makes their writes.
     record=False only reads: a consumer whose effect lies outside PostgreSQL (MLflow) reads first, acts, then
     records with record=True."""
-    rows = await conn.fetch(RECORD_APPLIED if record else READ_UNAPPLIED, consumer, [e.event_id for e in events],
-                            list({e.model_run_id for e in events}))
-    return _kept(events, {r["event_id"] for r in rows if r["event_id"] is not None},
-                 {r["deleted"] for r in rows if r["deleted"] is not None})
-
-
-async def not_deleted(conn: asyncpg.Connection, events: Sequence[Event]) -> list[Event]:
-    """For a projection that dedupes itself: `events`, each once, in their order, leaving out those of a study
-    removed for good. Records nothing; call it first in the transaction that makes their writes."""
-    rows = await conn.fetch(HOLD_WITHOUT_RECORDING, list({e.model_run_id for e in events}))
-    return _kept(events, {e.event_id for e in events}, {r["deleted"] for r in rows if r["deleted"] is not None})
-
-
-def _kept(events: Sequence[Event], fresh: set, deleted: set) -> list[Event]:
-    found = []
-    for event in events:
-        if event.event_id in fresh and event.model_run_id not in deleted:
-            fresh.discard(event.event_id)  # a duplicate inside the same batch counts once
-            found.append(event)
-    return found
+    return await _fresh(conn, RECORD_APPLIED if record else READ_UNAPPLIED, consumer, events)
 
 
 async def apply_events(conn: asyncpg.Connection, projection: Projection, events: Sequence[Event]) -> int:
     """Inside the caller's transaction: record the events as applied by `projection` and run the writes of
     those not applied before. Returns how many were new (for a projection that dedupes itself, how many it was
-    given, a study removed for good left out: its own writes skip what they already hold)."""
-    if projection.dedupes_itself:
-        new_events = await not_deleted(conn, events)
-    else:
-        new_events = await unapplied(conn, projection.name, events, record=True)
+    given, a study removed for good left out: its own writes skip what they already hold).
+
+    The statement that records them also sends the NOTIFY naming the trials they changed, delivered only if the
+    transaction commits (tests/test_dashboard.py::test_projections_notify_only_when_their_transaction_commits)."""
+    sql = HOLD_AND_NOTIFY if projection.dedupes_itself else RECORD_AND_NOTIFY
+    new_events = await _fresh(conn, sql, projection.name, events)
     mark("recorded")
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))
     mark("projected")
-    if new_events:
-        await conn.execute("SELECT pg_notify($1, $2)", READ_MODEL_CHANNEL, change_payload(projection.name, new_events))
-    mark("notified")
     return len(new_events)
-
-
-def change_payload(projection: str, events: Sequence[Event]) -> str:
-    """The NOTIFY payload: the projection and the trials it changed (null = too many to list, reread all).
-    PostgreSQL delivers it only when the transaction commits, so a listener never sees uncommitted rows."""
-    payload = json.dumps({"projection": projection, "trials": sorted({e.trial_id for e in events})})
-    return payload if len(payload.encode()) < NOTIFY_LIMIT else json.dumps({"projection": projection, "trials": None})
 
 
 class Store:

@@ -293,6 +293,29 @@ async def test_projections_notify_only_when_their_transaction_commits(env):
         await writer.close()
 
 
+async def test_the_notification_names_only_live_trials_and_none_when_they_do_not_fit(env):
+    """PostgreSQL refuses a NOTIFY payload of 8,000 bytes or more: a batch changing more trials than fit names none
+    (null: reread everything). A study removed for good is left out of the list, as its events are."""
+    many = [trial[0] for trial in synthetic_study(400, 1, producer=producer_info(), model_run_id="dash-many")]
+    kept = a_trial(spectral_norm=True, epochs=1)[0]
+    gone = a_trial(spectral_norm=False, epochs=1, model_run_id="dash-gone")[0]
+    heard: list[dict] = []
+    listener, writer = await env.db(), await env.db()
+    try:
+        await writer.execute("INSERT INTO deleted_studies (model_run_id) VALUES ('dash-gone')")
+        await listener.add_listener(READ_MODEL_CHANNEL, lambda *args: heard.append(json.loads(args[-1])))
+        for batch in (many, [gone, kept]):
+            async with writer.transaction():
+                await apply_events(writer, PROJECTIONS["trials"], batch)
+        await wait_until(lambda: len(heard) == 2, what="two notifications")
+        assert heard == [{"projection": "trials", "trials": None},
+                         {"projection": "trials", "trials": [kept.trial_id]}]
+        assert len(json.dumps([e.trial_id for e in many])) > 8000
+    finally:
+        await listener.close()
+        await writer.close()
+
+
 def test_a_browser_s_pending_changes_keep_only_the_latest_row_per_trial():
     client = Client()
     for n in range(10_000):

@@ -30,7 +30,7 @@ async def test_stage_log_stamps_each_batch_s_stages_in_path_order(env, tmp_path)
     assert sorted(event_id for b in batches for event_id, _ in b["events"]) == sorted(str(e.event_id) for e in events)
     for batch in batches:
         names = [name for name, _ in batch["marks"]]
-        assert names == ["taken", "gated", "acquired", "begun", "recorded", "projected", "notified", "committed",
+        assert names == ["taken", "gated", "acquired", "begun", "recorded", "projected", "committed",
                          "acked"]
         stamps = [arrived for _, arrived in batch["events"]] + [at for _, at in batch["marks"]]
         assert max(stamps[:len(batch["events"])]) <= stamps[len(batch["events"])]  # arrived before taken

@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from common.postgres import drop_database
-from consumers.persistence import not_deleted
+from consumers.persistence import apply_events
 from consumers.registry import PROJECTIONS as REGISTRY
 from consumers.service import running_consumers
 from producer.emitter import producer_info
@@ -121,18 +121,18 @@ async def test_the_journal_records_nothing_but_waits_for_a_hard_delete_and_sees_
     deleter, journal = await env.db(), await env.db()
     try:
         async with journal.transaction():
-            assert await not_deleted(journal, study) == study
+            assert await apply_events(journal, REGISTRY["journal"], study) == len(study)
             assert await journal.fetchval("SELECT pg_current_xact_id_if_assigned()") is not None
         holding = deleter.transaction()
         await holding.start()
         await deleter.execute("LOCK TABLE applied_events IN EXCLUSIVE MODE")  # as studies.hard_delete does
         async with journal.transaction():
-            waiting = asyncio.create_task(not_deleted(journal, study))
+            waiting = asyncio.create_task(apply_events(journal, REGISTRY["journal"], study))
             await asyncio.sleep(0.5)
             assert not waiting.done(), "the journal's batch must wait for the hard delete"
             await deleter.execute("INSERT INTO deleted_studies (model_run_id) VALUES ('doomed')")
             await holding.commit()
-            assert await waiting == []  # its snapshot, taken after the lock, sees the tombstone
+            assert await waiting == 0  # its snapshot, taken after the lock, sees the tombstone
         assert await env.fetchval("SELECT count(*) FROM applied_events") == 0
     finally:
         await deleter.close()
