@@ -28,4 +28,5 @@ class ConsumerConfig:
     memory_mb: int = 512  # bodies held at once: the effective prefetch is at most memory_mb MiB / max_message_bytes
     worker_id: str | None = None  # names the connection
     stage_log: Path | None = None  # a folder for each consumer's per-batch stage timestamps (consumers.stages)
+    prune_every_s: float = 60.0  # how often a projection's redundant bookkeeping is pruned (consumers.pruning)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -31,7 +31,9 @@ SELECT, WRITE, UPSERT = ("SELECT",), ("SELECT", "INSERT"), ("SELECT", "INSERT", 
 # consumers/attempts.py, consumers/catchup.py, gateway/tokens.py).
 WRITER_GRANTS: dict[str, tuple[str, ...]] = {
     "events": WRITE,               # the journal appends; UPDATE/DELETE stay the owner's (hard delete)
-    "applied_events": WRITE,       # exactly-once bookkeeping, ON CONFLICT DO NOTHING
+    # Exactly-once bookkeeping, ON CONFLICT DO NOTHING; DELETE prunes the rows of idempotently applied events
+    # (consumers/pruning.py). It adds nothing a writer could not do already: it may rewrite every read-model row.
+    "applied_events": (*WRITE, "DELETE"),
     "trials": UPSERT,
     "trial_metrics": UPSERT,
     "sn_comparison": UPSERT,

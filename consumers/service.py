@@ -15,6 +15,7 @@ from consumers.config import ConsumerConfig
 from consumers.handler import Handler, ProjectionHandler
 from consumers.metrics import ConsumerMetrics
 from consumers.persistence import Store, create_pool
+from consumers.pruning import keep_pruning
 from consumers.registry import CONSUMER_NAMES, PLUGINS, PROJECTIONS, SIDE_EFFECTS
 from consumers.runtime import ConsumerRuntime, connect
 
@@ -102,7 +103,11 @@ async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory
     try:
         connection = await connect(config)
         try:
-            runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in make_handlers(Store(pool))]
+            handlers = make_handlers(Store(pool))
+            runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in handlers]
+            pruners = [asyncio.create_task(keep_pruning(pool, h.projection, config.prune_every_s),
+                                           name=f"pruning-{h.name}")
+                       for h in handlers if isinstance(h, ProjectionHandler) and h.projection.idempotent_types]
             if metrics is not None:
                 metrics.attach(connection, pool, runtimes)
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
@@ -117,6 +122,8 @@ async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory
                         task.result()  # a consumer that could not start after its restarts raises here
                 yield runtimes
             finally:
+                for pruner in pruners:
+                    pruner.cancel()
                 for runtime in runtimes:
                     runtime.stop()
                 for runtime, outcome in zip(runtimes, await asyncio.gather(*tasks, return_exceptions=True),
@@ -125,7 +132,7 @@ async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory
                         log.error("consumer failed", consumer=runtime.handler.name, error=repr(outcome))
                 # Side-effect handlers may hold clients (e.g. MLflow's HTTP session); they close them here.
                 await asyncio.gather(*(r.handler.aclose() for r in runtimes if hasattr(r.handler, "aclose")),
-                                     return_exceptions=True)
+                                     *pruners, return_exceptions=True)
         finally:
             await connection.close()
     finally:

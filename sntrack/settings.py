@@ -85,6 +85,7 @@ class Settings(BaseModel):
 
     worker_id: str | None = None
     stage_log: Path | None = None  # a folder for the consumers' per-batch stage timestamps (consumers.stages)
+    prune_every_s: float = Field(default=60.0, gt=0)  # how often redundant bookkeeping is pruned (consumers.pruning)
 
     # `sntrack gateway` (HTTP ingest): its broker URL (a user that may only publish to ml.events; default amqp_url),
     # the request size limit, and each token's rate limit (a token bucket: burst, then rate_per_s requests/s).
@@ -134,7 +135,7 @@ class Settings(BaseModel):
         return ConsumerConfig(amqp_url=self.amqp_url, database_url=self.database_url, batch_size=self.batch_size,
                               prefetch=self.prefetch, max_message_bytes=self.max_message_bytes,
                               memory_mb=self.consumer_memory_mb, worker_id=self.worker_id, mlflow=mlflow,
-                              stage_log=self.stage_log)
+                              stage_log=self.stage_log, prune_every_s=self.prune_every_s)
 
     @property
     def read_url(self) -> str:

@@ -205,7 +205,6 @@ async def test_the_writer_cannot_change_the_schema_or_rewrite_history(prod):
         "TRUNCATE events",
         "DELETE FROM events",
         "UPDATE events SET seq = 0",
-        "DELETE FROM applied_events",
         "DELETE FROM trials",
         "DELETE FROM deleted_studies",
         "INSERT INTO deleted_studies (model_run_id) VALUES ('x')",

@@ -43,6 +43,9 @@ class Projection(ABC):
     # applied_events row for it, only leaving out the events of a study removed for good. Only the journal sets it:
     # lag (consumers/lag.py) and replay read a projection's progress from those rows.
     dedupes_itself: bool = False
+    # Event types `project` applies idempotently: applying one again is a no-op whatever was applied in between.
+    # Their applied_events rows are pruned once the journal holds the event (consumers/pruning.py).
+    idempotent_types: frozenset[str] = frozenset()
     # Set-based rebuild (consumers/bulk.py): SQL over the relation `{journal}`, and the versions of each event type
     # it reads. Empty: replay runs `project` over every event.
     bulk: tuple[str, ...] = ()

@@ -145,6 +145,9 @@ class TrialsProjection(Projection):
     tables = ("trial_metrics", "trials")
     bulk = (BULK_TRIALS, BULK_CURVES)
     bulk_versions = {RUN_START: frozenset({1}), RUN_METRIC: frozenset({1, 2}), RUN_STOP: frozenset({1})}
+    # UPSERT_CURVE keeps the highest seq and leaves a tie alone: a metric applied again changes nothing, whatever
+    # came between. A start is not (the last one applied sets the configuration), so its row is kept.
+    idempotent_types = frozenset({RUN_METRIC})
 
     def project(self, event: Event):
         match event:

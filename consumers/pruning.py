@@ -1,0 +1,78 @@
+"""Bookkeeping that grows with what needs it, not with the journal: pruning `applied_events`.
+
+A projection's `applied_events` row for an event makes a redelivery of it a no-op. For the event types a projection
+applies idempotently (`Projection.idempotent_types`: applying one again is a no-op whatever was applied in between,
+as `trials`' metric upsert, which keeps the highest seq), that row is redundant once the journal holds the event, and
+the daemon deletes it:
+
+- never a row whose event is not in the journal: replay's swap waits for the journal to hold every event the live
+  projection applied (it finds them by their rows), and a pruned one is in the journal by construction;
+- never among the newest KEEP journal events: lag (consumers/lag.py) is the distance from the head to the newest
+  event a projection has a row for, so it stays exact while a consumer is less than KEEP events behind (further
+  behind, it may read up to the distance to the previous start or stop higher: never lower);
+- in chunks of CHUNK journal positions, each its own short transaction, walking the journal upwards from where the
+  previous pass stopped, every `ConsumerConfig.prune_every_s`. A daemon starts from the journal's first position,
+  and walks from it again every FULL_PASS_EVERY passes, so rows a replay's swap puts back are pruned too.
+
+A redelivered pruned event is applied again, as a no-op, and counted as applied
+(tests/test_pruning.py::test_pruned_metric_rows_are_redelivered_as_no_ops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+
+import asyncpg
+import structlog
+
+from consumers.projections.base import Projection
+
+log = structlog.get_logger("sntrack.consumer")
+
+KEEP = 10_000  # the newest journal events whose rows are kept (exact lag up to this far behind)
+CHUNK = 20_000  # journal positions per DELETE
+FULL_PASS_EVERY = 60  # passes; at the default prune_every_s (60 s), once an hour
+
+PRUNE = """
+DELETE FROM applied_events a USING events e
+WHERE e.position > $3 AND e.position <= $4 AND e.event_type = ANY($2::text[])
+  AND a.projection = $1 AND a.event_id = e.event_id
+"""
+HEAD = "SELECT coalesce(max(position), 0) FROM events"
+
+
+async def prune(pool: asyncpg.Pool, projection: str, types: Collection[str], *, above: int = 0,
+                keep: int = KEEP) -> tuple[int, int]:
+    """Delete `projection`'s rows for journal events of `types` above position `above` and older than the newest
+    `keep`. Returns (rows deleted, the position it reached)."""
+    deleted = 0
+    async with pool.acquire() as conn:
+        until = await conn.fetchval(HEAD) - keep
+    while above < until:
+        upper = min(above + CHUNK, until)
+        async with pool.acquire() as conn:
+            status = await conn.execute(PRUNE, projection, list(types), above, upper)
+        deleted += int(status.split()[-1])
+        above = upper
+    return deleted, max(above, 0)
+
+
+async def keep_pruning(pool: asyncpg.Pool, projection: Projection, every_s: float) -> None:
+    """Prune `projection`'s bookkeeping every `every_s` seconds until cancelled (the daemon's background task).
+    A failed pass (the database away) is logged and tried again at the next one."""
+    reached, passes = 0, 0
+    while True:
+        await asyncio.sleep(every_s)
+        if passes % FULL_PASS_EVERY == 0:
+            reached = 0
+        passes += 1
+        try:
+            deleted, reached = await prune(pool, projection.name, projection.idempotent_types, above=reached,
+                                           keep=KEEP)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not prune the bookkeeping; trying again later", consumer=projection.name,
+                        error=repr(exc))
+            continue
+        if deleted:
+            log.info("bookkeeping pruned", consumer=projection.name, rows=deleted, position=reached)
