@@ -12,7 +12,10 @@ the daemon deletes it:
   behind, it may read up to the distance to the previous start or stop higher: never lower);
 - in chunks of CHUNK journal positions, each its own short transaction, walking the journal upwards from where the
   previous pass stopped, every `ConsumerConfig.prune_every_s`. A daemon starts from the journal's first position,
-  and walks from it again every FULL_PASS_EVERY passes, so rows a replay's swap puts back are pruned too.
+  and walks from it again every FULL_PASS_EVERY passes, so rows a replay's swap puts back are pruned too;
+- then VACUUM, when the daemon's role owns the table, so that new rows reuse the space (a daemon logged in as the
+  writer leaves that to autovacuum). The index keeps a pruned row's space: event ids grow with time, so new
+  entries go to its right edge, and it grows by about 40 bytes per event.
 
 A redelivered pruned event is applied again, as a no-op, and counted as applied
 (tests/test_pruning.py::test_pruned_metric_rows_are_redelivered_as_no_ops).
@@ -40,6 +43,10 @@ WHERE e.position > $3 AND e.position <= $4 AND e.event_type = ANY($2::text[])
   AND a.projection = $1 AND a.event_id = e.event_id
 """
 HEAD = "SELECT coalesce(max(position), 0) FROM events"
+# VACUUM needs the table's owner (or a superuser): a daemon logged in as the writer leaves it to autovacuum.
+MAY_VACUUM = """
+SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = 'applied_events'::regclass
+"""
 
 
 async def prune(pool: asyncpg.Pool, projection: str, types: Collection[str], *, above: int = 0,
@@ -55,7 +62,18 @@ async def prune(pool: asyncpg.Pool, projection: str, types: Collection[str], *, 
             status = await conn.execute(PRUNE, projection, list(types), above, upper)
         deleted += int(status.split()[-1])
         above = upper
+    if deleted:
+        await _vacuum(pool)
     return deleted, max(above, 0)
+
+
+async def _vacuum(pool: asyncpg.Pool) -> None:
+    """Make the deleted rows' space reusable now, when this role may, rather than when autovacuum (off on some
+    servers) gets to it: without it, the table keeps growing as if nothing were pruned. SKIP_LOCKED: a replay's swap
+    or another daemon's VACUUM holding the table is not waited for."""
+    async with pool.acquire() as conn:
+        if await conn.fetchval(MAY_VACUUM):
+            await conn.execute("VACUUM (SKIP_LOCKED) applied_events")
 
 
 async def keep_pruning(pool: asyncpg.Pool, projection: Projection, every_s: float) -> None:
