@@ -7,9 +7,10 @@ the daemon deletes it:
 
 - never a row whose event is not in the journal: replay's swap waits for the journal to hold every event the live
   projection applied (it finds them by their rows), and a pruned one is in the journal by construction;
-- never among the newest KEEP journal events: lag (consumers/lag.py) is the distance from the head to the newest
-  event a projection has a row for, so it stays exact while a consumer is less than KEEP events behind (further
-  behind, it may read up to the distance to the previous start or stop higher: never lower);
+- never among the newest KEEP journal positions: lag (consumers/lag.py) is the distance from the head to the newest
+  event a projection has a row for, so it stays exact while a consumer is less than KEEP positions behind (a
+  duplicate delivery can use up a position without a row, so that is at most KEEP events; further behind, lag may
+  read up to the distance to the previous start or stop higher: never lower);
 - in chunks of CHUNK journal positions, each its own short transaction, walking the journal upwards from where the
   previous pass stopped, every `ConsumerConfig.prune_every_s`. A daemon starts from the journal's first position,
   and walks from it again every FULL_PASS_EVERY passes, so rows a replay's swap puts back are pruned too;
@@ -18,7 +19,7 @@ the daemon deletes it:
   entries go to its right edge, and it grows by about 40 bytes per event.
 
 A redelivered pruned event is applied again, as a no-op, and counted as applied
-(tests/test_pruning.py::test_pruned_metric_rows_are_redelivered_as_no_ops).
+(tests/test_pruning.py::test_pruned_metric_rows_are_redelivered_as_no_ops_and_replay_still_equals_live).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from consumers.projections.base import Projection
 
 log = structlog.get_logger("sntrack.consumer")
 
-KEEP = 10_000  # the newest journal events whose rows are kept (exact lag up to this far behind)
+KEEP = 10_000  # the newest journal positions whose rows are kept (exact lag up to this far behind)
 CHUNK = 20_000  # journal positions per DELETE
 FULL_PASS_EVERY = 60  # passes; at the default prune_every_s (60 s), once an hour
 
@@ -78,7 +79,8 @@ async def _vacuum(pool: asyncpg.Pool) -> None:
 
 async def keep_pruning(pool: asyncpg.Pool, projection: Projection, every_s: float) -> None:
     """Prune `projection`'s bookkeeping every `every_s` seconds until cancelled (the daemon's background task).
-    A failed pass (the database away) is logged and tried again at the next one."""
+    A failed pass (the database away, or anything else) is logged and tried again at the next one: the consumers
+    beside it go on either way."""
     reached, passes = 0, 0
     while True:
         await asyncio.sleep(every_s)
@@ -88,7 +90,7 @@ async def keep_pruning(pool: asyncpg.Pool, projection: Projection, every_s: floa
         try:
             deleted, reached = await prune(pool, projection.name, projection.idempotent_types, above=reached,
                                            keep=KEEP)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except Exception as exc:  # noqa: BLE001 - pruning is housekeeping: it must never stop the daemon
             log.warning("could not prune the bookkeeping; trying again later", consumer=projection.name,
                         error=repr(exc))
             continue

@@ -105,11 +105,11 @@ async def running_handlers(config: ConsumerConfig, make_handlers: HandlerFactory
         try:
             handlers = make_handlers(Store(pool))
             runtimes = [ConsumerRuntime(h, config, AttemptLedger(pool, h.name)) for h in handlers]
+            if metrics is not None:
+                metrics.attach(connection, pool, runtimes)
             pruners = [asyncio.create_task(keep_pruning(pool, h.projection, config.prune_every_s),
                                            name=f"pruning-{h.name}")
                        for h in handlers if isinstance(h, ProjectionHandler) and h.projection.idempotent_types]
-            if metrics is not None:
-                metrics.attach(connection, pool, runtimes)
             tasks = [asyncio.create_task(supervise(r, connection), name=f"consumer-{r.handler.name}")
                      for r in runtimes]
             ready = asyncio.gather(*(r.ready.wait() for r in runtimes))

@@ -189,7 +189,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture
 async def env(tmp_path) -> TestEnv:
     base = Settings.from_env()
-    overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False}
+    # Tests count bookkeeping rows to know a consumer applied everything; a daemon older than prune_every_s would
+    # delete the metric rows of a journal over consumers.pruning.KEEP positions. tests/test_pruning.py prunes itself.
+    overrides = {"spool_dir": tmp_path / "spool", "mlflow_enabled": False, "prune_every_s": 24 * 3600.0}
     passwords = {role: secrets.token_urlsafe(12) for role in ROLES}
     async with sandbox(base, prefix=TEST_PREFIX, passwords=passwords, **overrides) as settings:
         vhost = settings.amqp_vhost
