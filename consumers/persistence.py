@@ -157,11 +157,14 @@ _SEND = f"UNION ALL SELECT NULL, NULL FROM notice, pg_notify('{READ_MODEL_CHANNE
 
 # The "already applied" bookkeeping of every consumer, in one statement with the tombstones of studies removed for
 # good. Recording: studies.hard_delete takes an EXCLUSIVE lock on applied_events; the INSERT waits for it, and its
-# snapshot, taken after the lock, then sees the tombstone.
-_RECORD = f"""WITH {_BATCH}, new AS (
-    INSERT INTO applied_events (projection, event_id) SELECT $1, event_id FROM batch
+# snapshot, taken after the lock, then sees the tombstone. A removed study's late event gets no row: the journal
+# never holds it, and replay's swap would wait for the journal to hold every event a projection has a row for
+# (tests/test_studies.py::test_late_events_of_a_deleted_study_are_ignored).
+_RECORD = f"""WITH {_BATCH}, {_GONE}, new AS (
+    INSERT INTO applied_events (projection, event_id)
+    SELECT $1, event_id FROM batch WHERE model_run_id NOT IN (SELECT model_run_id FROM gone)
     ON CONFLICT DO NOTHING RETURNING event_id
-), {_GONE}"""
+)"""
 RECORD_APPLIED = f"{_RECORD}\n{_ROWS}"
 RECORD_AND_NOTIFY = f"{_RECORD}, {_NOTICE}\n{_ROWS}\n{_SEND}"
 # A projection that dedupes itself (Projection.dedupes_itself: the journal) records nothing, but its transaction

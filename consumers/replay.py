@@ -285,12 +285,15 @@ async def _grant_usage_like(conn: asyncpg.Connection, live: str, schema: str) ->
         await conn.execute(f"GRANT USAGE ON SCHEMA {_ident(schema)} TO {row['grantee']}")
 
 
-UNAPPLIED = """
+# A removed study's events get no bookkeeping row (consumers/persistence.py), so they are not read again.
+_KEPT = "e.model_run_id NOT IN (SELECT model_run_id FROM deleted_studies)"
+UNAPPLIED = f"""
 SELECT e.envelope::text AS envelope FROM events e
-WHERE e.position > $3
-  AND NOT EXISTS (SELECT 1 FROM {shadow}.applied_events s WHERE s.projection = $1 AND s.event_id = e.event_id)
+WHERE e.position > $3 AND {_KEPT}
+  AND NOT EXISTS (SELECT 1 FROM {{shadow}}.applied_events s WHERE s.projection = $1 AND s.event_id = e.event_id)
 ORDER BY e.position LIMIT $2
 """
+JOURNAL_KEPT = f"SELECT count(*) FROM events e WHERE {_KEPT}"
 
 
 async def _apply_unapplied(conn: asyncpg.Connection, projection: Projection, shadow: str, live: str,
@@ -411,7 +414,7 @@ async def _swap(conn: asyncpg.Connection, projection: Projection, live: str, sha
                 # The shadow now holds every journal event (see _catch_up); as many means nothing left the journal
                 # since it was read (a `studies delete --hard`, whose study would otherwise come back).
                 rebuilt = await conn.fetchval(f"SELECT count(*) FROM {_ident(shadow)}.{BOOKKEEPING}")
-                if await conn.fetchval("SELECT count(*) FROM events") != rebuilt:
+                if await conn.fetchval(JOURNAL_KEPT) != rebuilt:
                     raise ReplayAborted("events left the journal during the rebuild (studies delete --hard?); "
                                         "nothing was changed; run the replay again")
                 views = await conn.fetch(DEPENDENT_VIEWS, [f"{_ident(live)}.{_ident(t)}" for t in projection.tables])
