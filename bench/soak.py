@@ -32,6 +32,7 @@ import aio_pika
 import asyncpg
 
 from bench.timing import percentiles
+from consumers.pruning import KEEP
 from consumers.report.queries import (
     AVG_VAL_ACCURACY_BY_FLAG,
     AVG_VAL_ACCURACY_BY_FLAG_FROM_TRIALS,
@@ -314,8 +315,8 @@ def _markdown(result: dict) -> str:
         f"{c['published_by_type'][RUN_START]:,} and {c['published_by_type'][RUN_STOP]:,} |",
         f"| trial_metrics rows / metric events published | {c['trial_metrics']:,} / "
         f"{c['published_by_type'][RUN_METRIC]:,} |",
-        f"| applied_events rows per projection (trials' metric rows pruned once journaled, the newest 10,000 journal "
-        f"events' kept) | {', '.join(f'{k} {v:,}' for k, v in sorted(c['applied'].items()))} |",
+        f"| applied_events rows per projection (trials' metric rows pruned once journaled, the newest {KEEP:,} journal "
+        f"positions' kept) | {', '.join(f'{k} {v:,}' for k, v in sorted(c['applied'].items()))} |",
         f"| sn_comparison rows differing from a recount over trials | {c['comparison_rows_differing_from_trials']} |",
         f"| comparison query (sn_comparison), p50 / p95 / p99 ms | {q['sn_comparison']['p50']} / "
         f"{q['sn_comparison']['p95']} / {q['sn_comparison']['p99']} (target p95 < 1 ms) |",

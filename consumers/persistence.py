@@ -134,14 +134,14 @@ async def run_statements(conn: asyncpg.Connection, statements: Iterable[Statemen
 
 # A batch's events as rows: $2 their ids, $3 their studies, $4 their trials (aligned arrays).
 _BATCH = "batch AS (SELECT * FROM unnest($2::uuid[], $3::text[], $4::text[]) AS b(event_id, model_run_id, trial_id))"
-# The studies of the batch removed for good (a tombstone in deleted_studies).
+# The studies of the batch removed for good (a tombstone in deleted_studies): `new` never holds their events.
 _GONE = "gone AS (SELECT model_run_id FROM deleted_studies WHERE model_run_id = ANY($3::text[]))"
+_NOT_GONE = "model_run_id NOT IN (SELECT model_run_id FROM gone)"
 # The NOTIFY the dashboard listens for, sent by the bookkeeping statement itself rather than a round trip of its own
 # (PostgreSQL delivers it at commit): the projection ($1) and the trials its new events (`new`) changed, or null
 # when too many to list (a listener then rereads everything). No new event, no NOTIFY.
 _NOTICE = f"""changed AS (
     SELECT DISTINCT b.trial_id FROM batch b JOIN new USING (event_id)
-    WHERE b.model_run_id NOT IN (SELECT model_run_id FROM gone)
 ), listed AS (
     SELECT json_build_object('projection', $1::text,
                              'trials', json_agg(trial_id ORDER BY trial_id COLLATE "C"))::text AS payload
@@ -151,9 +151,9 @@ _NOTICE = f"""changed AS (
                 ELSE json_build_object('projection', $1::text, 'trials', NULL)::text END AS payload
     FROM listed
 )"""
-# The statement's rows: (event_id, NULL) for each new event, (NULL, model_run_id) for each study removed for good.
-_ROWS = "SELECT event_id, NULL::text AS deleted FROM new UNION ALL SELECT NULL, model_run_id FROM gone"
-_SEND = f"UNION ALL SELECT NULL, NULL FROM notice, pg_notify('{READ_MODEL_CHANNEL}', notice.payload) AS sent"
+# The statement's rows: the new events' ids (and a NULL when the NOTIFY was sent).
+_ROWS = "SELECT event_id FROM new"
+_SEND = f"UNION ALL SELECT NULL FROM notice, pg_notify('{READ_MODEL_CHANNEL}', notice.payload) AS sent"
 
 # The "already applied" bookkeeping of every consumer, in one statement with the tombstones of studies removed for
 # good. Recording: studies.hard_delete takes an EXCLUSIVE lock on applied_events; the INSERT waits for it, and its
@@ -162,7 +162,7 @@ _SEND = f"UNION ALL SELECT NULL, NULL FROM notice, pg_notify('{READ_MODEL_CHANNE
 # (tests/test_studies.py::test_late_events_of_a_deleted_study_are_ignored).
 _RECORD = f"""WITH {_BATCH}, {_GONE}, new AS (
     INSERT INTO applied_events (projection, event_id)
-    SELECT $1, event_id FROM batch WHERE model_run_id NOT IN (SELECT model_run_id FROM gone)
+    SELECT $1, event_id FROM batch WHERE {_NOT_GONE}
     ON CONFLICT DO NOTHING RETURNING event_id
 )"""
 RECORD_APPLIED = f"{_RECORD}\n{_ROWS}"
@@ -173,30 +173,27 @@ RECORD_AND_NOTIFY = f"{_RECORD}, {_NOTICE}\n{_ROWS}\n{_SEND}"
 # event of the batch counts as new: its own writes skip what they already hold.
 HOLD_AND_NOTIFY = f"""WITH {_BATCH}, hold AS (
     INSERT INTO applied_events (projection, event_id) SELECT NULL, NULL WHERE false RETURNING 1
-), new AS (
-    SELECT DISTINCT event_id FROM batch WHERE pg_current_xact_id() IS NOT NULL
-), {_GONE}, {_NOTICE}
+), {_GONE}, new AS (
+    SELECT DISTINCT event_id FROM batch WHERE pg_current_xact_id() IS NOT NULL AND {_NOT_GONE}
+), {_NOTICE}
 {_ROWS}
 {_SEND}"""
-READ_UNAPPLIED = f"""WITH {_BATCH}, new AS (
+READ_UNAPPLIED = f"""WITH {_BATCH}, {_GONE}, new AS (
     SELECT event_id FROM batch b
-    WHERE NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = b.event_id)
-), {_GONE}
+    WHERE {_NOT_GONE}
+      AND NOT EXISTS (SELECT 1 FROM applied_events a WHERE a.projection = $1 AND a.event_id = b.event_id)
+)
 {_ROWS}"""
 
 
 async def _fresh(conn: asyncpg.Connection, sql: str, consumer: str, events: Sequence[Event]) -> list[Event]:
+    """The events whose ids `sql` (one of the statements above) returns as new, each once, in their order."""
     rows = await conn.fetch(sql, consumer, [e.event_id for e in events], [e.model_run_id for e in events],
                             [e.trial_id for e in events])
-    found, deleted = set(), set()
-    for row in rows:
-        if row["event_id"] is not None:
-            found.add(row["event_id"])
-        elif row["deleted"] is not None:
-            deleted.add(row["deleted"])
+    found = {row["event_id"] for row in rows}
     kept = []
     for event in events:
-        if event.event_id in found and event.model_run_id not in deleted:
+        if event.event_id in found:
             found.discard(event.event_id)  # a duplicate inside the same batch counts once
             kept.append(event)
     return kept

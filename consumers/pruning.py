@@ -16,7 +16,7 @@ the daemon deletes it:
   and walks from it again every FULL_PASS_EVERY passes, so rows a replay's swap puts back are pruned too;
 - then VACUUM, when the daemon's role owns the table, so that new rows reuse the space (a daemon logged in as the
   writer leaves that to autovacuum). The index keeps a pruned row's space: event ids grow with time, so new
-  entries go to its right edge, and it grows by about 40 bytes per event.
+  entries go to its right edge (mid-soak, 53.2 of the table's 64.9 MB at 923,692 journal events).
 
 A redelivered pruned event is applied again, as a no-op, and counted as applied
 (tests/test_pruning.py::test_pruned_metric_rows_are_redelivered_as_no_ops_and_replay_still_equals_live).
@@ -30,6 +30,7 @@ from collections.abc import Collection
 import asyncpg
 import structlog
 
+from consumers.lag import journal_head
 from consumers.projections.base import Projection
 
 log = structlog.get_logger("sntrack.consumer")
@@ -43,7 +44,6 @@ DELETE FROM applied_events a USING events e
 WHERE e.position > $3 AND e.position <= $4 AND e.event_type = ANY($2::text[])
   AND a.projection = $1 AND a.event_id = e.event_id
 """
-HEAD = "SELECT coalesce(max(position), 0) FROM events"
 # VACUUM needs the table's owner (or a superuser): a daemon logged in as the writer leaves it to autovacuum.
 MAY_VACUUM = """
 SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c WHERE c.oid = 'applied_events'::regclass
@@ -56,7 +56,7 @@ async def prune(pool: asyncpg.Pool, projection: str, types: Collection[str], *, 
     `keep`. Returns (rows deleted, the position it reached)."""
     deleted = 0
     async with pool.acquire() as conn:
-        until = await conn.fetchval(HEAD) - keep
+        until = await journal_head(conn) - keep
     while above < until:
         upper = min(above + CHUNK, until)
         async with pool.acquire() as conn:
