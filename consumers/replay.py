@@ -38,7 +38,7 @@ import asyncpg
 
 from consumers.bulk import journal_kinds, project_journal, supports
 from consumers.persistence import apply_events
-from consumers.projections.base import Projection
+from consumers.projections.base import WRITING_SHADOW, Projection
 from schemas.upcasting import read_stored
 
 PAGE = 2000
@@ -188,8 +188,10 @@ async def _build_by_project(reader: asyncpg.Connection, writer: asyncpg.Connecti
 
 
 async def _use(conn: asyncpg.Connection, *schemas: str) -> None:
-    """Point unqualified names at `schemas` for the rest of the transaction."""
-    await conn.execute("SELECT set_config('search_path', $1, true)", ", ".join(map(_ident, schemas)))
+    """Point unqualified names at `schemas` for the rest of the transaction; with a shadow first (shadow, live), the
+    projection's statements know that they write the shadow (WRITING_SHADOW)."""
+    await conn.execute("SELECT set_config('search_path', $1, true), set_config($2, $3, true)",
+                       ", ".join(map(_ident, schemas)), WRITING_SHADOW, "on" if len(schemas) > 1 else "off")
 
 
 async def _catalog(conn: asyncpg.Connection, sql: str, live: str, table: str) -> list[asyncpg.Record]:

@@ -12,6 +12,8 @@ def configuration_message(exc: BaseException) -> str | None:
 
     if isinstance(exc, asyncpg.UndefinedTableError):
         return f"the database has no sntrack schema ({exc}); run `sntrack db migrate`"
+    if isinstance(exc, asyncpg.UndefinedColumnError):  # a schema from an older sntrack, not migrated since
+        return f"a column sntrack needs is missing ({exc}): a schema older than this sntrack? run `sntrack db migrate`"
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):  # a command run with another job's login
         return (f"PostgreSQL refused: {exc}; this command needs another login (README: Production set-up and "
                 "security, which command uses which SNTRACK_*DATABASE_URL)")

@@ -18,7 +18,7 @@ def readme_block(name: str) -> str:
 
 async def test_trials_columns_in_readme_are_the_schema(env):
     documented = [c for row in readme_block("trials-columns").splitlines()[3:] if row.startswith("| `")
-                  for c in re.findall(r"`([a-z_]+)`", row.split("|")[1])]
+                  for c in re.findall(r"`([a-z_0-9]+)`", row.split("|")[1])]
     actual = [r["column_name"] for r in await env.fetch(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'trials' AND table_schema = "
         "current_schema() ORDER BY ordinal_position")]

@@ -4,7 +4,10 @@ on helper connections come from the loading connection's snapshot, whatever comm
 from __future__ import annotations
 
 import gc
+import random
+import uuid
 from datetime import UTC, datetime
+from importlib.resources import files
 
 import pytest
 
@@ -95,3 +98,80 @@ def test_paused_gc_gives_back_the_collector_as_it_found_it(enabled):
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+# What the report read from the curves before the trials projection kept their summaries: the oracle.
+CURVE_SUMMARIES = """
+SELECT t.id,
+       (min(m.epoch) FILTER (WHERE m.val_accuracy >= 0.95 * (t.metrics->>'final_val_accuracy')::float8))::bigint + 1
+           AS epochs_to_95,
+       (array_agg(m.spectral_norms ORDER BY m.epoch DESC))[1] AS last_sigmas
+FROM trials t JOIN trial_metrics m ON m.trial_id = t.id WHERE t.finished_at IS NOT NULL GROUP BY t.id ORDER BY t.id
+"""
+KEPT_SUMMARIES = """
+SELECT id, epochs_to_95, last_sigmas FROM trials t
+WHERE finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM trial_metrics m WHERE m.trial_id = t.id) ORDER BY id
+"""
+
+
+async def _summaries(conn) -> tuple[list, list]:
+    return ([tuple(r) for r in await conn.fetch(CURVE_SUMMARIES)], [tuple(r) for r in await conn.fetch(KEPT_SUMMARIES)])
+
+
+async def test_stopped_trials_keep_the_summary_of_their_curve_whatever_the_order(env):
+    """Metrics before and after their trial's stop, in one batch and across batches, a late metric that replaces
+    the last epoch, and the same metric again: each stopped trial's epochs_to_95 and last σ are those of its curve
+    as it stands, and a running trial has none."""
+    study = synthetic_study(16, 6, seed=21, producer=producer_info(), model_run_id="kept")
+    running_id = study[0][0].trial_id  # its stop never comes
+    events = [e for trial in study for e in trial if not (e.trial_id == running_id and e.event_type == "ml.run.stop")]
+    random.Random(5).shuffle(events)
+    trials = PROJECTIONS["trials"]
+    conn = await env.db()
+    try:
+        for batch in (events[:25], events[25:26], events[26:]):
+            async with conn.transaction():
+                await apply_events(conn, trials, batch)
+        oracle, kept = await _summaries(conn)
+        assert len(kept) >= 10 and kept == oracle and sum(r[1] is not None for r in kept) >= 10
+
+        # A second stop with a higher seq (the trial reported lost after all) and no final accuracy: no epochs to 95%.
+        first = next(e for e in events if e.event_type == "ml.run.stop")
+        payload = first.payload.model_copy(update={"status": "failed", "measurements": {}})
+        lost = first.model_copy(update={"event_id": uuid.uuid4(), "seq": first.seq + 50, "payload": payload})
+        async with conn.transaction():
+            await apply_events(conn, trials, [lost])
+        oracle, kept = await _summaries(conn)
+        assert kept == oracle
+        assert await conn.fetchval("SELECT epochs_to_95 FROM trials WHERE id = $1", first.trial_id) is None
+
+        # A higher-seq metric for the last epoch of a stopped trial: far below its final accuracy, its σ far from 1.
+        last = max((e for e in events if e.event_type == "ml.run.metric"), key=lambda e: (e.trial_id, e.payload.epoch))
+        payload = last.payload.model_copy(update={"spectral_norms": {"layers.0": 7.0}})
+        late = last.model_copy(update={"event_id": uuid.uuid4(), "seq": last.seq + 100, "payload": payload})
+        for again in ([late], [late]):
+            async with conn.transaction():
+                await apply_events(conn, trials, again)
+        oracle, kept = await _summaries(conn)
+        assert kept == oracle
+        assert await conn.fetchval("SELECT last_sigmas FROM trials WHERE id = $1", late.trial_id) == '{"layers.0": 7.0}'
+        running = await conn.fetchrow("SELECT finished_at, epochs_to_95, last_sigmas, (SELECT count(*) FROM "
+                                      "trial_metrics WHERE trial_id = id) AS epochs FROM trials WHERE id = $1",
+                                      running_id)
+        assert running["epochs"] > 0 and tuple(running)[:3] == (None, None, None)
+    finally:
+        await conn.close()
+
+
+async def test_the_migration_fills_the_summaries_of_trials_recorded_before_it(env):
+    study = synthetic_study(12, 5, seed=22, producer=producer_info(), model_run_id="older")
+    migration = (files("consumers") / "sql" / "013_trial_summary.sql").read_text()
+    conn = await env.db()
+    try:
+        await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
+        await conn.execute("UPDATE trials SET epochs_to_95 = NULL, last_sigmas = NULL")  # as before 013
+        await conn.execute(migration[migration.index("UPDATE trials"):])
+        oracle, kept = await _summaries(conn)
+    finally:
+        await conn.close()
+    assert len(kept) >= 8 and kept == oracle

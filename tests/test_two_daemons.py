@@ -8,6 +8,8 @@ import json
 import signal
 
 from consumers.projections.sn_comparison import OVERALL
+from consumers.projections.trials import LOCK_TRIAL, TRIAL_LOCK_CLASS
+from consumers.replay import _use as use_schemas
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import RunStopped
@@ -111,3 +113,22 @@ async def assert_live_equals_replay(env) -> None:
     await env.replay("comparison")
     assert await env.snapshot("trials", "trial_metrics") == live
     assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
+
+
+async def test_a_replay_writing_its_shadow_takes_no_trial_lock(env):
+    """The trials projection's per-trial lock serializes live writers; a replay writing its shadow tables, their
+    only writer, skips it, so it never waits for, nor deadlocks with, the live daemons over a trial."""
+    held = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+            "AND classid = $1::bigint::oid")
+    conn = await env.db()
+    try:
+        async with conn.transaction():
+            await conn.execute(LOCK_TRIAL, "t1")
+            live = await conn.fetchval(held, TRIAL_LOCK_CLASS)
+        async with conn.transaction():
+            await use_schemas(conn, "sntrack_rebuild_trials", "public")
+            await conn.execute(LOCK_TRIAL, "t1")
+            shadow = await conn.fetchval(held, TRIAL_LOCK_CLASS)
+    finally:
+        await conn.close()
+    assert (live, shadow) == (1, 0)

@@ -28,6 +28,11 @@ def jsonb(value: object) -> str:
     return to_json(value).decode()
 
 
+# "on" while `sntrack replay` writes a projection's shadow tables (consumers/replay.py), which no other writer touches:
+# a projection's statements may then skip locks that only serialize it with other writers of the live tables.
+WRITING_SHADOW = "sntrack.writing_shadow"
+
+
 class Statement(NamedTuple):
     sql: str
     args: tuple

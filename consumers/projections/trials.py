@@ -2,13 +2,15 @@
 
 Every clause is an order-independent upsert: start fills the configuration, stop the outcome, metrics the
 curve; timestamps come from the events (not the clock) so a replay reproduces the live rows exactly.
-Metric events touch only `trial_metrics`: updating the trial's row once per epoch made every epoch rewrite
-the same hot row, which halved replay speed (progress of a running trial is max(epoch) in trial_metrics).
+Metric events touch only `trial_metrics` while their trial runs: updating the trial's row once per epoch made every
+epoch rewrite the same hot row, which halved replay speed (progress of a running trial is max(epoch) in
+trial_metrics). Once it has stopped, the row keeps the summary of its curve the report reads (_epochs_to_95,
+_last_sigmas), which a late metric updates.
 """
 
 from __future__ import annotations
 
-from consumers.projections.base import Projection, Statement, jsonb
+from consumers.projections.base import WRITING_SHADOW, Projection, Statement, jsonb
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
@@ -38,7 +40,23 @@ ON CONFLICT (id) DO UPDATE SET
 {_KEEP_TIMES}
 """
 
-UPSERT_CURVE = """
+# The trial's summary, kept on its row once it has stopped so that `sntrack report` reads no curve: the epochs it took
+# to reach 95% of its final validation accuracy (counted from 1) and the per-layer σ of its last measured epoch.
+# `curve` is a relation of the trial's trial_metrics rows, `final` the jsonb of its stop's measurements. Every
+# writer of a stopped trial's curve or outcome recomputes both: UPSERT_STOP, UPSERT_CURVE and BULK_TRIALS.
+def _epochs_to_95(curve: str, final: str) -> str:
+    return (f"(SELECT min(c.epoch)::bigint + 1 FROM {curve} c "  # bigint: an epoch may be 2^31 - 1
+            f"WHERE c.val_accuracy >= 0.95 * ({final} ->> 'final_val_accuracy')::double precision)")
+
+
+def _last_sigmas(curve: str) -> str:
+    return f"(SELECT c.spectral_norms FROM {curve} c ORDER BY c.epoch DESC LIMIT 1)"
+
+
+# The metric, then the summary of its trial if the trial has stopped and the metric changed its curve. The statement
+# sees trial_metrics as it was before the upsert: its curve is that, with the upserted row in place of its epoch.
+UPSERT_CURVE = f"""
+WITH up AS (
 INSERT INTO trial_metrics AS m (trial_id, epoch, seq, train_loss, val_loss, train_accuracy, val_accuracy,
                                 measurements, spectral_norms, occurred_at, step)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11)
@@ -48,12 +66,30 @@ ON CONFLICT (trial_id, epoch) DO UPDATE SET
     measurements = EXCLUDED.measurements, spectral_norms = EXCLUDED.spectral_norms,
     occurred_at = EXCLUDED.occurred_at, step = EXCLUDED.step
 WHERE m.seq < EXCLUDED.seq
+RETURNING m.epoch, m.val_accuracy, m.spectral_norms
+), curve AS (
+    SELECT epoch, val_accuracy, spectral_norms FROM trial_metrics WHERE trial_id = $1 AND epoch <> $2
+    UNION ALL
+    SELECT epoch, val_accuracy, spectral_norms FROM up
+)
+UPDATE trials t SET epochs_to_95 = {_epochs_to_95("curve", "t.metrics")}, last_sigmas = {_last_sigmas("curve")}
+WHERE t.id = $1 AND t.finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM up)
 """
+
+# Two writers of one trial at once (two daemons on one queue) would each compute its summary without the other's
+# uncommitted write. So every event first takes its trial's lock, in a statement of its own (the batch's first
+# statement group, persistence.run_statements), and the statements after it see whatever the previous holder
+# committed (tests/test_two_daemons.py). The two-key form: the keys of the MLflow consumer's one-key locks differ.
+# A replay writing its shadow tables, their only writer, takes none: it would share the live writers' locks.
+TRIAL_LOCK_CLASS = 1936618612  # b"sntt"
+LOCK_TRIAL = (f"SELECT pg_advisory_xact_lock({TRIAL_LOCK_CLASS}, hashtext($1)) "
+              f"WHERE current_setting('{WRITING_SHADOW}', true) IS DISTINCT FROM 'on'")
 
 # A trial can have two stops: its worker made its stop durable and was killed before telling Optuna, and another
 # worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order,
 # its flag included: a start applied after a stop keeps the stop's flag (UPSERT_START), so a stop whose flag differs
 # from its start's gives the same row in any order.
+_CURVE_OF_1 = "(SELECT epoch, val_accuracy, spectral_norms FROM trial_metrics WHERE trial_id = $1)"
 _STOP_WINS = "(t.finished_at IS NULL OR EXCLUDED.last_seq >= t.last_seq)"
 _STOP_COLUMNS = ",\n".join(
     f"    {column} = CASE WHEN {_STOP_WINS} THEN EXCLUDED.{column} ELSE t.{column} END"
@@ -62,10 +98,13 @@ _STOP_COLUMNS = ",\n".join(
 
 UPSERT_STOP = f"""
 INSERT INTO trials AS t (id, model_run_id, spectral_norm, status, metrics, duration_ms, error_type, error_message,
-                         finished_at, last_seq, inserted_at, updated_at)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $9, $9)
+                         finished_at, last_seq, inserted_at, updated_at, epochs_to_95, last_sigmas)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $9, $9, {_epochs_to_95(_CURVE_OF_1, "$5::jsonb")},
+        {_last_sigmas(_CURVE_OF_1)})
 ON CONFLICT (id) DO UPDATE SET
 {_STOP_COLUMNS},
+    epochs_to_95 = {_epochs_to_95(_CURVE_OF_1, f"(CASE WHEN {_STOP_WINS} THEN EXCLUDED.metrics ELSE t.metrics END)")},
+    last_sigmas = EXCLUDED.last_sigmas,
 {_KEEP_TIMES}
 """
 
@@ -74,11 +113,12 @@ ON CONFLICT (id) DO UPDATE SET
 # start by position sets the configuration; the stop with the highest seq (the later one on a tie) sets the outcome
 # and the flag; times span all of the trial's starts and stops; mlflow_run_id is the last one a start carried.
 # A new `trials` column is one more line in UPSERT_START or UPSERT_STOP above and the matching expression on `s` (the
-# start) or `z` (the stop) here; one derived from metrics needs an aggregate over them joined on trial_id.
+# start) or `z` (the stop) here; one derived from metrics, an aggregate over them joined on trial_id (`summaries`:
+# BULK_CURVES has filled trial_metrics when this runs).
 BULK_TRIALS = """
 INSERT INTO trials (id, model_run_id, spectral_norm, status, mlflow_run_id, hyperparams, metrics, dataset, model, seed,
                     optuna_trial_number, paired_with, epochs, duration_ms, error_type, error_message, last_seq,
-                    started_at, finished_at, inserted_at, updated_at)
+                    started_at, finished_at, inserted_at, updated_at, epochs_to_95, last_sigmas)
 WITH touched AS MATERIALIZED (
     SELECT e.position, e.event_type = 'ml.run.start' AS is_start, e.trial_id, e.model_run_id, e.seq, e.occurred_at,
            e.envelope -> 'payload' AS p
@@ -93,6 +133,12 @@ WITH touched AS MATERIALIZED (
            (array_agg(p ->> 'mlflow_run_id' ORDER BY position DESC)
                 FILTER (WHERE is_start AND p ->> 'mlflow_run_id' IS NOT NULL))[1] AS mlflow_run_id
     FROM touched GROUP BY trial_id
+), summaries AS (  -- _epochs_to_95 and _last_sigmas, over every stopped trial at once
+    SELECT m.trial_id, (min(m.epoch) FILTER (
+               WHERE m.val_accuracy >= 0.95 * (z.p -> 'measurements' ->> 'final_val_accuracy')::double precision
+           ))::bigint + 1 AS epochs_to_95,
+           (array_agg(m.spectral_norms ORDER BY m.epoch DESC))[1] AS last_sigmas
+    FROM trial_metrics m JOIN stops z USING (trial_id) GROUP BY m.trial_id
 )
 SELECT t.trial_id, COALESCE(s.model_run_id, t.stop_run),
        COALESCE(z.p ->> 'spectral_norm', s.p ->> 'spectral_norm')::boolean,
@@ -106,8 +152,9 @@ SELECT t.trial_id, COALESCE(s.model_run_id, t.stop_run),
             THEN (s.p -> 'hyperparams' ->> 'epochs')::integer END,
        (z.p -> 'measurements' ->> 'duration_ms')::double precision,
        z.p -> 'error' ->> 'type', z.p -> 'error' ->> 'message',
-       COALESCE(z.seq, 0), s.occurred_at, z.occurred_at, t.first_at, t.last_at
+       COALESCE(z.seq, 0), s.occurred_at, z.occurred_at, t.first_at, t.last_at, y.epochs_to_95, y.last_sigmas
 FROM spans t LEFT JOIN starts s USING (trial_id) LEFT JOIN stops z USING (trial_id)
+LEFT JOIN summaries y USING (trial_id)
 """
 
 # Per (trial, epoch) the metric with the highest seq, the earlier one on a tie (UPSERT_CURVE overwrites only a lower
@@ -143,13 +190,14 @@ class TrialsProjection(Projection):
     name = "trials"
     queue = QueueSpec("sntrack.trials")
     tables = ("trial_metrics", "trials")
-    bulk = (BULK_TRIALS, BULK_CURVES)
+    bulk = (BULK_CURVES, BULK_TRIALS)
     bulk_versions = {RUN_START: frozenset({1}), RUN_METRIC: frozenset({1, 2}), RUN_STOP: frozenset({1})}
     # UPSERT_CURVE keeps the highest seq and leaves a tie alone: a metric applied again changes nothing, whatever
     # came between. A start is not (the last one applied sets the configuration), so its row is kept.
     idempotent_types = frozenset({RUN_METRIC})
 
     def project(self, event: Event):
+        yield Statement(LOCK_TRIAL, (event.trial_id,))
         match event:
             case RunStarted(payload=p):
                 yield Statement(UPSERT_START, (

@@ -83,7 +83,9 @@ NOT_ARCHIVED = "($1::text IS NOT NULL OR {column} NOT IN (SELECT model_run_id FR
 REPORT_TRIALS = f"""
 SELECT id, spectral_norm, status, paired_with, hyperparams::text AS hyperparams, model_run_id, dataset,
        (metrics->>'final_val_accuracy')::float8 AS val, (metrics->>'final_train_accuracy')::float8 AS train,
-       (metrics->>'duration_ms')::float8 AS duration_ms
+       (metrics->>'duration_ms')::float8 AS duration_ms,
+       CASE WHEN status = 'completed' THEN epochs_to_95 END AS epochs_to_95,
+       CASE WHEN status = 'completed' THEN last_sigmas::text END AS last_sigmas
 FROM trials
 WHERE ($1::text IS NULL OR model_run_id = $1) AND ($2::text IS NULL OR dataset = $2)
   AND {NOT_ARCHIVED.format(column="model_run_id")}
@@ -100,30 +102,6 @@ WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND (
   AND {NOT_ARCHIVED.format(column="t.model_run_id")}
 GROUP BY t.spectral_norm, m.epoch
 ORDER BY t.spectral_norm, m.epoch
-"""
-
-# Per completed trial, from its curve: the epochs it took to reach 95% of its final validation accuracy (epochs count
-# from 1). One pass over the curves, no jsonb touched.
-REPORT_CONVERGENCE = f"""
-SELECT m.trial_id,
-       min(m.epoch) FILTER (WHERE m.val_accuracy >= 0.95 * (t.metrics->>'final_val_accuracy')::float8) + 1
-           AS epochs_to_95
-FROM trial_metrics m JOIN trials t ON t.id = m.trial_id
-WHERE t.status = 'completed' AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
-  AND {NOT_ARCHIVED.format(column="t.model_run_id")}
-GROUP BY m.trial_id
-"""
-
-# Per completed trial, the measured per-layer largest singular values at its last epoch (the manipulation check):
-# one backward step of the (trial_id, epoch) primary key per trial.
-REPORT_LAST_SIGMAS = f"""
-SELECT t.id AS trial_id, last.spectral_norms::text AS last_sigmas
-FROM trials t
-CROSS JOIN LATERAL (SELECT spectral_norms FROM trial_metrics m WHERE m.trial_id = t.id
-                    ORDER BY m.epoch DESC LIMIT 1) AS last
-WHERE t.status = 'completed' AND last.spectral_norms IS NOT NULL
-  AND ($1::text IS NULL OR t.model_run_id = $1) AND ($2::text IS NULL OR t.dataset = $2)
-  AND {NOT_ARCHIVED.format(column="t.model_run_id")}
 """
 
 # How many trials the journal holds for a search (their start events): compared with the read model, it tells

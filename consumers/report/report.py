@@ -122,74 +122,65 @@ def _json_list(texts: Sequence[str | None]) -> list:
 
 
 _TRIAL_COLUMNS = ("id", "spectral_norm", "status", "paired_with", "hyperparams", "model_run_id", "dataset", "val",
-                  "train", "duration_ms")  # REPORT_TRIALS' columns, in order
-# The reads of the curves (trial_metrics), each a scan of millions of rows, the longest first.
-_CURVE_READS = (queries.REPORT_CONVERGENCE, queries.REPORT_CURVES, queries.REPORT_LAST_SIGMAS)
-_NO_JIT = "SET LOCAL jit = off"  # these reads scan millions of rows once: compiling them costs more than it saves
+                  "train", "duration_ms", "epochs_to_95", "sigmas")  # REPORT_TRIALS' columns, in order
+_NO_JIT = "SET LOCAL jit = off"  # the curves' read scans millions of rows once: compiling it costs more than it saves
 
 
 def _trial_columns(rows: Sequence) -> dict[str, list]:
-    """REPORT_TRIALS' rows as columns, hyper-parameters parsed."""
+    """REPORT_TRIALS' rows as columns, hyper-parameters and σ parsed."""
     columns = (dict(zip(_TRIAL_COLUMNS, map(list, zip(*rows, strict=True)), strict=True)) if rows
                else {name: [] for name in _TRIAL_COLUMNS})
     columns["hyperparams"] = _json_list(columns["hyperparams"])
+    columns["sigmas"] = _json_list(columns["sigmas"])
     return columns
 
 
-async def _side_reads(conn: asyncpg.Connection, helpers: Sequence[asyncpg.Connection], scope: tuple) -> list:
-    """_CURVE_READS started on the helpers (round robin, one task per helper), each in a transaction in `conn`'s
-    exported snapshot; every task gives (query, rows) pairs."""
+async def _side_read(conn: asyncpg.Connection, helper: asyncpg.Connection, scope: tuple) -> asyncio.Future:
+    """REPORT_CURVES started on `helper`, in a transaction in `conn`'s exported snapshot."""
     snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
 
-    async def lane(helper: asyncpg.Connection, reads: Sequence[str]) -> list[tuple[str, list]]:
+    async def read() -> list:
         async with helper.transaction(isolation="repeatable_read", readonly=True):
             await helper.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'; {_NO_JIT}")
-            return [(query, await helper.fetch(query, *scope)) for query in reads]
-    return [asyncio.ensure_future(lane(helper, _CURVE_READS[k::len(helpers)]))
-            for k, helper in enumerate(helpers[:len(_CURVE_READS)])]
-
-
-async def _curve_rows(conn: asyncpg.Connection, side: list, scope: tuple) -> dict[str, list]:
-    """Each of _CURVE_READS' rows: from the side reads when there are any, else read on `conn`."""
-    if not side:
-        return {query: await conn.fetch(query, *scope) for query in _CURVE_READS}
-    return dict(pair for lane in await asyncio.gather(*side) for pair in lane)
+            return await helper.fetch(queries.REPORT_CURVES, *scope)
+    return asyncio.ensure_future(read())
 
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
-               dataset: str | None = None, *, live: bool = True,
+               dataset: str | None = None, *, live: bool = True, curves: bool = True,
                helpers: Sequence[asyncpg.Connection] = ()) -> ComparisonData:
-    """Read trials, their curves and the sn_comparison rows in one repeatable-read snapshot. Not `live`: the
-    connection's search_path starts with a schema written by `sntrack replay trials --until`, which holds trials and
-    trial_metrics only; the summaries then come from its trials, and neither the live sn_comparison nor the journal
-    is read. `helpers`, other connections to the same database and search_path, read the curves meanwhile, in the
-    same snapshot (so the scans of trial_metrics run side by side with each other and with the parsing of the
-    trials). The trials come back as a TrialTable (columns; records on demand)."""
+    """Read trials (each with the summary of its curve the trials projection keeps), the mean learning curves and
+    the sn_comparison rows in one repeatable-read snapshot. Not `live`: the connection's search_path starts with a
+    schema written by `sntrack replay trials --until`, which holds trials and trial_metrics only; the summaries then
+    come from its trials, and neither the live sn_comparison nor the journal is read. `curves=False` leaves the
+    learning curves out (a scan of every epoch of every trial in scope; only JSON and the figure show them). A
+    helper, another connection to the same database and search_path, reads the curves meanwhile, in the same
+    snapshot. The trials come back as a TrialTable (columns; records on demand)."""
     scope = (model_run_id, dataset)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(_NO_JIT)
-        side = await _side_reads(conn, helpers, scope) if helpers else []
+        side = await _side_read(conn, helpers[0], scope) if curves and helpers else None
         try:
             rows = await conn.fetch(queries.REPORT_TRIALS, *scope)
             with paused_gc():
                 columns = _trial_columns(rows)
             journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
-            curve_rows = await _curve_rows(conn, side, scope)
-        finally:  # an unknown scope: the side reads stop, and their connections are free again when this returns
-            for task in side:
-                task.cancel()
-            await asyncio.gather(*side, return_exceptions=True)
+            if side is not None:
+                curve_rows = await side
+            else:
+                curve_rows = await conn.fetch(queries.REPORT_CURVES, *scope) if curves else []
+        finally:  # an unknown scope: the side read stops, and its connection is free again when this returns
+            if side is not None:
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
         aggregates = None
         if dataset is None and live:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     with paused_gc():
-        convergence, sigmas = (dict(curve_rows[q]) for q in (queries.REPORT_CONVERGENCE, queries.REPORT_LAST_SIGMAS))
-        columns["epochs_to_95"] = list(map(convergence.get, columns["id"]))
-        columns["sigmas"] = _json_list(list(map(sigmas.get, columns["id"])))
         trials = TrialTable(columns, TrialRecord)
     points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"])
-              for r in curve_rows[queries.REPORT_CURVES]]
+              for r in curve_rows]
     return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
 
 
@@ -249,7 +240,10 @@ def _best(c: Columns, mask: np.ndarray) -> dict:
             best = max(found.tolist(), key=lambda i: (c.trials[i].val, c.ids[i]))
         else:
             best = max(found[values == values.max()].tolist(), key=c.ids.__getitem__)
-    return {"trial_id": None if best is None else c.ids[best], METRIC: None if best is None else c.trials[best].val}
+    if best is None:
+        return {"trial_id": None, METRIC: None}
+    value = c.val[best]  # the records are made only for a NaN (a missing value), as above
+    return {"trial_id": c.ids[best], METRIC: float(value) if value == value else c.trials[best].val}
 
 
 def complete_pairs(trials: Sequence[TrialRecord]) -> tuple[list[tuple[TrialRecord, TrialRecord]], int]:

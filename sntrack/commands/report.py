@@ -14,7 +14,7 @@ from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
-SIDE_READERS = 3  # connections that read the curves beside the one that reads the trials (consumers.report.report.load)
+SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.report.load)
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
@@ -84,8 +84,16 @@ async def _use_schema(conn, schema: str) -> None:
     if len(found) < 3:
         raise ConfigurationError(f"--schema {schema!r} holds no past state of trials; write one with `sntrack replay "
                                  f"trials --until TIME --into {schema}`")
+    if not await conn.fetchval(SUMMARIZED, schema):
+        raise ConfigurationError(f"--schema {schema!r} was written by an older sntrack, without the trials' curve "
+                                 "summaries; write a new past state with `sntrack replay trials --until TIME --into "
+                                 "NEW_SCHEMA`")
     path = await conn.fetchval("SELECT current_setting('search_path')")
     await conn.execute("SELECT set_config('search_path', $1, false)", f"{_quoted(schema)}, {path}")
+
+
+SUMMARIZED = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 "
+              "AND table_name = 'trials' AND column_name = 'epochs_to_95')")
 
 
 def _quoted(name: str) -> str:
@@ -109,14 +117,17 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.report import UnknownScope, build_report, load
 
-    pool = await read_pool(settings, min_size=1 + SIDE_READERS, max_size=1 + SIDE_READERS)  # connected at once
+    curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
+    size = 1 + SIDE_READERS if curves else 1
+    pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
     try:
         async with AsyncExitStack() as stack:
-            conn, *helpers = [await stack.enter_async_context(pool.acquire()) for _ in range(1 + SIDE_READERS)]
+            conn, *helpers = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
             if args.schema is not None:
                 for each in (conn, *helpers):
                     await _use_schema(each, args.schema)
-            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None, helpers=helpers)
+            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None, curves=curves,
+                              helpers=helpers)
     except UnknownScope as exc:
         raise ConfigurationError(str(exc)) from None
     finally:
