@@ -124,9 +124,15 @@ def _report(r: dict) -> list[str]:
             f"| `sntrack report`, a fresh process, end to end (median of {len(r['cli_samples_s'])}: "
             f"{', '.join(map(str, r['cli_samples_s']))}) | {r['cli_s']} | ≤ {r['target_s']} s |",
             f"| of which interpreter start and imports (`python -c 'import …'`) | {r['interpreter_and_imports_s']} | |",
+            f"| of which importing scipy.stats beyond scipy.special (in a thread, beside the reads) | "
+            f"{r['scipy_stats_over_special_s']} | |",
             f"| in process: connect, load, build, render | {r['in_process_s']} | |",
-            f"| load: 4 queries in one snapshot ({r['side_readers']} of them on side connections, side by side) + "
-            f"parsing | {r['load_s']} | |",
+            f"| load: the trials with their curve summaries, the comparison rows, in one snapshot + parsing | "
+            f"{r['load_s']} | |",
+            f"| `sntrack report --format json`, a fresh process (it adds the mean learning curves, a scan of every "
+            f"epoch; median of {len(r['cli_json_samples_s'])}: {', '.join(map(str, r['cli_json_samples_s']))}) | "
+            f"{r['cli_json_s']} | |",
+            f"| its load, the curves read on {r['side_readers']} side connection | {r['load_with_curves_s']} | |",
             f"| the same load on one connection, the queries in turn | {r['load_one_connection_s']} | |",
             f"| build_report after load | {r['build_s']} | |",
             f"| baseline: build_report from data already in memory | {r['in_memory_build_s']} | |",

@@ -24,7 +24,7 @@ import asyncpg
 
 from common.postgres import create_database, drop_database
 from common.urls import with_path
-from consumers.persistence import migrate
+from consumers.persistence import migrate, migration_files
 from consumers.report import queries
 from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
 from consumers.report.render import render_table
@@ -86,16 +86,16 @@ async def _timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def _cli(url: str, tries: int = 5) -> float:
+def _cli(url: str, *options: str, tries: int = 5) -> float:
     """One `sntrack report` as a user runs it, in seconds; retried when the shared server is out of connections
     (other work on this machine), which is not the report's time."""
     env = {**os.environ, "SNTRACK_DATABASE_URL": url}
     for _ in range(tries):
         started = time.perf_counter()
-        out = subprocess.run([sys.executable, "-m", "sntrack", "report"], env=env, capture_output=True, text=True,
-                             timeout=300)
+        out = subprocess.run([sys.executable, "-m", "sntrack", "report", *options], env=env, capture_output=True,
+                             text=True, timeout=300)
         elapsed = time.perf_counter() - started
-        if out.returncode == 0 and "verdict:" in out.stdout:
+        if out.returncode == 0 and "verdict" in out.stdout:
             return elapsed
         if "too many clients" not in out.stderr:
             break
@@ -103,11 +103,17 @@ def _cli(url: str, tries: int = 5) -> float:
     raise RuntimeError(f"sntrack report failed: {out.stderr[-500:]}")
 
 
-def _interpreter_and_imports() -> float:
+def _python(code: str) -> float:
+    """Seconds for a fresh interpreter to run `code`."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import consumers.report.report, consumers.report.plot, "
-                    "sntrack.cli"], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     return time.perf_counter() - started
+
+
+IMPORTS = "import consumers.report.report, consumers.report.plot, sntrack.cli"
+# The statistics' dependency, imported in a thread while the database is read: what scipy.stats adds to
+# scipy.special (the special functions alone), a floor of the end-to-end figure.
+SCIPY_SPECIAL, SCIPY_STATS = "import numpy, scipy.special", "import numpy, scipy.special, scipy.stats"
 
 
 async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
@@ -115,7 +121,7 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
     REPEATS)."""
     out = {}
     await conn.execute("SET jit = off")
-    for name in ("REPORT_TRIALS", "REPORT_CURVES", "REPORT_CONVERGENCE", "REPORT_LAST_SIGMAS"):
+    for name in ("REPORT_TRIALS", "REPORT_CURVES"):
         samples = []
         for _ in range(REPEATS):
             started = time.perf_counter()
@@ -125,12 +131,12 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
     return out
 
 
-async def _load(url: str, side_readers: int):
-    """`load` as `sntrack report` runs it: connect, then read with `side_readers` helper connections (0: the one
-    connection reads everything in turn)."""
+async def _load(url: str, side_readers: int, curves: bool):
+    """`load` as `sntrack report` runs it: connect, then read, the curves (`--format json`, `--plot`) with
+    `side_readers` helper connections (0: the one connection reads everything in turn)."""
     connections = await asyncio.gather(*(asyncpg.connect(url) for _ in range(1 + side_readers)))
     try:
-        return await load(connections[0], helpers=connections[1:])
+        return await load(connections[0], curves=curves, helpers=connections[1:])
     finally:
         await asyncio.gather(*(c.close() for c in connections))
 
@@ -146,6 +152,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
             await conn.execute("SELECT setseed(0.42)")
             await conn.execute(FILL_TRIALS, trials, EPOCHS)
             await conn.execute(FILL_CURVES, EPOCHS)
+            summaries = dict(migration_files())["013_trial_summary.sql"]  # as the trials projection keeps them
+            await conn.execute(summaries[summaries.index("UPDATE trials"):])
             await conn.execute(f"INSERT INTO sn_comparison ({', '.join(COMPARISON_COLUMNS)}) "
                                f"SELECT {', '.join(COMPARISON_COLUMNS)} FROM ({COMPARISON_FROM_TRIALS}) AS derived")
             await conn.execute("VACUUM ANALYZE trials")
@@ -159,11 +167,16 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
 
         load_before = round(os.getloadavg()[0], 2)
         cli = [await asyncio.to_thread(_cli, scratch_url) for _ in range(REPEATS)]
-        imports = [await asyncio.to_thread(_interpreter_and_imports) for _ in range(REPEATS)]
-        load_s, one_connection_s, build_s, render_s, in_memory_s = [], [], [], [], []
+        cli_json = [await asyncio.to_thread(_cli, scratch_url, "--format", "json") for _ in range(REPEATS)]
+        imports, special, scipy_stats = [], [], []
         for _ in range(REPEATS):
-            one_connection_s.append((await _timed(lambda: _load(scratch_url, 0)))[0])
-            elapsed, data = await _timed(lambda: _load(scratch_url, SIDE_READERS))
+            for samples, code in ((imports, IMPORTS), (special, SCIPY_SPECIAL), (scipy_stats, SCIPY_STATS)):
+                samples.append(await asyncio.to_thread(_python, code))
+        load_s, curves_s, one_connection_s, build_s, render_s, in_memory_s = [], [], [], [], [], []
+        for _ in range(REPEATS):
+            one_connection_s.append((await _timed(lambda: _load(scratch_url, 0, True)))[0])
+            curves_s.append((await _timed(lambda: _load(scratch_url, SIDE_READERS, True)))[0])
+            elapsed, data = await _timed(lambda: _load(scratch_url, 0, False))
             load_s.append(elapsed)
             started = time.perf_counter()
             report = build_report(data)
@@ -183,9 +196,12 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         "design": report["design"]["primary"], "pairs": report["tests"]["paired"]["n_pairs"],
         "verdict": report["verdict"]["outcome"],
         "cli_s": _median(cli), "cli_samples_s": [round(s, 3) for s in cli],
+        "cli_json_s": _median(cli_json), "cli_json_samples_s": [round(s, 3) for s in cli_json],
         "interpreter_and_imports_s": _median(imports),
+        "scipy_stats_over_special_s": round(_median(scipy_stats) - _median(special), 3),
         "in_process_s": _median(in_process), "load_s": _median(load_s), "side_readers": SIDE_READERS,
-        "load_one_connection_s": _median(one_connection_s), "build_s": _median(build_s),
+        "load_with_curves_s": _median(curves_s), "load_one_connection_s": _median(one_connection_s),
+        "build_s": _median(build_s),
         "render_s": _median(render_s), "in_memory_build_s": _median(in_memory_s),
         "query_ms": query_ms, "target_s": TARGET_S, "target_met": _median(cli) <= TARGET_S,
         "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),

@@ -167,6 +167,20 @@ _RECORD = f"""WITH {_BATCH}, {_GONE}, new AS (
 )"""
 RECORD_APPLIED = f"{_RECORD}\n{_ROWS}"
 RECORD_AND_NOTIFY = f"{_RECORD}, {_NOTICE}\n{_ROWS}\n{_SEND}"
+
+# "on" while `sntrack replay` writes a projection's shadow tables (consumers/replay.py), their only writer.
+WRITING_SHADOW = "sntrack.writing_shadow"
+# Projection.locks_trials: the bookkeeping statement also takes each of the batch's trials' advisory lock (the
+# two-key form: the MLflow consumer's one-key locks are other keys), in trial order so that two daemons' batches
+# never deadlock over them, and none while a replay writes its shadow. PostgreSQL evaluates a volatile function in
+# the select list after the ORDER BY's sort.
+TRIAL_LOCK_CLASS = 1936618612  # b"sntt"
+_LOCKS = f"""locks AS (
+    SELECT pg_advisory_xact_lock({TRIAL_LOCK_CLASS}, hashtext(trial_id)) FROM (SELECT DISTINCT trial_id FROM batch) t
+    WHERE current_setting('{WRITING_SHADOW}', true) IS DISTINCT FROM 'on' ORDER BY trial_id COLLATE "C"
+)"""
+RECORD_LOCK_AND_NOTIFY = (f"{_RECORD}, {_NOTICE}, {_LOCKS}\n{_ROWS} WHERE (SELECT count(*) FROM locks) >= 0\n"
+                          f"{_SEND}")
 # A projection that dedupes itself (Projection.dedupes_itself: the journal) records nothing, but its transaction
 # takes, as a recording INSERT would, applied_events' ROW EXCLUSIVE lock, so that studies.hard_delete orders it
 # the same way, and a transaction id before its first write (replay's fence: consumers.replay._catch_up). Every
@@ -217,7 +231,8 @@ async def apply_events(conn: asyncpg.Connection, projection: Projection, events:
 
     The statement that records them also sends the NOTIFY naming the trials they changed, delivered only if the
     transaction commits (tests/test_dashboard.py::test_projections_notify_only_when_their_transaction_commits)."""
-    sql = HOLD_AND_NOTIFY if projection.dedupes_itself else RECORD_AND_NOTIFY
+    sql = (HOLD_AND_NOTIFY if projection.dedupes_itself
+           else RECORD_LOCK_AND_NOTIFY if projection.locks_trials else RECORD_AND_NOTIFY)
     new_events = await _fresh(conn, sql, projection.name, events)
     mark("recorded")
     await run_statements(conn, (s for e in new_events for s in projection.project(e)))

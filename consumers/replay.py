@@ -35,13 +35,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import structlog
 
 from consumers.bulk import journal_kinds, project_journal, supports
-from consumers.persistence import apply_events
-from consumers.projections.base import WRITING_SHADOW, Projection
+from consumers.persistence import WRITING_SHADOW, apply_events
+from consumers.projections.base import Projection
 from schemas.upcasting import read_stored
 
 PAGE = 2000
+log = structlog.get_logger("sntrack.replay")
 LOCK_TIMEOUT = "100ms"  # a swap waits this long for its locks, then lets the live consumer go on and retries
 SWAP_ATTEMPTS = 100
 CATCH_UP_ROUNDS = 5
@@ -111,12 +113,34 @@ async def replay(
                 with contextlib.suppress(Exception):
                     await writer.execute(f"DROP SCHEMA IF EXISTS {_ident(shadow)} CASCADE")
                 raise
-            # No CASCADE on the retired tables: an object still depending on them must fail loudly, not vanish.
-            await writer.execute(f"DROP TABLE {', '.join(f'{_ident(retired)}.{_ident(t)}' for t in projection.tables)}")
-            await writer.execute(f"DROP SCHEMA {_ident(retired)}; DROP SCHEMA {_ident(shadow)} CASCADE")
+            if not await _drop_retired(writer, projection, retired):
+                log.warning("readers kept the swapped-out tables locked; the next rebuild drops them",
+                            schema=retired)
+            await writer.execute(f"DROP SCHEMA {_ident(shadow)} CASCADE")
         finally:
             await writer.execute("SELECT pg_advisory_unlock(hashtext($1))", f"sntrack.replay.{shadow}")
     return ReplayResult(done, time.perf_counter() - started, live, held, set_based)
+
+
+async def _drop_retired(conn: asyncpg.Connection, projection: Projection, retired: str,
+                        attempts: int = SWAP_ATTEMPTS) -> bool:
+    """Drop the swapped-out tables and their schema; False when readers kept them locked for all `attempts`.
+
+    A reader that resolved the live names just before the swap can hold one retired table while it waits for the
+    other: a DROP waiting for it would deadlock with it, so the DROP waits LOCK_TIMEOUT, then lets it finish and
+    tries again. The rebuilt tables are live either way; the next rebuild removes retired tables left behind
+    (tests/test_replay_live.py::test_retired_tables_a_reader_holds_are_dropped_once_it_lets_go)."""
+    tables = ", ".join(f"{_ident(retired)}.{_ident(t)}" for t in projection.tables)
+    for attempt in range(attempts):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                # No CASCADE on the retired tables: an object still depending on them must fail loudly, not vanish.
+                await conn.execute(f"DROP TABLE {tables}; DROP SCHEMA {_ident(retired)}")
+            return True
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError):
+            await asyncio.sleep(random.uniform(0.05, 0.05 * min(attempt + 1, 10)))
+    return False
 
 
 async def _build(reader: asyncpg.Connection, writer: asyncpg.Connection, projection: Projection, live: str,

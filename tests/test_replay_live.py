@@ -11,7 +11,7 @@ import pytest
 
 from consumers.persistence import Store, apply_events
 from consumers.registry import PROJECTIONS
-from consumers.replay import ReplayAborted, replay
+from consumers.replay import ReplayAborted, _drop_retired, replay
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from tests.conftest import wait_until
@@ -311,3 +311,20 @@ async def test_report_schema_names_replay_could_not_have_written_are_one_line(en
         assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, (schema, run.stderr[-2000:])
         assert "--schema" in run.stderr
     assert await env.fetchval("SELECT count(*) FROM events") == 0  # still there
+
+
+async def test_retired_tables_a_reader_holds_are_dropped_once_it_lets_go(env):
+    """After a swap, a reader may still hold a retired table: the drop gives way (no deadlock, no error) and
+    succeeds once the reader is done; the next rebuild would remove what is left."""
+    conn, reader = await env.db(), await env.db()
+    try:
+        await conn.execute("CREATE SCHEMA sntrack_retired_trials; CREATE TABLE sntrack_retired_trials.trials (id text);"
+                           "CREATE TABLE sntrack_retired_trials.trial_metrics (id text)")
+        async with reader.transaction():
+            await reader.fetch("SELECT * FROM sntrack_retired_trials.trials")  # holds ACCESS SHARE until it ends
+            assert not await _drop_retired(conn, PROJECTIONS["trials"], "sntrack_retired_trials", attempts=3)
+        assert await _drop_retired(conn, PROJECTIONS["trials"], "sntrack_retired_trials", attempts=3)
+        assert not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = 'sntrack_retired_trials'")
+    finally:
+        await conn.close()
+        await reader.close()

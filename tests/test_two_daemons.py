@@ -7,8 +7,9 @@ import asyncio
 import json
 import signal
 
+from consumers.persistence import TRIAL_LOCK_CLASS, apply_events
 from consumers.projections.sn_comparison import OVERALL
-from consumers.projections.trials import LOCK_TRIAL, TRIAL_LOCK_CLASS
+from consumers.registry import PROJECTIONS
 from consumers.replay import _use as use_schemas
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -115,20 +116,21 @@ async def assert_live_equals_replay(env) -> None:
     assert [tuple(r) for r in await env.fetch(SN_ROWS)] == live_comparison
 
 
-async def test_a_replay_writing_its_shadow_takes_no_trial_lock(env):
-    """The trials projection's per-trial lock serializes live writers; a replay writing its shadow tables, their
-    only writer, skips it, so it never waits for, nor deadlocks with, the live daemons over a trial."""
+async def test_a_batch_locks_its_trials_but_not_while_a_replay_writes_its_shadow(env):
+    """The trials projection's per-trial locks serialize live writers; a replay writing its shadow tables, their
+    only writer, takes none, so it never waits for, nor deadlocks with, the live daemons over a trial."""
     held = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
             "AND classid = $1::bigint::oid")
+    study = synthetic_study(3, 2, seed=4, producer=producer_info(), model_run_id="locks")
     conn = await env.db()
     try:
         async with conn.transaction():
-            await conn.execute(LOCK_TRIAL, "t1")
+            await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
             live = await conn.fetchval(held, TRIAL_LOCK_CLASS)
         async with conn.transaction():
-            await use_schemas(conn, "sntrack_rebuild_trials", "public")
-            await conn.execute(LOCK_TRIAL, "t1")
+            await use_schemas(conn, "sntrack_rebuild_trials", "public")  # no such schema: the tables are public's
+            await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
             shadow = await conn.fetchval(held, TRIAL_LOCK_CLASS)
     finally:
         await conn.close()
-    assert (live, shadow) == (1, 0)
+    assert (live, shadow) == (3, 0)

@@ -28,11 +28,6 @@ def jsonb(value: object) -> str:
     return to_json(value).decode()
 
 
-# "on" while `sntrack replay` writes a projection's shadow tables (consumers/replay.py), which no other writer touches:
-# a projection's statements may then skip locks that only serialize it with other writers of the live tables.
-WRITING_SHADOW = "sntrack.writing_shadow"
-
-
 class Statement(NamedTuple):
     sql: str
     args: tuple
@@ -48,6 +43,11 @@ class Projection(ABC):
     # applied_events row for it, only leaving out the events of a study removed for good. Only the journal sets it:
     # lag (consumers/lag.py) and replay read a projection's progress from those rows.
     dedupes_itself: bool = False
+    # Its writes to a trial read other rows of that trial (trials: the summary of a stopped trial's curve): two
+    # daemons applying batches at once would each miss the other's uncommitted write. The bookkeeping statement then
+    # first takes the lock of every trial of the batch, and the statements after it see what the previous holder
+    # committed (persistence.RECORD_LOCK_AND_NOTIFY; tests/test_two_daemons.py).
+    locks_trials: bool = False
     # Event types `project` applies idempotently: applying one again is a no-op whatever was applied in between.
     # Their applied_events rows are pruned once the journal holds the event (consumers/pruning.py).
     idempotent_types: frozenset[str] = frozenset()

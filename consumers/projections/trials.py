@@ -10,7 +10,7 @@ _last_sigmas), which a late metric updates.
 
 from __future__ import annotations
 
-from consumers.projections.base import WRITING_SHADOW, Projection, Statement, jsonb
+from consumers.projections.base import Projection, Statement, jsonb
 from consumers.topology import QueueSpec
 from schemas import Event, RunMetric, RunStarted, RunStopped
 from schemas.topology import RUN_METRIC, RUN_START, RUN_STOP
@@ -75,15 +75,6 @@ RETURNING m.epoch, m.val_accuracy, m.spectral_norms
 UPDATE trials t SET epochs_to_95 = {_epochs_to_95("curve", "t.metrics")}, last_sigmas = {_last_sigmas("curve")}
 WHERE t.id = $1 AND t.finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM up)
 """
-
-# Two writers of one trial at once (two daemons on one queue) would each compute its summary without the other's
-# uncommitted write. So every event first takes its trial's lock, in a statement of its own (the batch's first
-# statement group, persistence.run_statements), and the statements after it see whatever the previous holder
-# committed (tests/test_two_daemons.py). The two-key form: the keys of the MLflow consumer's one-key locks differ.
-# A replay writing its shadow tables, their only writer, takes none: it would share the live writers' locks.
-TRIAL_LOCK_CLASS = 1936618612  # b"sntt"
-LOCK_TRIAL = (f"SELECT pg_advisory_xact_lock({TRIAL_LOCK_CLASS}, hashtext($1)) "
-              f"WHERE current_setting('{WRITING_SHADOW}', true) IS DISTINCT FROM 'on'")
 
 # A trial can have two stops: its worker made its stop durable and was killed before telling Optuna, and another
 # worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order,
@@ -195,9 +186,9 @@ class TrialsProjection(Projection):
     # UPSERT_CURVE keeps the highest seq and leaves a tie alone: a metric applied again changes nothing, whatever
     # came between. A start is not (the last one applied sets the configuration), so its row is kept.
     idempotent_types = frozenset({RUN_METRIC})
+    locks_trials = True  # a stop and a late metric read the trial's curve and outcome
 
     def project(self, event: Event):
-        yield Statement(LOCK_TRIAL, (event.trial_id,))
         match event:
             case RunStarted(payload=p):
                 yield Statement(UPSERT_START, (
