@@ -132,11 +132,11 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
 
 
 async def _load(url: str, side_readers: int, curves: bool):
-    """`load` as `sntrack report` runs it: connect, then read, the curves (`--format json`, `--plot`) with
+    """`load` as `sntrack report` runs it: connect, then read, the curves (`--format json` or `csv`, `--plot`) with
     `side_readers` helper connections (0: the one connection reads everything in turn)."""
     connections = await asyncio.gather(*(asyncpg.connect(url) for _ in range(1 + side_readers)))
     try:
-        return await load(connections[0], curves=curves, helpers=connections[1:])
+        return await load(connections[0], curves=curves, helper=connections[1] if side_readers else None)
     finally:
         await asyncio.gather(*(c.close() for c in connections))
 

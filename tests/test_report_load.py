@@ -1,5 +1,5 @@
 """How the report loads: the trials as columns (a TrialTable) give the report the records give, and the curves read
-on helper connections come from the loading connection's snapshot, whatever commits meanwhile."""
+on a helper connection come from the loading connection's snapshot, whatever commits meanwhile."""
 
 from __future__ import annotations
 
@@ -54,17 +54,17 @@ def _seen(data: ComparisonData) -> tuple:
 
 async def test_side_readers_read_the_snapshot_of_the_loading_connection(env):
     study = synthetic_study(12, 4, seed=3, producer=producer_info(), model_run_id="loaded", paired=True)
-    conn, writer, *helpers = [await env.db() for _ in range(5)]
+    conn, writer, helper = [await env.db() for _ in range(3)]
     try:
         await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
         before = await load(conn, "loaded")
-        side = [_WritesBeforeItsFirstRead(helpers[0], writer), *helpers[1:]]
-        during = await load(conn, "loaded", helpers=side)
-        after = await load(conn, "loaded", helpers=helpers)
+        side = _WritesBeforeItsFirstRead(helper, writer)
+        during = await load(conn, "loaded", helper=side)
+        after = await load(conn, "loaded", helper=helper)
     finally:
-        for each in (conn, writer, *helpers):
+        for each in (conn, writer, helper):
             await each.close()
-    assert side[0].written
+    assert side.written
     assert _seen(during) == _seen(before)
     assert _seen(after) != _seen(before) and len(after.trials) == len(before.trials) + 1
 

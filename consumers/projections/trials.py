@@ -53,6 +53,9 @@ def _last_sigmas(curve: str) -> str:
     return f"(SELECT c.spectral_norms FROM {curve} c ORDER BY c.epoch DESC LIMIT 1)"
 
 
+_CURVE_OF_1 = "(SELECT epoch, val_accuracy, spectral_norms FROM trial_metrics WHERE trial_id = $1)"  # the stop's
+
+
 # The metric, then the summary of its trial if the trial has stopped and the metric changed its curve. The statement
 # sees trial_metrics as it was before the upsert: its curve is that, with the upserted row in place of its epoch.
 UPSERT_CURVE = f"""
@@ -80,7 +83,6 @@ WHERE t.id = $1 AND t.finished_at IS NOT NULL AND EXISTS (SELECT 1 FROM up)
 # worker then reported it lost (worker_lost, a higher seq). The stop with the highest seq wins whatever the order,
 # its flag included: a start applied after a stop keeps the stop's flag (UPSERT_START), so a stop whose flag differs
 # from its start's gives the same row in any order.
-_CURVE_OF_1 = "(SELECT epoch, val_accuracy, spectral_norms FROM trial_metrics WHERE trial_id = $1)"
 _STOP_WINS = "(t.finished_at IS NULL OR EXCLUDED.last_seq >= t.last_seq)"
 _STOP_COLUMNS = ",\n".join(
     f"    {column} = CASE WHEN {_STOP_WINS} THEN EXCLUDED.{column} ELSE t.{column} END"

@@ -148,18 +148,18 @@ async def _side_read(conn: asyncpg.Connection, helper: asyncpg.Connection, scope
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
                dataset: str | None = None, *, live: bool = True, curves: bool = True,
-               helpers: Sequence[asyncpg.Connection] = ()) -> ComparisonData:
+               helper: asyncpg.Connection | None = None) -> ComparisonData:
     """Read trials (each with the summary of its curve the trials projection keeps), the mean learning curves and
     the sn_comparison rows in one repeatable-read snapshot. Not `live`: the connection's search_path starts with a
     schema written by `sntrack replay trials --until`, which holds trials and trial_metrics only; the summaries then
     come from its trials, and neither the live sn_comparison nor the journal is read. `curves=False` leaves the
-    learning curves out (a scan of every epoch of every trial in scope; only JSON and the figure show them). A
-    helper, another connection to the same database and search_path, reads the curves meanwhile, in the same
+    learning curves out (a scan of every epoch of every trial in scope; only JSON, CSV and the figure show them).
+    `helper`, another connection to the same database and search_path, reads the curves meanwhile, in the same
     snapshot. The trials come back as a TrialTable (columns; records on demand)."""
     scope = (model_run_id, dataset)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(_NO_JIT)
-        side = await _side_read(conn, helpers[0], scope) if curves and helpers else None
+        side = await _side_read(conn, helper, scope) if curves and helper is not None else None
         try:
             rows = await conn.fetch(queries.REPORT_TRIALS, *scope)
             with paused_gc():

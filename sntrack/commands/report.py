@@ -122,12 +122,12 @@ async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
     pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
     try:
         async with AsyncExitStack() as stack:
-            conn, *helpers = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
+            connections = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
             if args.schema is not None:
-                for each in (conn, *helpers):
+                for each in connections:
                     await _use_schema(each, args.schema)
-            data = await load(conn, args.model_run_id, args.dataset, live=args.schema is None, curves=curves,
-                              helpers=helpers)
+            data = await load(connections[0], args.model_run_id, args.dataset, live=args.schema is None,
+                              curves=curves, helper=connections[1] if curves else None)
     except UnknownScope as exc:
         raise ConfigurationError(str(exc)) from None
     finally:
