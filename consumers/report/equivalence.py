@@ -139,12 +139,14 @@ class BayesSignedRank:
     samples: int = 0
 
 
-def _half_sum(cumulative: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """0.5 · (cumulative[:, first] + cumulative[:, second]): one gather where no value ties a bound, so that both
-    cuts are equal (0.5 · (x + x) is x exactly)."""
+def _weighted_mass(weights: np.ndarray, cumulative: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per draw, Σ_i w_i · 0.5 · (cumulative[first_i] + cumulative[second_i]): one gather where no value ties a
+    bound (both cuts are then equal), and row dot products rather than temporaries the size of the draws."""
+    def dot(cut: np.ndarray) -> np.ndarray:
+        return np.einsum("ij,ij->i", weights, np.take(cumulative, cut, axis=1))
     if np.array_equal(first, second):
-        return cumulative[:, first]
-    return 0.5 * (cumulative[:, first] + cumulative[:, second])
+        return dot(first)
+    return 0.5 * (dot(first) + dot(second))
 
 
 def bayes_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, *, seed: int = 0,
@@ -174,11 +176,10 @@ def bayes_signed_rank(a: Sequence[float], b: Sequence[float], rope: float, *, se
         cumulative = np.empty((len(weights), n + 1))
         cumulative[:, 0] = 0
         np.cumsum(weights, axis=1, out=cumulative[:, 1:])
-        total = cumulative[:, -1:]
-        better_j = total - _half_sum(cumulative, cuts["above_right"], cuts["above_left"])
-        worse_j = _half_sum(cumulative, cuts["below_left"], cuts["below_right"])
-        better = np.sum(weights * better_j, axis=1)
-        worse = np.sum(weights * worse_j, axis=1)
+        total = cumulative[:, -1]
+        # Σ_i w_i (total − mass at or below i's cut) = total² − Σ_i w_i · mass below the cut
+        better = total * total - _weighted_mass(weights, cumulative, cuts["above_right"], cuts["above_left"])
+        worse = _weighted_mass(weights, cumulative, cuts["below_left"], cuts["below_right"])
         regions = np.stack([better, 1 - better - worse, worse], axis=1)
         counts += np.bincount(np.argmax(regions, axis=1), minlength=3)
     winners = counts / draws
