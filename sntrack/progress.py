@@ -9,10 +9,12 @@ import shutil
 import sys
 import threading
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
+# tqdm is imported where a bar is made, not with the logging every command configures (~20 ms of each start).
 _active: list[tuple[tqdm, IO[str]]] = []  # bars drawn now, with the stream each draws on
 _lock = threading.Lock()
 
@@ -21,7 +23,9 @@ def write_line(line: str, stream: IO[str]) -> None:
     """Print `line` to `stream`; above the bar when one is drawn on that stream."""
     with _lock:
         drawn = any(drawn_on is stream for _, drawn_on in _active)
-    if drawn:
+    if drawn:  # a bar was made: tqdm is loaded
+        from tqdm import tqdm
+
         tqdm.write(line, file=stream)
     else:
         stream.write(line + "\n")
@@ -32,6 +36,8 @@ class Progress:
     """`update(done, total)` with absolute figures, as replay and publishing report them."""
 
     def __init__(self, label: str, unit: str = "items", stream: IO[str] | None = None, total: int | None = None):
+        from tqdm import tqdm
+
         self.stream = stream or sys.stderr
         size = shutil.get_terminal_size((100, 24))  # a pty of unknown size (0×0) would hide the bar
         self.bar = tqdm(desc=label, unit=f" {unit}", total=total, file=self.stream,
