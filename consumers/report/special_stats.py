@@ -253,7 +253,8 @@ def levene_median(*samples: ArrayLike) -> Result:
     grand_mean = sum(n * m for n, m in zip(sizes, group_means, strict=True)) / total
     dfd = total - len(arrays)
     dfn = len(arrays) - 1.0
-    numerator = dfd * sum(n * (m - grand_mean) ** 2 for n, m in zip(sizes, group_means, strict=True))
+    # np.square as scipy's `** 2` of 1-element arrays: a scalar's `** 2` calls pow, which may round differently.
+    numerator = dfd * sum(n * np.square(m - grand_mean) for n, m in zip(sizes, group_means, strict=True))
     denominator = dfn * sum(np.sum((z - m) ** 2) for z, m in zip(deviations, group_means, strict=True))
     if denominator == 0:  # every sample constant: scipy's W is 0/0
         return _delegated(stats.levene(*samples, center="median"))
