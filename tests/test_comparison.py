@@ -20,7 +20,8 @@ from consumers.projections.sn_comparison import OVERALL
 from consumers.registry import PROJECTIONS
 from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
 from consumers.report.render import RENDERERS, arm_rows, finding_lines, flatten
-from consumers.report.report import REPORT_VERSION, ComparisonData, TrialRecord, build_report, load
+from consumers.report.report import REPORT_VERSION, build_report
+from consumers.report.snapshot import ComparisonData, TrialRecord, load
 from consumers.service import running_consumers
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
@@ -410,7 +411,7 @@ def test_plot_bands_stay_in_range_and_the_title_names_scope_and_n(tmp_path):
     from matplotlib import pyplot as plt
 
     from consumers.report import plot
-    from consumers.report.report import CurvePoint
+    from consumers.report.snapshot import CurvePoint
 
     rng = random.Random(10)
     trials = [t for i in range(12) for t in _pair(i, rng, lambda hp: 0.01 if hp["lr"] > 0.01 else 0.0)]

@@ -14,8 +14,9 @@ import pytest
 
 from consumers.report import explore, manipulation
 from consumers.report.columns import Columns, floats
-from consumers.report.lazy_stats import prefetch, stats
-from consumers.report.report import TrialRecord, complete_pairs
+from consumers.report.lazy_stats import import_in_background, stats
+from consumers.report.report import complete_pairs
+from consumers.report.snapshot import TrialRecord
 
 
 def _pairs_by_definition(trials):
@@ -162,7 +163,7 @@ def test_a_parameter_varies_when_its_values_print_differently(values, varies):
 
 
 def test_scipy_stats_is_the_lazy_stats_module_once_imported():
-    prefetch().join()
+    import_in_background("scipy.stats").join()
     import scipy.stats
 
     assert stats.t is scipy.stats.t and stats.wilcoxon is scipy.stats.wilcoxon

@@ -3,7 +3,8 @@ arrays drop trailing NULs, so ids "a" and "a\\x00" tied and the other link of a 
 
 from __future__ import annotations
 
-from consumers.report.report import ComparisonData, TrialRecord, build_report, complete_pairs
+from consumers.report.report import build_report, complete_pairs
+from consumers.report.snapshot import ComparisonData, TrialRecord
 
 
 def _trial(tid: str, sn: bool, val: float, paired_with: str | None) -> TrialRecord:

@@ -19,13 +19,31 @@ from schemas.events import ALL_SEARCHES
 HEAVY = ("numpy", "scipy", "statsmodels", "matplotlib")
 
 
-def _imported(*args: str, env: dict | None = None) -> set[str]:
-    """The top-level packages a fresh `python -X importtime -m sntrack …` imported."""
+def _modules(*args: str, env: dict | None = None) -> set[str]:
+    """The modules a fresh `python -X importtime -m sntrack …` imported."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "sntrack", *args], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
-    return {name.split(".")[0] for name in lines}
+    return {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+
+
+def _imported(*args: str, env: dict | None = None) -> set[str]:
+    """The top-level packages a fresh `python -X importtime -m sntrack …` imported."""
+    return {name.split(".")[0] for name in _modules(*args, env=env)}
+
+
+async def _recorded(env, search: str, trials: int, epochs: int, seed: int) -> dict:
+    """A paired synthetic study recorded by the journal, trials and comparison projections; the environment a
+    `sntrack report` on it needs."""
+    events = [e for trial in synthetic_study(trials, epochs, seed=seed, producer=producer_info(),
+                                             model_run_id=search, paired=True) for e in trial]
+    conn = await env.db()
+    try:
+        for name in ("journal", "trials", "comparison"):
+            await apply_events(conn, PROJECTIONS[name], events)
+    finally:
+        await conn.close()
+    return {**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url}
 
 
 def test_report_help_loads_no_statistics_or_plotting_package():
@@ -39,15 +57,16 @@ def test_the_report_names_the_overall_row_as_the_contract_does():
 
 
 async def test_a_report_without_a_plot_loads_no_matplotlib_and_no_event_models(env):
-    events = [e for trial in synthetic_study(30, 5, seed=31, producer=producer_info(), model_run_id="paired",
-                                             paired=True) for e in trial]
-    conn = await env.db()
-    try:
-        for name in ("journal", "trials", "comparison"):
-            await apply_events(conn, PROJECTIONS[name], events)
-    finally:
-        await conn.close()
-    found = await asyncio.to_thread(_imported, "report", "--run", "paired",
-                                    env={**os.environ, "SNTRACK_DATABASE_URL": env.settings.database_url})
+    environment = await _recorded(env, "paired", 30, 5, 31)
+    found = await asyncio.to_thread(_imported, "report", "--run", "paired", env=environment)
     assert "scipy" in found and "matplotlib" not in found and "statsmodels" not in found
     assert "schemas" not in found
+
+
+async def test_a_report_over_more_than_50_pairs_imports_no_scipy_stats(env):
+    """Its statistics come from scipy.special (consumers.report.special_stats): scipy.stats, most of a second to
+    import, is left for the small samples where scipy itself uses an exact method."""
+    environment = await _recorded(env, "large", 160, 3, 7)
+    modules = await asyncio.to_thread(_modules, "report", "--run", "large", env=environment)
+    assert "scipy.special._ufuncs" in modules
+    assert not [m for m in modules if m.startswith("scipy.stats")]

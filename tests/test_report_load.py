@@ -13,8 +13,9 @@ import pytest
 
 from consumers.persistence import apply_events
 from consumers.registry import PROJECTIONS
-from consumers.report.columns import Columns, TrialTable, paused_gc
-from consumers.report.report import ComparisonData, build_report, load
+from consumers.report.columns import Columns
+from consumers.report.report import build_report
+from consumers.report.snapshot import ComparisonData, TrialTable, load, paused_gc
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 

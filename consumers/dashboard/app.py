@@ -37,7 +37,8 @@ class DashboardConfig:
 async def report_json(conn: asyncpg.Connection) -> dict:
     """The comparison report of every search, exactly as `sntrack report --format json` prints it."""
     from consumers.report.render import render_json
-    from consumers.report.report import build_report, load
+    from consumers.report.report import build_report
+    from consumers.report.snapshot import load
 
     data = await load(conn)
     return json.loads(render_json(await asyncio.to_thread(build_report, data)))

@@ -6,70 +6,30 @@ the other order-sensitive figures are the same numbers as from the lists of the 
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from functools import cached_property
+from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
 
 import numpy as np
 
+from consumers.report.snapshot import TRIAL_FIELDS, TrialTable
+
 STATUSES = ("completed", "pruned", "failed", "running")
 STATUS_CODES = {name: code for code, name in enumerate(STATUSES)}
 OTHER = len(STATUSES)  # any other status: counted in the total only
 
-_FIELDS = ("id", "spectral_norm", "status", "val", "train", "duration_ms", "hyperparams", "paired_with",
-           "model_run_id", "dataset", "epochs_to_95", "sigmas")
-
-
-class TrialTable(Sequence):
-    """Trials as the database gave them, a list per field of _FIELDS (`columns`, by name): Columns takes the lists
-    as they are, and the per-trial records (`record(**fields)`) are made only when a caller asks for them (the
-    plot, complete_pairs)."""
-
-    def __init__(self, columns: dict[str, list], record: Callable) -> None:
-        self.fields = [columns[name] for name in _FIELDS]
-        self._record = record
-
-    @cached_property
-    def records(self) -> list:
-        return [self._record(**dict(zip(_FIELDS, values, strict=True))) for values in zip(*self.fields, strict=True)]
-
-    def __len__(self) -> int:
-        return len(self.fields[0])
-
-    def __getitem__(self, index):
-        return self.records[index]
-
-    def __iter__(self):
-        return iter(self.records)
-
-
-@contextmanager
-def paused_gc():
-    """No cyclic garbage collection inside: making 100,000s of dicts, lists and records, or arrays from them, would
-    set off full collections that rescan every object made so far and find nothing to free."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
 
 def _fields(trials: Sequence) -> list[list]:
-    """Each of _FIELDS as a list over the trials: a TrialTable's own lists; else read from the instances' __dict__
-    (a dataclass keeps its fields there; a third faster than getattr), or by getattr where an object has no such
-    dict entry."""
+    """Each of TRIAL_FIELDS as a list over the trials: a TrialTable's own lists; else read from the instances'
+    __dict__ (a dataclass keeps its fields there; a third faster than getattr), or by getattr where an object has no
+    such dict entry."""
     if isinstance(trials, TrialTable):
         return trials.fields
     try:
         found = list(map(vars, trials))
-        return [list(map(itemgetter(name), found)) for name in _FIELDS]
+        return [list(map(itemgetter(name), found)) for name in TRIAL_FIELDS]
     except (TypeError, KeyError):
-        return [list(map(attrgetter(name), trials)) for name in _FIELDS]
+        return [list(map(attrgetter(name), trials)) for name in TRIAL_FIELDS]
 
 
 def floats(values: Sequence) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consumers.report.lazy_stats import stats
+from consumers.report.special_stats import norm_ppf
 from consumers.report.stats import t_sf, variance
 
 ASO_DT = 0.005  # deepsig's default grid step of the quantile integrals
@@ -123,7 +123,7 @@ def aso(a: Sequence[float], b: Sequence[float], *, seed: int = 0, iterations: in
                               _bootstrap_quantiles(xb, t, iterations, rng), dt)
     const = math.sqrt(len(xa) * len(xb) / (len(xa) + len(xb)))
     sigma = float(np.std(const * (samples - ratio)))
-    bound = ratio - sigma / const * stats.norm.ppf(1 - confidence)
+    bound = ratio - sigma / const * norm_ppf(1 - confidence)
     return Aso(float(np.clip(bound, 0, 1)), ratio, iterations)
 
 

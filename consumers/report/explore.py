@@ -16,7 +16,7 @@ from operator import itemgetter
 import numpy as np
 
 from consumers.report import heterogeneity as het
-from consumers.report.lazy_stats import stats
+from consumers.report.special_stats import kruskal
 from consumers.report.stats import ALPHA, TestResult
 
 SKIP = frozenset({"spectral_norm"})
@@ -34,7 +34,7 @@ def _kruskal(values: Sequence[object], differences: np.ndarray) -> TestResult:
     groups = [differences[mask] for _, mask in het.bucketize(values)]
     if len(groups) < 2 or np.ptp(differences) == 0:
         return TestResult()
-    result = stats.kruskal(*groups)
+    result = kruskal(*groups)
     return TestResult(float(result.statistic), float(result.pvalue), float(len(groups) - 1))
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consumers.report.lazy_stats import stats
+from consumers.report import special_stats as ss
 from consumers.report.stats import (
     Difference,
     TestResult,
@@ -40,7 +40,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> TestResult:
     """Spearman's ρ with its two-sided p (scipy's t approximation); undefined under 3 points or a constant."""
     if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return TestResult()
-    result = stats.spearmanr(x, y)
+    result = ss.spearmanr(x, y)
     return TestResult(float(result.statistic), float(result.pvalue))
 
 
@@ -129,14 +129,14 @@ def inverse_variance(estimates: Sequence[float], ses: Sequence[float]) -> Pooled
     w = 1 / np.asarray([k[1] for k in kept]) ** 2
     mean = float((w * e).sum() / w.sum())
     se = math.sqrt(1 / float(w.sum()))
-    z = stats.norm.isf(0.025)
-    p = float(2 * stats.norm.sf(abs(mean / se)))
+    z = ss.norm_isf(0.025)
+    p = float(2 * ss.norm_sf(abs(mean / se)))
     if len(kept) < 2:
         return Pooled(mean, se, mean - z * se, mean + z * se, p, strata=1)
     q = float((w * (e - mean) ** 2).sum())
     df = len(kept) - 1
     i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
-    return Pooled(mean, se, mean - z * se, mean + z * se, p, q, float(stats.chi2.sf(q, df)), i2, len(kept))
+    return Pooled(mean, se, mean - z * se, mean + z * se, p, q, ss.chi2_sf(q, df), i2, len(kept))
 
 
 def stratum_difference(a: Sequence[float], b: Sequence[float], is_paired: bool) -> tuple[Difference, TestResult]:

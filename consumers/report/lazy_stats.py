@@ -1,7 +1,7 @@
 """scipy.stats (and scipy.special), imported when a statistic first needs it, not with the report's modules.
 
-Importing scipy.stats takes most of a second. `prefetch()` starts that import in a background thread, so that it
-overlaps work that waits (the report's database reads); the first use of `stats.X` then waits for it to finish.
+Importing scipy.stats takes most of a second. `import_in_background` starts imports in a thread, so that they
+overlap work that waits (the report's database reads); the first use of `stats.X` then waits for it to finish.
 Python's import lock makes the two imports one: whichever thread comes second waits for the first.
 """
 
@@ -11,22 +11,14 @@ import importlib
 import threading
 from types import ModuleType
 
-_lock = threading.Lock()
-_thread: threading.Thread | None = None
 
-
-def _load() -> None:
-    importlib.import_module("scipy.stats")
-
-
-def prefetch() -> threading.Thread:
-    """Start importing scipy.stats in a daemon thread (once); join the thread before the process ends."""
-    global _thread
-    with _lock:
-        if _thread is None:
-            _thread = threading.Thread(target=_load, name="import-scipy.stats", daemon=True)
-            _thread.start()
-        return _thread
+def import_in_background(*names: str) -> threading.Thread:
+    """Start importing the modules `names`, in order, in a daemon thread; join it before the process ends (a module
+    torn down half-imported at exit can fail)."""
+    thread = threading.Thread(target=lambda: [importlib.import_module(name) for name in names],
+                              name="import-" + ",".join(names), daemon=True)
+    thread.start()
+    return thread
 
 
 class _Lazy:

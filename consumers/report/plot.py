@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from consumers.report.render import PLOT_SUFFIXES
-from consumers.report.report import ARMS, ComparisonData, complete_pairs
+from consumers.report.report import ARMS, complete_pairs
+from consumers.report.snapshot import ComparisonData
 
 COLORS = {"spectral_norm": "tab:blue", "baseline": "tab:orange"}
 LABELS = {"spectral_norm": "spectral norm", "baseline": "baseline"}

@@ -1,4 +1,4 @@
-"""The comparison report: load a consistent snapshot of the read model, then build a plain, stable dict from it.
+"""The comparison report: from a snapshot of the read model (consumers.report.snapshot), a plain, stable dict.
 
 `build_report` is pure (data in, dict out); docs/report.md documents every field of its result, which is also the
 `sntrack report --format json` output. Bump REPORT_VERSION when a field changes meaning, appears or disappears.
@@ -6,24 +6,20 @@
 
 from __future__ import annotations
 
-import asyncio
-import difflib
 import math
 import warnings as _warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 
-import asyncpg
 import numpy as np
-from pydantic_core import from_json
 
-from consumers.projections.comparison_keys import OVERALL
 from consumers.report import equivalence as eq
-from consumers.report import explore, manipulation, queries, robustness
+from consumers.report import explore, manipulation, robustness
 from consumers.report import stats as st
 from consumers.report import verdict as vd
-from consumers.report.columns import Columns, TrialTable, paused_gc
+from consumers.report.columns import Columns
+from consumers.report.snapshot import ComparisonData, TrialRecord, paused_gc
 
 REPORT_VERSION = 2
 MIN_EFFECT = 0.01  # the default smallest difference of interest (absolute accuracy)
@@ -32,156 +28,6 @@ ARMS = ("spectral_norm", "baseline")
 STATUSES = ("completed", "pruned", "failed")
 # Hyper-parameters that differ between the arms by construction, not by confounding.
 NOT_CONFOUNDERS = frozenset({"spectral_norm"})
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    id: str
-    spectral_norm: bool
-    status: str
-    val: float | None = None
-    train: float | None = None
-    duration_ms: float | None = None
-    hyperparams: dict | None = None
-    paired_with: str | None = None
-    model_run_id: str | None = None
-    dataset: str | None = None
-    epochs_to_95: int | None = None
-    sigmas: dict[str, float] | None = None  # per-layer σ at the last measured epoch
-
-    @property
-    def gap(self) -> float | None:
-        return None if self.val is None or self.train is None else self.train - self.val
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    spectral_norm: bool
-    epoch: int
-    n: int
-    mean: float | None
-    std: float | None
-    elapsed_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ComparisonData:
-    trials: Sequence[TrialRecord]  # a list, or the TrialTable `load` gives
-    # sn_comparison rows keyed by (spectral_norm, status); None when the filter is not one sn_comparison keeps.
-    aggregates: dict[tuple[bool, str], dict] | None
-    curves: list[CurvePoint]
-    model_run_id: str | None = None
-    dataset: str | None = None
-    journal_trials: int | None = None  # trials the journal holds for the scope, when it was counted
-
-    def arm(self, spectral_norm: bool) -> list[TrialRecord]:
-        return [t for t in self.trials if t.spectral_norm is spectral_norm]
-
-    def completed_values(self, spectral_norm: bool) -> list[float]:
-        return [t.val for t in self.arm(spectral_norm) if t.status == "completed" and t.val is not None]
-
-
-class UnknownScope(ValueError):
-    """--run or --dataset names nothing the read model or the journal knows."""
-
-
-def _close_matches(name: str, known: list[str]) -> str:
-    matches = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
-    return f"did you mean {', '.join(matches)}?" if matches else f"{len(known)} known"
-
-
-async def _must_know(conn: asyncpg.Connection, query: str, what: str, name: str) -> None:
-    known = [r[0] for r in await conn.fetch(query)]
-    if name not in known:
-        raise UnknownScope(f"unknown {what} {name!r}: {_close_matches(name, known)}")
-
-
-async def _check_scope(conn: asyncpg.Connection, model_run_id: str | None, dataset: str | None,
-                       found: int, live: bool = True) -> int | None:
-    """The journal's trial count for the scope, when it can be counted cheaply and means something: a named search
-    (an index read), or an empty scope without a dataset filter (the journal does not index datasets). Raises
-    UnknownScope when nothing was found and neither the read model nor the journal knows the search or dataset.
-    Not `live` (a past state), the journal, which holds what came later, is not read."""
-    if found:
-        return None if model_run_id is None or not live else await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
-    if dataset is not None:
-        await _must_know(conn, queries.KNOWN_DATASETS, "dataset --dataset", dataset)
-    if not live:
-        if model_run_id is not None:
-            await _must_know(conn, queries.READ_MODEL_SEARCHES, "search --run", model_run_id)
-        return None
-    journal = await conn.fetchval(queries.JOURNAL_TRIALS, model_run_id)
-    if model_run_id is not None and not journal:
-        await _must_know(conn, queries.KNOWN_SEARCHES, "search --run", model_run_id)
-    return None if dataset is not None else journal
-
-
-def _json_list(texts: Sequence[str | None]) -> list:
-    """JSON texts (None: null) parsed in one call: a third of the time of one call each over 100,000 trials."""
-    return from_json("[" + ",".join(["null" if text is None else text for text in texts]) + "]") if texts else []
-
-
-_TRIAL_COLUMNS = ("id", "spectral_norm", "status", "paired_with", "hyperparams", "model_run_id", "dataset", "val",
-                  "train", "duration_ms", "epochs_to_95", "sigmas")  # REPORT_TRIALS' columns, in order
-_NO_JIT = "SET LOCAL jit = off"  # the curves' read scans millions of rows once: compiling it costs more than it saves
-
-
-def _trial_columns(rows: Sequence) -> dict[str, list]:
-    """REPORT_TRIALS' rows as columns, hyper-parameters and σ parsed."""
-    columns = (dict(zip(_TRIAL_COLUMNS, map(list, zip(*rows, strict=True)), strict=True)) if rows
-               else {name: [] for name in _TRIAL_COLUMNS})
-    columns["hyperparams"] = _json_list(columns["hyperparams"])
-    columns["sigmas"] = _json_list(columns["sigmas"])
-    return columns
-
-
-async def _side_read(conn: asyncpg.Connection, helper: asyncpg.Connection, scope: tuple) -> asyncio.Future:
-    """REPORT_CURVES started on `helper`, in a transaction in `conn`'s exported snapshot."""
-    snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
-
-    async def read() -> list:
-        async with helper.transaction(isolation="repeatable_read", readonly=True):
-            await helper.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'; {_NO_JIT}")
-            return await helper.fetch(queries.REPORT_CURVES, *scope)
-    return asyncio.ensure_future(read())
-
-
-async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
-               dataset: str | None = None, *, live: bool = True, curves: bool = True,
-               helper: asyncpg.Connection | None = None) -> ComparisonData:
-    """Read trials (each with the summary of its curve the trials projection keeps), the mean learning curves and
-    the sn_comparison rows in one repeatable-read snapshot. Not `live`: the connection's search_path starts with a
-    schema written by `sntrack replay trials --until`, which holds trials and trial_metrics only; the summaries then
-    come from its trials, and neither the live sn_comparison nor the journal is read. `curves=False` leaves the
-    learning curves out (a scan of every epoch of every trial in scope; only JSON, CSV and the figure show them).
-    `helper`, another connection to the same database and search_path, reads the curves meanwhile, in the same
-    snapshot. The trials come back as a TrialTable (columns; records on demand)."""
-    scope = (model_run_id, dataset)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        await conn.execute(_NO_JIT)
-        side = await _side_read(conn, helper, scope) if curves and helper is not None else None
-        try:
-            rows = await conn.fetch(queries.REPORT_TRIALS, *scope)
-            with paused_gc():
-                columns = _trial_columns(rows)
-            journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
-            if side is not None:
-                curve_rows = await side
-            else:
-                curve_rows = await conn.fetch(queries.REPORT_CURVES, *scope) if curves else []
-        finally:  # an unknown scope: the side read stops, and its connection is free again when this returns
-            if side is not None:
-                side.cancel()
-                await asyncio.gather(side, return_exceptions=True)
-        aggregates = None
-        if dataset is None and live:
-            found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
-            aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
-    with paused_gc():
-        trials = TrialTable(columns, TrialRecord)
-    points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"])
-              for r in curve_rows]
-    return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)
 
 
 def _finite(value):

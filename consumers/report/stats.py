@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consumers.report import special_stats as ss
 from consumers.report.lazy_stats import special, stats
 
 ALPHA = 0.05
@@ -147,7 +148,7 @@ def mann_whitney(a: Sequence[float], b: Sequence[float]) -> TestResult:
     """Mann–Whitney U of a (two-sided; exact for small samples without ties, tie-corrected normal otherwise)."""
     if len(a) == 0 or len(b) == 0:
         return TestResult()
-    result = stats.mannwhitneyu(a, b, alternative="two-sided")
+    result = ss.mannwhitneyu(a, b)
     return TestResult(float(result.statistic), float(result.pvalue))
 
 
@@ -194,7 +195,7 @@ def paired(a: Sequence[float], b: Sequence[float]) -> PairedResult:
     if np.all(d == 0):
         wilcoxon = TestResult(0.0, 1.0)
     else:
-        w = stats.wilcoxon(d)
+        w = ss.wilcoxon(d)
         wilcoxon = TestResult(float(w.statistic), float(w.pvalue))
     return PairedResult(n, difference, t_test, wilcoxon)
 
@@ -220,7 +221,7 @@ def cliffs_delta(a: Sequence[float], b: Sequence[float]) -> float | None:
     na, nb = len(a), len(b)
     if na == 0 or nb == 0:
         return None
-    ranks = stats.rankdata(np.concatenate([np.asarray(a, dtype=float), np.asarray(b, dtype=float)]))
+    ranks = ss.rankdata(np.concatenate([np.asarray(a, dtype=float), np.asarray(b, dtype=float)]))
     u_a = float(ranks[:na].sum()) - na * (na + 1) / 2
     return 2 * u_a / (na * nb) - 1
 
@@ -238,7 +239,7 @@ def compare_rates(k_a: int, n_a: int, k_b: int, n_b: int) -> RateComparison:
     rate_b = k_b / n_b if n_b else None
     if not n_a or not n_b:
         return RateComparison(rate_a, rate_b, None)
-    p = stats.fisher_exact([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue
+    p = ss.fisher_exact_2x2([[k_a, n_a - k_a], [k_b, n_b - k_b]]).pvalue
     return RateComparison(rate_a, rate_b, float(p))
 
 
@@ -274,14 +275,14 @@ def compare_distributions(a: Sequence[object], b: Sequence[object]) -> Distribut
     count_a, count_b = Counter(map(_category, a)), Counter(map(_category, b))
     table = [[count_a[c] for c in categories], [count_b[c] for c in categories]]
     if len(categories) == 2:
-        return DistributionTest("fisher", None, float(stats.fisher_exact(table).pvalue))
-    chi2 = stats.chi2_contingency(table)
+        return DistributionTest("fisher", None, float(ss.fisher_exact_2x2(table).pvalue))
+    chi2 = ss.chi2_contingency(table)
     return DistributionTest("chi2", float(chi2.statistic), float(chi2.pvalue))
 
 
 def _two_sided_power(nc: float, df: float, alpha: float) -> float:
-    crit = stats.t.isf(alpha / 2, df)
-    return float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    crit = -t_ppf(alpha / 2, df)  # scipy.stats.t.isf
+    return ss.nct_sf(crit, df, nc) + ss.nct_cdf(-crit, df, nc)
 
 
 def power_independent(effect: float, n_a: int, n_b: int, alpha: float = ALPHA) -> float | None:
@@ -343,14 +344,14 @@ def variance_ratio(a: Sequence[float], b: Sequence[float]) -> VarianceRatio:
     va, vb = variance(a), variance(b)
     bf = TestResult()
     if va or vb:
-        result = stats.levene(a, b, center="median")
+        result = ss.levene_median(a, b)
         bf = TestResult(float(result.statistic), float(result.pvalue))
     if vb == 0:
         return VarianceRatio(brown_forsythe=bf)
     ratio = va / vb
     dfa, dfb = len(a) - 1, len(b) - 1
     tail = (1 - CONFIDENCE) / 2
-    return VarianceRatio(ratio, ratio / stats.f.isf(tail, dfa, dfb), ratio / stats.f.ppf(tail, dfa, dfb), bf)
+    return VarianceRatio(ratio, ratio / ss.f_isf(tail, dfa, dfb), ratio / ss.f_ppf(tail, dfa, dfb), bf)
 
 
 @dataclass(frozen=True)
@@ -392,5 +393,5 @@ def pitman_morgan(a: Sequence[float], b: Sequence[float]) -> TestResult:
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(x) < 3 or variance(x - y) == 0 or variance(x + y) == 0:
         return TestResult()
-    result = stats.pearsonr(x - y, x + y)
+    result = ss.pearsonr(x - y, x + y)
     return TestResult(float(result.statistic), float(result.pvalue), float(len(x) - 2))

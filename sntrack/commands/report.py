@@ -14,7 +14,8 @@ from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
-SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.report.load)
+STATISTICS = ("consumers.report.report", "scipy.special")  # scipy.stats only where a test needs it (small samples)
+SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.snapshot.load)
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
@@ -103,38 +104,40 @@ def _quoted(name: str) -> str:
 async def _report(args: argparse.Namespace, settings: Settings) -> int:
     if args.plot:
         check_plot_path(args.plot)
-    # numpy loads here, not when `sntrack` builds its parser; scipy.stats in a thread while the database is read
-    # (its first use waits for it), matplotlib only for --plot.
-    from consumers.report.lazy_stats import prefetch
-
-    scipy_import = prefetch()
-    try:
-        return await _read_and_report(args, settings)
-    finally:
-        scipy_import.join()  # not torn down half-imported at exit, whatever happened
-
-
-async def _read_and_report(args: argparse.Namespace, settings: Settings) -> int:
-    from consumers.report.report import UnknownScope, build_report, load
+    from consumers.report.lazy_stats import import_in_background
+    from consumers.report.snapshot import UnknownScope, load
 
     curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
     size = 1 + SIDE_READERS if curves else 1
     pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
+    # The read needs no numpy: the statistics' modules import in a thread while the server works on it (started
+    # once connected: the handshake's round trips would each wait for the interpreter), and their first use waits
+    # for them. matplotlib only for --plot.
+    statistics = import_in_background(*STATISTICS)
     try:
-        async with AsyncExitStack() as stack:
-            connections = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
-            if args.schema is not None:
-                for each in connections:
-                    await _use_schema(each, args.schema)
-            data = await load(connections[0], args.model_run_id, args.dataset, live=args.schema is None,
-                              curves=curves, helper=connections[1] if curves else None)
-    except UnknownScope as exc:
-        raise ConfigurationError(str(exc)) from None
+        try:
+            async with AsyncExitStack() as stack:
+                connections = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
+                if args.schema is not None:
+                    for each in connections:
+                        await _use_schema(each, args.schema)
+                data = await load(connections[0], args.model_run_id, args.dataset, live=args.schema is None,
+                                  curves=curves, helper=connections[1] if curves else None)
+        except UnknownScope as exc:
+            raise ConfigurationError(str(exc)) from None
+        finally:
+            await pool.close()
+        return _build_and_print(args, data)
     finally:
-        await pool.close()
+        statistics.join()  # not torn down half-imported at exit, whatever happened
+
+
+def _build_and_print(args: argparse.Namespace, data) -> int:
     # The loaded records live until the process ends: frozen, the cyclic GC stops rescanning them while the
     # statistics allocate (build over 40k pairs: 1.6 s before, 1.0 s frozen, in one run on this shared machine).
     gc.freeze()
+    from consumers.report.report import build_report
+
     report = build_report(data, min_effect=args.min_effect)
     sys.stdout.write(RENDERERS[args.format](report))
     if args.plot:
