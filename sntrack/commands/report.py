@@ -113,6 +113,9 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     # The read needs no numpy: the statistics' modules import in a thread while the server works on it (started
     # once connected: the handshake's round trips would each wait for the interpreter), and their first use waits
     # for them. matplotlib only for --plot.
+    # OpenBLAS starts a thread per core at numpy's import, and they spin: on 2 cores they took about 0.15 s of CPU
+    # from the read and the server. The report's linear algebra is a few 4×4 solves. A user's own setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     statistics = import_in_background(*STATISTICS)
     try:
         try:
