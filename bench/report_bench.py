@@ -35,6 +35,7 @@ from sntrack.commands.report import SIDE_READERS
 TARGET_S = 1.0
 EPOCHS = 30
 REPEATS = 3
+CLI_REPEATS = 5  # the figure the target is judged on: a median of more runs of a noisy fresh process
 
 FILL_TRIALS = """
 INSERT INTO trials (id, model_run_id, spectral_norm, status, hyperparams, metrics, dataset, model, epochs,
@@ -105,15 +106,17 @@ def _cli(url: str, *options: str, tries: int = 5) -> float:
 
 
 def _python(code: str) -> float:
-    """Seconds for a fresh interpreter to run `code`."""
+    """Seconds for a fresh interpreter to run `code`, with one OpenBLAS thread as `sntrack report` runs."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     return time.perf_counter() - started
 
 
-IMPORTS = "import consumers.report.report, consumers.report.plot, sntrack.cli"
-# The statistics' dependency, imported in a thread while the database is read: what scipy.stats adds to
-# scipy.special (the special functions alone), a floor of the end-to-end figure.
+# What `sntrack report` imports before it connects, and what it imports in a thread while the server reads.
+CLI_IMPORTS = "import sntrack.cli, consumers.report.snapshot"
+STATISTICS_IMPORTS = "import numpy, scipy.special, consumers.report.report"
+# What scipy.stats would add to the special functions: a report over more than 50 pairs no longer imports it.
 SCIPY_SPECIAL, SCIPY_STATS = "import numpy, scipy.special", "import numpy, scipy.special, scipy.stats"
 
 
@@ -170,11 +173,12 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
             await conn.close()
 
         load_before = round(os.getloadavg()[0], 2)
-        cli = [await asyncio.to_thread(_cli, scratch_url) for _ in range(REPEATS)]
+        cli = [await asyncio.to_thread(_cli, scratch_url) for _ in range(CLI_REPEATS)]
         cli_json = [await asyncio.to_thread(_cli, scratch_url, "--format", "json") for _ in range(REPEATS)]
-        imports, special, scipy_stats = [], [], []
+        cli_imports, statistics_imports, special, scipy_stats = [], [], [], []
         for _ in range(REPEATS):
-            for samples, code in ((imports, IMPORTS), (special, SCIPY_SPECIAL), (scipy_stats, SCIPY_STATS)):
+            for samples, code in ((cli_imports, CLI_IMPORTS), (statistics_imports, STATISTICS_IMPORTS),
+                                  (special, SCIPY_SPECIAL), (scipy_stats, SCIPY_STATS)):
                 samples.append(await asyncio.to_thread(_python, code))
         load_s, curves_s, one_connection_s, build_s, render_s, in_memory_s = [], [], [], [], [], []
         for _ in range(REPEATS):
@@ -201,7 +205,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         "verdict": report["verdict"]["outcome"],
         "cli_s": _median(cli), "cli_samples_s": [round(s, 3) for s in cli],
         "cli_json_s": _median(cli_json), "cli_json_samples_s": [round(s, 3) for s in cli_json],
-        "interpreter_and_imports_s": _median(imports),
+        "interpreter_and_cli_imports_s": _median(cli_imports),
+        "interpreter_and_statistics_imports_s": _median(statistics_imports),
         "scipy_stats_over_special_s": round(_median(scipy_stats) - _median(special), 3),
         "in_process_s": _median(in_process), "load_s": _median(load_s), "side_readers": SIDE_READERS,
         "load_with_curves_s": _median(curves_s), "load_one_connection_s": _median(one_connection_s),
