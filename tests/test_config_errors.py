@@ -5,6 +5,7 @@ Each case runs the real command line in a subprocess against the real servers.""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -150,3 +151,13 @@ async def test_a_report_on_a_schema_older_than_sntrack_says_to_migrate(env):
     assert run.stdout == "" and len(run.stderr.strip().splitlines()) == 1
     assert "older than this sntrack" in run.stderr and "run `sntrack db migrate`" in run.stderr
     assert "epochs_to_95" in run.stderr
+
+
+def test_a_report_started_with_its_standard_output_closed_is_one_line_and_exit_2():
+    """`sntrack report >&-` says so before it reads anything (it used to fail with a traceback after the read)."""
+    run = subprocess.run(["/bin/sh", "-c", 'exec "$0" -m sntrack report >&-', sys.executable], capture_output=True,
+                         text=True, timeout=60,
+                         env={**os.environ, "SNTRACK_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/none"})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines() == [
+        "sntrack: the standard output is closed: redirect it, e.g. sntrack report > report.txt"]

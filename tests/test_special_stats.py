@@ -395,3 +395,44 @@ def test_the_large_sample_paths_do_not_import_scipy_stats():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ok"]
+
+
+def test_the_pinned_scipy_is_the_release_these_functions_reproduce():
+    """infra/constraints.txt installs the scipy these formulas were copied from: the own computations run."""
+    pinned = re.search(r"^scipy==(\d+)\.(\d+)\.", (Path(__file__).parents[1] / "infra" / "constraints.txt").read_text(),
+                       re.MULTILINE)
+    assert pinned and tuple(map(int, pinned.groups())) == ss.REPRODUCED_SCIPY
+    assert ss.reproduces_scipy()
+
+
+TWO_BY_TWO, TWO_BY_THREE = [[100, 49_900], [150, 49_850]], [[100, 900, 3], [150, 850, 7]]
+
+
+def test_with_another_scipy_release_every_function_asks_scipy_stats(recorder, monkeypatch):
+    """pyproject admits other scipy releases, whose formulas, method choices or private routines may differ: then
+    nothing is computed here, and each result is scipy.stats' own."""
+    monkeypatch.setattr(ss, "reproduces_scipy", lambda: False)
+    a, b, c = sample(500, True, 19), sample(600, False, 20), sample(500, False, 21)
+    calls = [
+        (ss.mannwhitneyu, (a, b), lambda: stats.mannwhitneyu(a, b, alternative="two-sided")),
+        (ss.wilcoxon, (a - c,), lambda: stats.wilcoxon(a - c)),
+        (ss.kruskal, (a, b), lambda: stats.kruskal(a, b)),
+        (ss.levene_median, (a, b), lambda: stats.levene(a, b, center="median")),
+        (ss.spearmanr, (a, c), lambda: stats.spearmanr(a, c)),
+        (ss.pearsonr, (a, c), lambda: stats.pearsonr(a, c)),
+        (ss.fisher_exact_2x2, (TWO_BY_TWO,), lambda: stats.fisher_exact(TWO_BY_TWO)),
+        (ss.chi2_contingency, (TWO_BY_THREE,), lambda: stats.chi2_contingency(TWO_BY_THREE)),
+    ]
+    for mine, args, theirs in calls:
+        got, expected = mine(*args), theirs()
+        assert (got.statistic, got.pvalue) == (float(expected.statistic), float(expected.pvalue)), mine.__name__
+    for mine, args, theirs in [
+            (ss.norm_cdf, (1.5,), stats.norm.cdf), (ss.norm_sf, (1.5,), stats.norm.sf),
+            (ss.norm_ppf, (0.3,), stats.norm.ppf), (ss.norm_isf, (0.3,), stats.norm.isf),
+            (ss.chi2_sf, (3.0, 2.0), stats.chi2.sf), (ss.f_sf, (2.0, 3.0, 40.0), stats.f.sf),
+            (ss.f_ppf, (0.2, 3.0, 40.0), stats.f.ppf), (ss.f_isf, (0.2, 3.0, 40.0), stats.f.isf),
+            (ss.nct_cdf, (1.0, 20.0, 0.5), stats.nct.cdf), (ss.nct_sf, (1.0, 20.0, 0.5), stats.nct.sf)]:
+        assert mine(*args) == float(theirs(*args)), mine.__name__
+    np.testing.assert_array_equal(ss.rankdata(a), stats.rankdata(a))
+    assert {"mannwhitneyu", "wilcoxon", "kruskal", "levene", "spearmanr", "pearsonr", "fisher_exact",
+            "chi2_contingency", "norm", "chi2", "f", "nct", "rankdata"} <= set(recorder.used)

@@ -1,8 +1,9 @@
 """scipy.stats (and scipy.special), imported when a statistic first needs it, not with the report's modules.
 
-Importing scipy.stats takes most of a second. `import_in_background` starts imports in a thread, so that they
-overlap work that waits (the report's database reads); the first use of `stats.X` then waits for it to finish.
-Python's import lock makes the two imports one: whichever thread comes second waits for the first.
+Importing scipy.stats takes most of a second; the report needs it only for exact small-sample tests and
+Kolmogorov–Smirnov (consumers.report.special_stats), and imports it on first use. `import_in_background` starts
+imports in a thread, so that they overlap work that waits (the report's database read); Python's import lock makes
+two imports of one module one: whichever thread comes second waits for the first.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ itself, so its behaviour (values, warnings, errors) never differs from scipy's.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,6 +31,9 @@ WILCOXON_EXACT_MAX_N = 50
 WILCOXON_PERMUTATION_MAX_N = 13
 # scipy.stats.mannwhitneyu (method 'auto') uses its exact distribution unless both samples exceed this (or ties).
 MANNWHITNEYU_EXACT_MAX_N = 8
+# The scipy release whose formulas, method choices and private Boost routines these functions reproduce
+# (tests/test_special_stats.py checks them against it). With any other, every function calls scipy.stats.
+REPRODUCED_SCIPY = (1, 17)
 
 
 class Result(NamedTuple):
@@ -47,22 +51,35 @@ def _delegated(result) -> Result:
     return Result(float(result.statistic), float(result.pvalue))
 
 
+@functools.cache
+def reproduces_scipy() -> bool:
+    """Whether the installed scipy is the release these functions reproduce: the guards below are all false
+    otherwise, so that every call goes to scipy.stats, whose version then decides."""
+    import scipy
+
+    return tuple(map(int, scipy.__version__.split(".")[:2])) == REPRODUCED_SCIPY
+
+
+# The guards of the own computations: each is false where scipy.stats must answer instead.
+
+
 def _finite(*values: float) -> bool:
-    return all(math.isfinite(v) for v in values)
+    return reproduces_scipy() and all(math.isfinite(v) for v in values)
 
 
 def _positive(*values: float) -> bool:
-    return all(0 < v < math.inf for v in values)
+    return reproduces_scipy() and all(0 < v < math.inf for v in values)
 
 
 def _open_unit(q: float) -> bool:
-    return 0 < q < 1
+    return reproduces_scipy() and 0 < q < 1
 
 
 def _sample(values: ArrayLike) -> np.ndarray | None:
-    """`values` as a 1-d float array, or None where scipy's own handling is needed (not 1-d, empty, non-finite)."""
+    """`values` as a 1-d float array, or None where scipy's own handling is needed (not 1-d, empty, non-finite, or
+    another scipy release)."""
     x = np.asarray(values, dtype=float)
-    if x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
+    if not reproduces_scipy() or x.ndim != 1 or x.size == 0 or not np.all(np.isfinite(x)):
         return None
     return x
 
@@ -381,7 +398,8 @@ def _fisher_two_sided_p(c00: int, row0: int, row1: int, col0: int) -> float:
 def fisher_exact_2x2(table: ArrayLike) -> Result:
     """stats.fisher_exact(table) for a 2×2 table of counts: odds ratio and two-sided p, with scipy's own search."""
     counts = np.asarray(table)
-    if counts.shape != (2, 2) or not np.all(np.isfinite(counts)) or np.any(counts < 0) or np.any(counts % 1):
+    if (not reproduces_scipy() or counts.shape != (2, 2) or not np.all(np.isfinite(counts)) or np.any(counts < 0)
+            or np.any(counts % 1)):
         return _delegated(stats.fisher_exact(table))
     (c00, c01), (c10, c11) = counts.astype(int).tolist()
     if 0 in (c00 + c01, c10 + c11, c00 + c10, c01 + c11):
@@ -399,7 +417,8 @@ def chi2_contingency(table: ArrayLike) -> ContingencyResult:
     """stats.chi2_contingency(table) for a 2-d table of counts: chi-squared (Yates' when dof == 1), p, dof."""
     observed = np.asarray(table, dtype=float)
     expected = _expected_frequencies(observed) if observed.ndim == 2 and observed.size else None
-    if expected is None or not np.all(np.isfinite(observed)) or np.any(observed < 0) or np.any(expected == 0):
+    if (not reproduces_scipy() or expected is None or not np.all(np.isfinite(observed)) or np.any(observed < 0)
+            or np.any(expected == 0)):
         result = stats.chi2_contingency(table)
         return ContingencyResult(float(result.statistic), float(result.pvalue), int(result.dof))
     dof = expected.size - sum(expected.shape) + expected.ndim - 1

@@ -14,9 +14,11 @@ from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
-STATISTICS = ("consumers.report.report", "scipy.special")  # scipy.stats only where a test needs it (small samples)
+# scipy.stats only where an exact small-sample test or Kolmogorov–Smirnov needs it (consumers.report.special_stats)
+STATISTICS = ("consumers.report.report", "scipy.special")
+BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")  # what OpenBLAS reads, in its order
 SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.snapshot.load)
-MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with scipy)
+MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with numpy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
   sntrack report --run demo-study --min-effect 0.005 --plot demo.png
@@ -102,6 +104,8 @@ def _quoted(name: str) -> str:
 
 
 async def _report(args: argparse.Namespace, settings: Settings) -> int:
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): the report would go nowhere
+        raise ConfigurationError("the standard output is closed: redirect it, e.g. sntrack report > report.txt")
     if args.plot:
         check_plot_path(args.plot)
     from consumers.report.lazy_stats import import_in_background
@@ -115,7 +119,8 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     # for them. matplotlib only for --plot.
     # OpenBLAS starts a thread per core at numpy's import, and they spin: on 2 cores they took about 0.15 s of CPU
     # from the read and the server. The report's linear algebra is a few 4×4 solves. A user's own setting wins.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    if not any(name in os.environ for name in BLAS_THREADS):
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
     statistics = import_in_background(*STATISTICS)
     try:
         try:
