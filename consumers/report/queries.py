@@ -79,13 +79,13 @@ WHERE model_run_id = $1
 NOT_ARCHIVED = "($1::text IS NOT NULL OR {column} NOT IN (SELECT model_run_id FROM archived_studies))"
 
 # The trials the report compares, with the final measurements of their stop ($1 model_run_id, $2 dataset; NULL =
-# any).
+# any); their columns are consumers.report.snapshot.TRIAL_FIELDS, in order.
 REPORT_TRIALS = f"""
-SELECT id, spectral_norm, status, paired_with, hyperparams::text AS hyperparams, model_run_id, dataset,
-       (metrics->>'final_val_accuracy')::float8 AS val, (metrics->>'final_train_accuracy')::float8 AS train,
-       (metrics->>'duration_ms')::float8 AS duration_ms,
+SELECT id, spectral_norm, status, (metrics->>'final_val_accuracy')::float8 AS val,
+       (metrics->>'final_train_accuracy')::float8 AS train, (metrics->>'duration_ms')::float8 AS duration_ms,
+       hyperparams::text AS hyperparams, paired_with, model_run_id, dataset,
        CASE WHEN status = 'completed' THEN epochs_to_95 END AS epochs_to_95,
-       CASE WHEN status = 'completed' THEN last_sigmas::text END AS last_sigmas
+       CASE WHEN status = 'completed' THEN last_sigmas::text END AS sigmas
 FROM trials
 WHERE ($1::text IS NULL OR model_run_id = $1) AND ($2::text IS NULL OR dataset = $2)
   AND {NOT_ARCHIVED.format(column="model_run_id")}

@@ -146,15 +146,13 @@ def _json_list(texts: Sequence[str | None]) -> list:
     return from_json("[" + ",".join(["null" if text is None else text for text in texts]) + "]") if texts else []
 
 
-_TRIAL_COLUMNS = ("id", "spectral_norm", "status", "paired_with", "hyperparams", "model_run_id", "dataset", "val",
-                  "train", "duration_ms", "epochs_to_95", "sigmas")  # REPORT_TRIALS' columns, in order
 _NO_JIT = "SET LOCAL jit = off"  # the curves' read scans millions of rows once: compiling it costs more than it saves
 
 
 def _trial_columns(rows: Sequence) -> dict[str, list]:
-    """REPORT_TRIALS' rows as columns, hyper-parameters and σ parsed."""
-    columns = (dict(zip(_TRIAL_COLUMNS, map(list, zip(*rows, strict=True)), strict=True)) if rows
-               else {name: [] for name in _TRIAL_COLUMNS})
+    """REPORT_TRIALS' rows (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ parsed."""
+    columns = (dict(zip(TRIAL_FIELDS, map(list, zip(*rows, strict=True)), strict=True)) if rows
+               else {name: [] for name in TRIAL_FIELDS})
     columns["hyperparams"] = _json_list(columns["hyperparams"])
     columns["sigmas"] = _json_list(columns["sigmas"])
     return columns
