@@ -70,3 +70,17 @@ async def test_a_report_over_more_than_50_pairs_imports_no_scipy_stats(env):
     modules = await asyncio.to_thread(_modules, "report", "--run", "large", env=environment)
     assert "scipy.special._ufuncs" in modules
     assert not [m for m in modules if m.startswith("scipy.stats")]
+    assert not modules & {"numpy.f2py", "numpy.testing"}  # consumers.report.lazy_stats.UNUSED_NUMPY
+
+
+def test_scipy_special_imports_without_numpy_f2py_and_testing_and_leaves_numpy_as_it_was():
+    code = "\n".join([
+        "import sys, numpy",
+        "from consumers.report.lazy_stats import import_scipy_special",
+        "listed, names = numpy.__dir__, numpy.__all__",
+        "special = import_scipy_special()",
+        "print(special.ndtr(0.0), numpy.__dir__ is listed and numpy.__all__ is names,",
+        "      'f2py' in dir(numpy) and 'testing' in numpy.__all__,",
+        "      sorted(m for m in sys.modules if m in ('numpy.f2py', 'numpy.testing')))"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["0.5", "True", "True", "[]"]
