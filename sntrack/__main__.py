@@ -1,5 +1,3 @@
-import sys
+from sntrack.cli import run
 
-from sntrack.cli import main
-
-sys.exit(main())
+run()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import logging
+import os
 import sys
 import typing
 
@@ -52,7 +54,9 @@ def _command(argv: list[str]) -> str | None:
     return argv[0] if argv and argv[0] in COMMANDS else None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
+    """Run the command `argv` names and return its exit status. `process`: this is the whole process (`run`), so a
+    command that asks for it (`exit_early`) ends it once its output is flushed."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command(argv)).parse_args(argv)
     try:
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(result)
         if sys.stdout is not None:  # None: started with it closed (`>&-`)
             sys.stdout.flush()  # here, not at exit, so that a failed write is reported below
+        if process and getattr(args, "exit_early", False):
+            _exit_now(int(result or 0))
         return int(result or 0)
     except OSError as exc:
         if exc.errno not in OUTPUT_ERRNOS:
@@ -82,5 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _exit_now(status: int) -> typing.NoReturn:
+    """End the process without tearing the interpreter down: freeing the objects of a report over 100,000 trials and
+    finalizing numpy's and scipy's modules took about 0.07 s after the report was printed. Only for commands that
+    leave no thread, child or exit handler with work to do; the log and stderr are flushed first."""
+    logging.shutdown()
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    os._exit(status)
+
+
+def run() -> typing.NoReturn:
+    """The console command (`sntrack`, `python -m sntrack`)."""
+    sys.exit(main(process=True))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -216,6 +216,15 @@ async def test_report_contract_in_process_and_from_the_command_line(env, tmp_pat
     assert {k: v for k, v in cli.items() if k != "generated_at"} == {
         k: v for k, v in report.items() if k != "generated_at"}
     assert plot.stat().st_size > 1000
+    assert out.stderr == f"wrote {plot}\n"  # flushed before the command's early exit (sntrack.cli._exit_now)
+    # The command's forked worker (from 5,000 trials; here from any number) gives the same report.
+    forking = ("import sys; import sntrack.commands.report as r; r.FORK_MIN_TRIALS = 0; from sntrack.cli import run; "
+               "sys.argv[0] = 'sntrack'; run()")
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", forking, *command[3:], "--format", "json"],
+                                  env=env_vars, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert {k: v for k, v in json.loads(out.stdout).items() if k != "generated_at"} == {
+        k: v for k, v in report.items() if k != "generated_at"}
 
 
 def _trial(i: int, flag: bool, val: float | None, status: str = "completed") -> TrialRecord:

@@ -7,6 +7,7 @@ the other order-sensitive figures are the same numbers as from the lists of the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from itertools import repeat
 from operator import attrgetter, itemgetter
 
@@ -50,8 +51,8 @@ class Columns:
         n = len(trials)
         self.trials = trials
         self.n = n
-        (self.ids, flags, statuses, val, train, duration, self.hyperparams, self.paired_with, self.model_run_ids,
-         self.datasets, epochs, self.sigmas) = _fields(trials)
+        (self.ids, flags, statuses, val, train, duration, self._hyperparams, self.paired_with, self.model_run_ids,
+         self.datasets, epochs, self._sigmas) = _fields(trials)
         self.sn = np.fromiter(map(bool, flags), bool, n)
         self.status = np.fromiter(map(STATUS_CODES.get, statuses, repeat(OTHER)), np.int8, n)
         self.completed = self.status == STATUS_CODES["completed"]
@@ -60,6 +61,15 @@ class Columns:
         self.duration, self.duration_present = floats(duration)
         self.epochs, self.epochs_present = floats(epochs)
         self.done = self.completed & self.val_present  # completed with a final validation accuracy
+
+    @cached_property
+    def hyperparams(self) -> list[dict | None]:
+        """Parsed on first use (a TrialTable holds JSON texts: consumers.report.snapshot.JsonColumn)."""
+        return list(self._hyperparams)
+
+    @cached_property
+    def sigmas(self) -> list[dict | None]:
+        return list(self._sigmas)
 
     def arm(self, spectral_norm: bool) -> np.ndarray:
         return self.sn if spectral_norm else ~self.sn

@@ -11,11 +11,12 @@ import warnings as _warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 
 from consumers.report import equivalence as eq
-from consumers.report import explore, manipulation, robustness
+from consumers.report import explore, forked, manipulation, robustness
 from consumers.report import stats as st
 from consumers.report import verdict as vd
 from consumers.report.columns import Columns
@@ -149,13 +150,13 @@ def _lag_warning(data: ComparisonData) -> str | None:
             "yet); start them with `sntrack consume all`, or wait with `sntrack status --wait-idle 60`.")
 
 
-def _analyses(sn: np.ndarray, base: np.ndarray, n_pairs: int, paired_result: st.PairedResult,
+def _analyses(sn: np.ndarray, base: np.ndarray, n_pairs: int, paired_design: bool, paired_result: st.PairedResult,
               welch: st.TestResult, mann_whitney: st.TestResult) -> tuple[vd.Analysis, vd.Analysis | None]:
     independent = vd.analysis(vd.INDEPENDENT, len(sn), len(base), paired_result.n_pairs,
                               st.welch_difference(sn, base), [("welch_t", welch), ("mann_whitney_u", mann_whitney)])
     paired = vd.analysis(vd.PAIRED, n_pairs, n_pairs, paired_result.n_pairs, paired_result.difference,
                          [("paired_t", paired_result.t_test), ("wilcoxon_signed_rank", paired_result.wilcoxon)])
-    return (paired, independent) if vd.choose_design(len(sn) + len(base), n_pairs) == vd.PAIRED else (
+    return (paired, independent) if paired_design else (
         independent, paired if n_pairs else None)
 
 
@@ -222,17 +223,38 @@ def _curves(data: ComparisonData) -> dict:
 
 
 def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha: float = st.ALPHA,
-                 now: datetime | None = None) -> dict:
+                 now: datetime | None = None, fork: bool = False) -> dict:
     """The report. Degenerate inputs (zero variance, a single trial) make numpy and scipy warn; the report says
     itself what it could not compute, so their RuntimeWarnings are not printed
-    (tests/test_config_errors.py::test_a_small_study_reports_without_numerical_warnings)."""
+    (tests/test_config_errors.py::test_a_small_study_reports_without_numerical_warnings).
+
+    `fork`: the sections that read hyper-parameters and σ are computed in a forked child meanwhile
+    (consumers.report.forked), the same report sooner on two cores; only where no other thread of the process runs
+    (`sntrack report`)."""
     with _warnings.catch_warnings(), paused_gc():
         _warnings.simplefilter("ignore", RuntimeWarning)
-        return _build_report(data, min_effect, alpha, now)
+        return _build_report(data, min_effect, alpha, now, fork)
 
 
-def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: datetime | None) -> dict:
+def _by_hyperparameters(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool,
+                        alpha: float) -> tuple[list[dict], dict, dict]:
+    """The sections that read the trials' hyper-parameters and σ (parsed here, on first use): confounding, the
+    manipulation check and where it helps."""
+    confounding = [] if paired_design else _confounding(c, alpha)
+    measured = np.fromiter(map(bool, c.sigmas), bool, c.n)  # σ were recorded
+    check = manipulation.check(*(tuple(list(map(column.__getitem__, np.flatnonzero(mask & measured).tolist()))
+                                       for column in (c.ids, c.sigmas, c.hyperparams))
+                                 for mask in (c.done & c.sn, c.done & ~c.sn)))
+    return confounding, check, _where(c, sn_index, base_index, paired_design, alpha)
+
+
+def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: datetime | None, fork: bool) -> dict:
     c = Columns(data.trials)
+    sn_index, base_index, linked = c.pairs()
+    n_pairs = len(sn_index)
+    paired_design = vd.choose_design(int(c.done.sum()), n_pairs) == vd.PAIRED
+    by_hyperparameters = (forked.start if fork else partial)(
+        _by_hyperparameters, c, sn_index, base_index, paired_design, alpha)
     sn_done, base_done = c.done & c.sn, c.done & ~c.sn
     sn, base = c.val[sn_done], c.val[base_done]
     warnings: list[str] = [w for w in (_lag_warning(data),) if w]
@@ -250,13 +272,10 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
     for name, mask in zip(ARMS, (sn_done, base_done), strict=True):
         arms[name]["best"] = _best(c, mask)
 
-    sn_index, base_index, linked = c.pairs()
-    n_pairs = len(sn_index)
     pa, pb = c.val[sn_index], c.val[base_index]
     paired = st.paired(pa, pb)
     welch, mann_whitney = st.welch_test(sn, base), st.mann_whitney(sn, base)
-    primary, subset = _analyses(sn, base, n_pairs, paired, welch, mann_whitney)
-    paired_design = primary.design == vd.PAIRED
+    primary, subset = _analyses(sn, base, n_pairs, paired_design, paired, welch, mann_whitney)
     tests = {
         "welch_t": asdict(welch),
         "mann_whitney_u": asdict(mann_whitney),
@@ -273,25 +292,8 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
             warnings.append(f"{status} rates differ between the arms (SN {rate['spectral_norm']:.0%}, baseline "
                             f"{rate['baseline']:.0%}; Fisher's exact p = {vd.fmt_p(rate['p_value'])}): the "
                             "completed trials compared may be a biased selection.")
-    confounding = [] if paired_design else _confounding(c, alpha)
-    differing = [x for x in confounding if x["differs"]]
-    if differing:
-        listed = ", ".join(f"{x['hyperparam']} (p = {vd.fmt_p(x['p_value'])})" for x in differing)
-        warnings.append(f"the arms' hyper-parameters are distributed differently: {listed}, of {len(confounding)} "
-                        f"tested at α = {alpha:g} without correction; an adaptive sampler may have confounded "
-                        "the flag.")
-    measured = np.fromiter(map(bool, c.sigmas), bool, c.n)  # σ were recorded
-    check = manipulation.check(*(tuple(list(map(column.__getitem__, np.flatnonzero(mask & measured).tolist()))
-                                       for column in (c.ids, c.sigmas, c.hyperparams))
-                                 for mask in (sn_done, base_done)))
-    warnings += manipulation.warnings(check)
     disagrees = vd.disagreement(primary, subset, alpha)
-    if disagrees:
-        warnings.append(disagrees)
     strata = _strata(c, sn_index, base_index, paired_design, alpha)
-    if strata["signs_disagree"]:
-        warnings.append(f"the {len(strata['items'])} strata (search × dataset) disagree in the sign of SN − "
-                        "baseline: read the per-stratum figures and the pooled estimate, not the mixed one.")
 
     timed = c.duration_present & c.completed
     durations = [c.duration[timed & c.arm(flag)] for flag in (True, False)]
@@ -314,11 +316,32 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
         "min_effect": _power_block(min_effect, scale, n_now, paired_design, alpha),
     }
     equivalence, tost = _equivalence(sn, base, pa, pb, paired_design, min_effect)
+    epochs_done = c.done & c.epochs_present
+    epochs_paired = c.epochs_present[sn_index] & c.epochs_present[base_index]
+    stability = robustness.stability(sn, base, pa, pb)
+    convergence = robustness.convergence(
+        c.epochs[epochs_done & c.sn], c.epochs[epochs_done & ~c.sn],
+        c.epochs[sn_index[epochs_paired]] - c.epochs[base_index[epochs_paired]], paired_design)
+    effect_sizes = {"hedges_g": st.hedges_g(sn, base), "cliffs_delta": st.cliffs_delta(sn, base)}
+    training_time = {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations)),
+                     "ratio": robustness.duration_ratio(*durations, timed_sn, timed_base)}
+    curves = _curves(data)
+    confounding, check, where_it_helps = by_hyperparameters()
+    differing = [x for x in confounding if x["differs"]]
+    if differing:
+        listed = ", ".join(f"{x['hyperparam']} (p = {vd.fmt_p(x['p_value'])})" for x in differing)
+        warnings.append(f"the arms' hyper-parameters are distributed differently: {listed}, of {len(confounding)} "
+                        f"tested at α = {alpha:g} without correction; an adaptive sampler may have confounded "
+                        "the flag.")
+    warnings += manipulation.warnings(check)
+    if disagrees:
+        warnings.append(disagrees)
+    if strata["signs_disagree"]:
+        warnings.append(f"the {len(strata['items'])} strata (search × dataset) disagree in the sign of SN − "
+                        "baseline: read the per-stratum figures and the pooled estimate, not the mixed one.")
     # The arms may differ in more than the flag: a biased selection, confounding, or a treatment that did not take.
     arms_differ = any(r["differs"] for r in rates.values()) or bool(differing) or check["passed"] is False
     verdict = vd.verdict(primary, tost, power, alpha, disagrees, arms_differ)
-    epochs_done = c.done & c.epochs_present
-    epochs_paired = c.epochs_present[sn_index] & c.epochs_present[base_index]
     return _clean({
         "report_version": REPORT_VERSION,
         "generated_at": (now or datetime.now(UTC)).isoformat(),
@@ -336,21 +359,18 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
         "difference": difference,
         "tests": tests,
         "equivalence": equivalence,
-        "effect_sizes": {"hedges_g": st.hedges_g(sn, base), "cliffs_delta": st.cliffs_delta(sn, base)},
-        "training_time": {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations)),
-                          "ratio": robustness.duration_ratio(*durations, timed_sn, timed_base)},
+        "effect_sizes": effect_sizes,
+        "training_time": training_time,
         "rates": rates,
         "confounding": confounding,
         "manipulation": check,
-        "where_it_helps": _where(c, sn_index, base_index, paired_design, alpha),
-        "stability": robustness.stability(sn, base, pa, pb),
-        "convergence": robustness.convergence(
-            c.epochs[epochs_done & c.sn], c.epochs[epochs_done & ~c.sn],
-            c.epochs[sn_index[epochs_paired]] - c.epochs[base_index[epochs_paired]], paired_design),
+        "where_it_helps": where_it_helps,
+        "stability": stability,
+        "convergence": convergence,
         "strata": strata,
         "power": power,
         "verdict": verdict,
         "warnings": warnings,
         "journal_trials": data.journal_trials,
-        "curves": _curves(data),
+        "curves": curves,
     })

@@ -23,8 +23,8 @@ TRIAL_FIELDS = ("id", "spectral_norm", "status", "val", "train", "duration_ms", 
 
 
 class TrialTable(Sequence):
-    """Trials as the database gave them, a list per field of TRIAL_FIELDS (`columns`, by name): Columns takes the
-    lists as they are, and the per-trial records (`record(**fields)`) are made only when a caller asks for them (the
+    """Trials as the database gave them, a sequence per field of TRIAL_FIELDS (`columns`, by name): Columns takes
+    them as they are, and the per-trial records (`record(**fields)`) are made only when a caller asks for them (the
     plot, complete_pairs)."""
 
     def __init__(self, columns: dict[str, list], record: Callable) -> None:
@@ -149,12 +149,42 @@ def _json_list(texts: Sequence[str | None]) -> list:
 _NO_JIT = "SET LOCAL jit = off"  # the curves' read scans millions of rows once: compiling it costs more than it saves
 
 
+class JsonColumn(Sequence):
+    """A column of JSON texts (None: null) as the values they encode, all parsed in one call on first use: the report
+    parses hyper-parameters and σ only where it uses them (`sntrack report`: in its forked worker,
+    consumers.report.forked). `repeats`: many texts are expected to be equal (the twins of a pair share their
+    hyper-parameters), so each distinct text is parsed once, and equal texts give one shared value."""
+
+    def __init__(self, texts: list[str | None], repeats: bool = False) -> None:
+        self.texts = texts
+        self.repeats = repeats
+
+    @cached_property
+    def values(self) -> list:
+        if not self.repeats:
+            return _json_list(self.texts)
+        distinct = list(dict.fromkeys(self.texts))
+        if len(distinct) == len(self.texts):
+            return _json_list(self.texts)
+        parsed = dict(zip(distinct, _json_list(distinct), strict=True))
+        return list(map(parsed.__getitem__, self.texts))
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def __iter__(self):
+        return iter(self.values)
+
+
 def _trial_columns(rows: Sequence) -> dict[str, list]:
-    """REPORT_TRIALS' rows (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ parsed."""
+    """REPORT_TRIALS' rows (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ as JsonColumns."""
     columns = (dict(zip(TRIAL_FIELDS, map(list, zip(*rows, strict=True)), strict=True)) if rows
                else {name: [] for name in TRIAL_FIELDS})
-    columns["hyperparams"] = _json_list(columns["hyperparams"])
-    columns["sigmas"] = _json_list(columns["sigmas"])
+    columns["hyperparams"] = JsonColumn(columns["hyperparams"], repeats=True)
+    columns["sigmas"] = JsonColumn(columns["sigmas"])
     return columns
 
 

@@ -17,6 +17,9 @@ from sntrack.settings import Settings
 # scipy.stats only where an exact small-sample test or Kolmogorov–Smirnov needs it (consumers.report.special_stats)
 STATISTICS = ("consumers.report.report", "scipy.special")
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")  # what OpenBLAS reads, in its order
+# From this many trials the build computes its hyper-parameter and σ sections in a forked worker on the second core
+# (consumers.report.forked); below it, forking costs more than it saves.
+FORK_MIN_TRIALS = 5_000
 SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.snapshot.load)
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with numpy)
 EXAMPLES = """examples:
@@ -71,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--schema", metavar="SCHEMA",
                         help="report on the past state that `sntrack replay trials --until TIME --into SCHEMA` "
                         "wrote, not on the live tables (summaries from its trials; no journal comparison)")
-    parser.set_defaults(run=_report)
+    parser.set_defaults(run=_report, exit_early=True)  # sntrack.cli._exit_now
 
 
 async def _use_schema(conn, schema: str) -> None:
@@ -135,6 +138,7 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigurationError(str(exc)) from None
         finally:
             await pool.close()
+        statistics.join()  # the build needs them, and forks its worker only where no other thread imports
         return _build_and_print(args, data)
     finally:
         statistics.join()  # not torn down half-imported at exit, whatever happened
@@ -146,7 +150,8 @@ def _build_and_print(args: argparse.Namespace, data) -> int:
     gc.freeze()
     from consumers.report.report import build_report
 
-    report = build_report(data, min_effect=args.min_effect)
+    report = build_report(data, min_effect=args.min_effect, fork=len(data.trials) >= FORK_MIN_TRIALS)
+    args.loaded = data  # freed by the process's end (exit_early), not object by object when this returns
     sys.stdout.write(RENDERERS[args.format](report))
     if args.plot:
         from consumers.report.plot import plot_report
