@@ -138,11 +138,12 @@ async def test_a_small_study_reports_without_numerical_warnings(env):
 
 
 async def test_a_report_on_a_schema_older_than_sntrack_says_to_migrate(env):
-    """A database last migrated by an older sntrack (here: without migration 013's columns) is one line."""
+    """A database last migrated by an older sntrack (here: without migration 014's columns) is one line."""
     await _record(env, synthetic_study(4, 2, seed=2, producer=producer_info(), model_run_id="older"))
     conn = await env.db()
     try:
-        await conn.execute("ALTER TABLE trials DROP COLUMN epochs_to_95, DROP COLUMN last_sigmas")
+        await conn.execute("ALTER TABLE trials DROP COLUMN final_val_accuracy, DROP COLUMN final_train_accuracy, "
+                           "DROP COLUMN final_duration_ms, DROP COLUMN hyperparams_text, DROP COLUMN last_sigmas_text")
     finally:
         await conn.close()
     run = subprocess.run([sys.executable, "-m", "sntrack", "report", "--run", "older"], env=cli_env(env),
@@ -150,7 +151,7 @@ async def test_a_report_on_a_schema_older_than_sntrack_says_to_migrate(env):
     assert run.returncode == 2, run.stderr[-2000:]
     assert run.stdout == "" and len(run.stderr.strip().splitlines()) == 1
     assert "older than this sntrack" in run.stderr and "run `sntrack db migrate`" in run.stderr
-    assert "epochs_to_95" in run.stderr
+    assert "final_val_accuracy" in run.stderr
 
 
 def test_a_report_started_with_its_standard_output_closed_is_one_line_and_exit_2():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from itertools import repeat
-from operator import attrgetter, itemgetter
+from itertools import islice, repeat
+from operator import attrgetter, itemgetter, le
 
 import numpy as np
 
@@ -93,10 +93,13 @@ class Columns:
         if not linked.any():
             return np.zeros(0, int), np.zeros(0, int), 0
         ends = np.stack([own[linked], other[linked]], axis=1)
-        rank = np.empty(self.n, dtype=np.int64)
         # Python's order of the ids (as min/max and sorted() compare them): numpy's string arrays drop trailing NULs,
-        # so "a" and "a\x00" would tie there.
-        rank[sorted(range(self.n), key=ids.__getitem__)] = np.arange(self.n)
+        # so "a" and "a\x00" would tie there. The read model's are usually in order already (the report reads them so).
+        if all(map(le, ids, islice(ids, 1, None))):
+            rank = np.arange(self.n)
+        else:
+            rank = np.empty(self.n, dtype=np.int64)
+            rank[sorted(range(self.n), key=ids.__getitem__)] = np.arange(self.n)
         # A link is (lower id, higher id); ranks order the distinct ids as strings do.
         swap = rank[ends[:, 0]] > rank[ends[:, 1]]
         ends[swap] = ends[swap][:, ::-1]

@@ -179,10 +179,9 @@ class JsonColumn(Sequence):
         return iter(self.values)
 
 
-def _trial_columns(rows: Sequence) -> dict[str, list]:
-    """REPORT_TRIALS' rows (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ as JsonColumns."""
-    columns = (dict(zip(TRIAL_FIELDS, map(list, zip(*rows, strict=True)), strict=True)) if rows
-               else {name: [] for name in TRIAL_FIELDS})
+def _trial_columns(row: asyncpg.Record) -> dict[str, list]:
+    """REPORT_TRIALS' row of arrays (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ as JsonColumns."""
+    columns = {name: [] if values is None else values for name, values in zip(TRIAL_FIELDS, row, strict=True)}
     columns["hyperparams"] = JsonColumn(columns["hyperparams"], repeats=True)
     columns["sigmas"] = JsonColumn(columns["sigmas"])
     return columns
@@ -214,10 +213,9 @@ async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
         await conn.execute(_NO_JIT)
         side = await _side_read(conn, helper, scope) if curves and helper is not None else None
         try:
-            rows = await conn.fetch(queries.REPORT_TRIALS, *scope)
             with paused_gc():
-                columns = _trial_columns(rows)
-            journal = await _check_scope(conn, model_run_id, dataset, len(rows), live)
+                columns = _trial_columns(await conn.fetchrow(queries.REPORT_TRIALS, *scope))
+            journal = await _check_scope(conn, model_run_id, dataset, len(columns["id"]), live)
             if side is not None:
                 curve_rows = await side
             else:

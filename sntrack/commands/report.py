@@ -90,16 +90,17 @@ async def _use_schema(conn, schema: str) -> None:
     if len(found) < 3:
         raise ConfigurationError(f"--schema {schema!r} holds no past state of trials; write one with `sntrack replay "
                                  f"trials --until TIME --into {schema}`")
-    if not await conn.fetchval(SUMMARIZED, schema):
-        raise ConfigurationError(f"--schema {schema!r} was written by an older sntrack, without the trials' curve "
-                                 "summaries; write a new past state with `sntrack replay trials --until TIME --into "
+    if not await conn.fetchval(CURRENT, schema):
+        raise ConfigurationError(f"--schema {schema!r} was written by an older sntrack, without columns the report "
+                                 "reads; write a new past state with `sntrack replay trials --until TIME --into "
                                  "NEW_SCHEMA`")
     path = await conn.fetchval("SELECT current_setting('search_path')")
     await conn.execute("SELECT set_config('search_path', $1, false)", f"{_quoted(schema)}, {path}")
 
 
-SUMMARIZED = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 "
-              "AND table_name = 'trials' AND column_name = 'epochs_to_95')")
+# A past state holds the columns the report reads: those of the newest migration that added any (014).
+CURRENT = ("SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = $1 "
+           "AND table_name = 'trials' AND column_name = 'last_sigmas_text')")
 
 
 def _quoted(name: str) -> str:
