@@ -130,14 +130,16 @@ def _report(r: dict) -> list[str]:
             f"| what scipy.stats would add to scipy.special (not imported over more than 50 pairs) | "
             f"{r['scipy_stats_over_special_s']} | |",
             f"| in process: connect, load, build, render | {r['in_process_s']} | |",
-            f"| load: the trials with their curve summaries, the comparison rows, in one snapshot + parsing | "
-            f"{r['load_s']} | |",
+            f"| load: the trials (one row of arrays, their curve summaries included), the comparison rows, in one "
+            f"snapshot | {r['load_s']} | |",
             f"| `sntrack report --format json`, a fresh process (it adds the mean learning curves, a scan of every "
             f"epoch; median of {len(r['cli_json_samples_s'])}: {', '.join(map(str, r['cli_json_samples_s']))}) | "
             f"{r['cli_json_s']} | |",
             f"| its load, the curves read on {r['side_readers']} side connection | {r['load_with_curves_s']} | |",
             f"| the same load on one connection, the queries in turn | {r['load_one_connection_s']} | |",
-            f"| build_report after load | {r['build_s']} | |",
+            f"| build_report after load, in one process | {r['build_s']} | |",
+            *([f"| the same with its forked child, as the command builds it | {r['build_forked_s']} | |"]
+              if "build_forked_s" in r else []),
             f"| baseline: build_report from data already in memory | {r['in_memory_build_s']} | |",
             "", "Queries alone, one after the other, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + ".",
             *([f"1-minute load average before / after: {r['load_avg_1m'][0]} / {r['load_avg_1m'][1]} on {r['cpus']} "
