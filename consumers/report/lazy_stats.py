@@ -17,6 +17,7 @@ from types import ModuleType
 # every name dir(numpy) lists): numpy's submodules that load on first access are imported too, these two among them.
 # They took about 0.05 s of the 0.11 s scipy.special's import took, and nothing the report runs uses them.
 UNUSED_NUMPY = ("f2py", "testing")
+_NUMPY_NAMES = threading.Lock()  # one import_scipy_special at a time changes numpy's names and puts them back
 
 
 def import_scipy_special() -> ModuleType:
@@ -25,15 +26,16 @@ def import_scipy_special() -> ModuleType:
     imported."""
     import numpy
 
-    listed, names = numpy.__dict__.get("__dir__"), numpy.__dict__.get("__all__")
-    if listed is None or not isinstance(names, list) or "scipy.special" in sys.modules:
-        return importlib.import_module("scipy.special")
-    numpy.__dir__ = lambda: [name for name in listed() if name not in UNUSED_NUMPY]
-    numpy.__all__ = [name for name in names if name not in UNUSED_NUMPY]
-    try:
-        return importlib.import_module("scipy.special")
-    finally:
-        numpy.__dir__, numpy.__all__ = listed, names
+    with _NUMPY_NAMES:
+        listed, names = numpy.__dict__.get("__dir__"), numpy.__dict__.get("__all__")
+        if listed is None or not isinstance(names, list) or "scipy.special" in sys.modules:
+            return importlib.import_module("scipy.special")
+        numpy.__dir__ = lambda: [name for name in listed() if name not in UNUSED_NUMPY]
+        numpy.__all__ = [name for name in names if name not in UNUSED_NUMPY]
+        try:
+            return importlib.import_module("scipy.special")
+        finally:
+            numpy.__dir__, numpy.__all__ = listed, names
 
 
 def _import(name: str) -> ModuleType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import os
 import sys
@@ -139,7 +140,10 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
             raise ConfigurationError(str(exc)) from None
         finally:
             await pool.close()
-        statistics.join()  # the build needs them, and forks its worker only where no other thread imports
+        # The build needs the statistics, and forks its worker only where no other thread runs: the import thread,
+        # or asyncio's executor (left from resolving a host name).
+        statistics.join()
+        await asyncio.get_running_loop().shutdown_default_executor()
         return _build_and_print(args, data)
     finally:
         statistics.join()  # not torn down half-imported at exit, whatever happened
