@@ -137,9 +137,10 @@ def _report(r: dict) -> list[str]:
             f"{r['cli_json_s']} | |",
             f"| its load, the curves read on {r['side_readers']} side connection | {r['load_with_curves_s']} | |",
             f"| the same load on one connection, the queries in turn | {r['load_one_connection_s']} | |",
-            f"| build_report after load, in one process | {r['build_s']} | |",
-            *([f"| the same with its forked child, as the command builds it | {r['build_forked_s']} | |"]
-              if "build_forked_s" in r else []),
+            f"| build_report after load, in this benchmark's process | {r['build_s']} | |",
+            *([f"| build_report after load in a fresh interpreter, in one process / with its forked child, as the "
+               f"command builds it (median of {r['build_fresh_runs']}) | {r['build_fresh_s']} / "
+               f"{r['build_forked_s']} | |"] if "build_forked_s" in r else []),
             f"| baseline: build_report from data already in memory | {r['in_memory_build_s']} | |",
             "", "Queries alone, one after the other, ms: " + ", ".join(f"{k} {v}" for k, v in q.items()) + ".",
             *([f"1-minute load average before / after: {r['load_avg_1m'][0]} / {r['load_avg_1m'][1]} on {r['cpus']} "

@@ -105,9 +105,9 @@ def _cli(url: str, *options: str, tries: int = 5) -> float:
     raise RuntimeError(f"sntrack report failed: {out.stderr[-500:]}")
 
 
-# build_report as `sntrack report` runs it, with its forked child, timed in a fresh interpreter: the child is forked
-# only where the process has no other thread, and this benchmark's has asyncio's executor.
-FORKED_BUILD = """
+# build_report in a fresh interpreter after a load, as `sntrack report` runs it, with or without its forked child (the
+# child is forked only where the process has no other thread, and this benchmark's has asyncio's executor).
+FRESH_BUILD = """
 import asyncio, time
 import asyncpg
 from consumers.report.report import build_report
@@ -120,7 +120,7 @@ async def loaded():
         await conn.close()
 data = asyncio.run(loaded())
 started = time.perf_counter()
-build_report(data, fork=True)
+build_report(data, fork={fork})
 print(time.perf_counter() - started)
 """
 
@@ -206,7 +206,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
             for samples, code in ((cli_imports, CLI_IMPORTS), (statistics_imports, STATISTICS_IMPORTS),
                                   (special, SCIPY_SPECIAL), (scipy_stats, SCIPY_STATS)):
                 samples.append(await asyncio.to_thread(_python, code))
-        load_s, curves_s, one_connection_s, build_s, render_s, in_memory_s, forked_s = [], [], [], [], [], [], []
+        load_s, curves_s, one_connection_s, build_s, render_s, in_memory_s = [], [], [], [], [], []
+        fresh_s, forked_s = [], []
         for _ in range(REPEATS):
             one_connection_s.append((await _timed(lambda: _load(scratch_url, 0, True)))[0])
             curves_s.append((await _timed(lambda: _load(scratch_url, SIDE_READERS, True)))[0])
@@ -218,7 +219,9 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
             started = time.perf_counter()
             render_table(report)
             render_s.append(time.perf_counter() - started)
-            forked_s.append(float(await asyncio.to_thread(_python_output, FORKED_BUILD.format(url=scratch_url))))
+            for samples, fork in ((fresh_s, False), (forked_s, True)):
+                code = FRESH_BUILD.format(url=scratch_url, fork=fork)
+                samples.append(float(await asyncio.to_thread(_python_output, code)))
         for _ in range(REPEATS):  # the baseline: the same statistics from data already in memory
             started = time.perf_counter()
             build_report(data)
@@ -237,7 +240,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         "scipy_stats_over_special_s": round(_median(scipy_stats) - _median(special), 3),
         "in_process_s": _median(in_process), "load_s": _median(load_s), "side_readers": SIDE_READERS,
         "load_with_curves_s": _median(curves_s), "load_one_connection_s": _median(one_connection_s),
-        "build_s": _median(build_s), "build_forked_s": _median(forked_s),
+        "build_s": _median(build_s), "build_fresh_s": _median(fresh_s), "build_forked_s": _median(forked_s),
+        "build_fresh_runs": len(fresh_s),
         "render_s": _median(render_s), "in_memory_build_s": _median(in_memory_s),
         "query_ms": query_ms, "target_s": TARGET_S, "target_met": _median(cli) <= TARGET_S,
         "load_avg_1m": [load_before, round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
