@@ -134,8 +134,7 @@ def _python_output(code: str) -> str:
 def _python(code: str) -> float:
     """Seconds for a fresh interpreter to run `code`, with one OpenBLAS thread as `sntrack report` runs."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
-                   env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    _python_output(code)
     return time.perf_counter() - started
 
 

@@ -27,7 +27,7 @@ class TrialTable(Sequence):
     them as they are, and the per-trial records (`record(**fields)`) are made only when a caller asks for them (the
     plot, complete_pairs)."""
 
-    def __init__(self, columns: dict[str, list], record: Callable) -> None:
+    def __init__(self, columns: dict[str, Sequence], record: Callable) -> None:
         self.fields = [columns[name] for name in TRIAL_FIELDS]
         self._record = record
 
@@ -161,9 +161,7 @@ class JsonColumn(Sequence):
 
     @cached_property
     def values(self) -> list:
-        if not self.repeats:
-            return _json_list(self.texts)
-        distinct = list(dict.fromkeys(self.texts))
+        distinct = list(dict.fromkeys(self.texts)) if self.repeats else self.texts
         if len(distinct) == len(self.texts):
             return _json_list(self.texts)
         parsed = dict(zip(distinct, _json_list(distinct), strict=True))
@@ -179,7 +177,7 @@ class JsonColumn(Sequence):
         return iter(self.values)
 
 
-def _trial_columns(row: asyncpg.Record) -> dict[str, list]:
+def _trial_columns(row: asyncpg.Record) -> dict[str, Sequence]:
     """REPORT_TRIALS' row of arrays (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ as JsonColumns."""
     columns = {name: [] if values is None else values for name, values in zip(TRIAL_FIELDS, row, strict=True)}
     columns["hyperparams"] = JsonColumn(columns["hyperparams"], repeats=True)
@@ -213,8 +211,7 @@ async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
         await conn.execute(_NO_JIT)
         side = await _side_read(conn, helper, scope) if curves and helper is not None else None
         try:
-            with paused_gc():
-                columns = _trial_columns(await conn.fetchrow(queries.REPORT_TRIALS, *scope))
+            columns = _trial_columns(await conn.fetchrow(queries.REPORT_TRIALS, *scope))
             journal = await _check_scope(conn, model_run_id, dataset, len(columns["id"]), live)
             if side is not None:
                 curve_rows = await side
