@@ -130,12 +130,13 @@ def _report(r: dict) -> list[str]:
             f"| what scipy.stats would add to scipy.special (not imported over more than 50 pairs) | "
             f"{r['scipy_stats_over_special_s']} | |",
             f"| in process: connect, load, build, render | {r['in_process_s']} | |",
-            f"| load: the trials (one row of arrays, their curve summaries included), the comparison rows, in one "
-            f"snapshot | {r['load_s']} | |",
+            f"| load: the trials (rows of arrays, their curve summaries included; hyper-parameters and σ on "
+            f"{r['helpers']} side connection), the comparison rows, in one snapshot | {r['load_s']} | |",
             f"| `sntrack report --format json`, a fresh process (it adds the mean learning curves, a scan of every "
             f"epoch; median of {len(r['cli_json_samples_s'])}: {', '.join(map(str, r['cli_json_samples_s']))}) | "
             f"{r['cli_json_s']} | |",
-            f"| its load, the curves read on {r['side_readers']} side connection | {r['load_with_curves_s']} | |",
+            f"| its load, the curves read on {r['curve_helpers']} more side connection | "
+            f"{r['load_with_curves_s']} | |",
             f"| the same load on one connection, the queries in turn | {r['load_one_connection_s']} | |",
             f"| build_report after load, in this benchmark's process | {r['build_s']} | |",
             *([f"| build_report after load in a fresh interpreter, in one process / with its forked child, as the "

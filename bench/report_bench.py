@@ -30,7 +30,7 @@ from consumers.report.queries import COMPARISON_COLUMNS, COMPARISON_FROM_TRIALS
 from consumers.report.render import render_table
 from consumers.report.report import build_report
 from consumers.report.snapshot import load
-from sntrack.commands.report import SIDE_READERS
+from sntrack.commands.report import CURVE_HELPERS, HELPERS
 
 TARGET_S = 1.0
 EPOCHS = 30
@@ -150,7 +150,7 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
     REPEATS)."""
     out = {}
     await conn.execute("SET jit = off")
-    for name in ("REPORT_TRIALS", "REPORT_CURVES"):
+    for name in ("REPORT_TRIALS", "REPORT_TRIAL_JSON", "REPORT_CURVES"):
         samples = []
         for _ in range(REPEATS):
             started = time.perf_counter()
@@ -160,12 +160,12 @@ async def _queries(conn: asyncpg.Connection) -> dict[str, float]:
     return out
 
 
-async def _load(url: str, side_readers: int, curves: bool):
-    """`load` as `sntrack report` runs it: connect, then read, the curves (`--format json` or `csv`, `--plot`) with
-    `side_readers` helper connections (0: the one connection reads everything in turn)."""
-    connections = await asyncio.gather(*(asyncpg.connect(url) for _ in range(1 + side_readers)))
+async def _load(url: str, helpers: int, curves: bool):
+    """`load` as `sntrack report` runs it: connect, then read, the curves too where `curves` (`--format json` or
+    `csv`, `--plot`), with `helpers` connections beside the loading one (0: that one reads everything in turn)."""
+    connections = await asyncio.gather(*(asyncpg.connect(url) for _ in range(1 + helpers)))
     try:
-        return await load(connections[0], curves=curves, helper=connections[1] if side_readers else None)
+        return await load(connections[0], curves=curves, helpers=connections[1:])
     finally:
         await asyncio.gather(*(c.close() for c in connections))
 
@@ -209,8 +209,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         fresh_s, forked_s = [], []
         for _ in range(REPEATS):
             one_connection_s.append((await _timed(lambda: _load(scratch_url, 0, True)))[0])
-            curves_s.append((await _timed(lambda: _load(scratch_url, SIDE_READERS, True)))[0])
-            elapsed, data = await _timed(lambda: _load(scratch_url, 0, False))
+            curves_s.append((await _timed(lambda: _load(scratch_url, HELPERS + CURVE_HELPERS, True)))[0])
+            elapsed, data = await _timed(lambda: _load(scratch_url, HELPERS, False))
             load_s.append(elapsed)
             started = time.perf_counter()
             report = build_report(data)
@@ -237,7 +237,8 @@ async def run(database_url: str, trials: int = 100_000) -> dict:
         "interpreter_and_cli_imports_s": _median(cli_imports),
         "interpreter_and_statistics_imports_s": _median(statistics_imports),
         "scipy_stats_over_special_s": round(_median(scipy_stats) - _median(special), 3),
-        "in_process_s": _median(in_process), "load_s": _median(load_s), "side_readers": SIDE_READERS,
+        "in_process_s": _median(in_process), "load_s": _median(load_s), "helpers": HELPERS,
+        "curve_helpers": CURVE_HELPERS,
         "load_with_curves_s": _median(curves_s), "load_one_connection_s": _median(one_connection_s),
         "build_s": _median(build_s), "build_fresh_s": _median(fresh_s), "build_forked_s": _median(forked_s),
         "build_fresh_runs": len(fresh_s),

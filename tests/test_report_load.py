@@ -1,8 +1,10 @@
-"""How the report loads: the trials as columns (a TrialTable) give the report the records give, and the curves read
-on a helper connection come from the loading connection's snapshot, whatever commits meanwhile."""
+"""How the report loads: the trials as columns (a TrialTable) give the report the records give, and what helper
+connections read (hyper-parameters and σ, the curves) comes from the loading connection's snapshot, whatever commits
+meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 import uuid
@@ -15,7 +17,7 @@ from consumers.persistence import apply_events
 from consumers.registry import PROJECTIONS
 from consumers.report.columns import Columns
 from consumers.report.report import build_report
-from consumers.report.snapshot import ComparisonData, TrialTable, load, paused_gc
+from consumers.report.snapshot import ComparisonData, JsonColumn, TrialTable, load, paused_gc
 from producer.emitter import producer_info
 from producer.sample import synthetic_study
 
@@ -30,11 +32,24 @@ VALUES ('late', 'loaded', true, 'completed', '{"final_val_accuracy": 0.5}', now(
 """
 
 
-class _WritesBeforeItsFirstRead:
-    """A helper connection that, before its first read, has another connection commit LATE_WRITES."""
+class _LateWriter:
+    """Commits LATE_WRITES once, on the first call, whichever helper calls first; the others wait for it."""
 
-    def __init__(self, conn, writer):
-        self.conn, self.writer, self.written = conn, writer, False
+    def __init__(self, conn):
+        self.conn, self.lock, self.written = conn, asyncio.Lock(), False
+
+    async def __call__(self) -> None:
+        async with self.lock:
+            if not self.written:
+                await self.conn.execute(LATE_WRITES)
+                self.written = True
+
+
+class _WritesBeforeItsFirstRead:
+    """A helper connection that, before each read, has another connection commit LATE_WRITES (once)."""
+
+    def __init__(self, conn, writer: _LateWriter):
+        self.conn, self.writer = conn, writer
 
     def transaction(self, **options):
         return self.conn.transaction(**options)
@@ -43,29 +58,35 @@ class _WritesBeforeItsFirstRead:
         return await self.conn.execute(sql)
 
     async def fetch(self, sql: str, *args):
-        if not self.written:
-            await self.writer.execute(LATE_WRITES)
-            self.written = True
+        await self.writer()
         return await self.conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args):
+        await self.writer()
+        return await self.conn.fetchrow(sql, *args)
 
 
 def _seen(data: ComparisonData) -> tuple:
     return ([(t.id, t.epochs_to_95, t.sigmas) for t in data.trials], data.curves)
 
 
-async def test_side_readers_read_the_snapshot_of_the_loading_connection(env):
+@pytest.mark.parametrize("helpers", [1, 2])
+async def test_side_readers_read_the_snapshot_of_the_loading_connection(env, helpers):
+    """With one helper, it reads hyper-parameters and σ and the loading connection reads the curves after the trials;
+    with two, each reads one. Another connection commits LATE_WRITES before any helper reads."""
     study = synthetic_study(12, 4, seed=3, producer=producer_info(), model_run_id="loaded", paired=True)
-    conn, writer, helper = [await env.db() for _ in range(3)]
+    conn, writer, *others = [await env.db() for _ in range(2 + helpers)]
     try:
         await apply_events(conn, PROJECTIONS["trials"], [e for trial in study for e in trial])
         before = await load(conn, "loaded")
-        side = _WritesBeforeItsFirstRead(helper, writer)
-        during = await load(conn, "loaded", helper=side)
-        after = await load(conn, "loaded", helper=helper)
+        late = _LateWriter(writer)
+        sides = [_WritesBeforeItsFirstRead(each, late) for each in others]
+        during = await load(conn, "loaded", helpers=sides)
+        after = await load(conn, "loaded", helpers=others)
     finally:
-        for each in (conn, writer, helper):
+        for each in (conn, writer, *others):
             await each.close()
-    assert side.written
+    assert late.written
     assert _seen(during) == _seen(before)
     assert _seen(after) != _seen(before) and len(after.trials) == len(before.trials) + 1
 
@@ -176,3 +197,11 @@ async def test_the_migration_fills_the_summaries_of_trials_recorded_before_it(en
     finally:
         await conn.close()
     assert len(kept) >= 8 and kept == oracle
+
+
+def test_a_json_column_gives_one_value_without_parsing_the_others():
+    column = JsonColumn(['{"lr": 0.1}', None, '{"lr": 0.1}', "[1, 2]"], repeats=True)
+    assert [column.item(i) for i in range(4)] == [{"lr": 0.1}, None, {"lr": 0.1}, [1, 2]]
+    assert "values" not in vars(column)  # nothing parsed as a whole yet
+    assert list(column) == [{"lr": 0.1}, None, {"lr": 0.1}, [1, 2]]
+    assert column.item(3) is column.values[3]  # once parsed, the parsed values

@@ -13,7 +13,7 @@ from operator import attrgetter, itemgetter, le
 
 import numpy as np
 
-from consumers.report.snapshot import TRIAL_FIELDS, TrialTable
+from consumers.report.snapshot import TRIAL_FIELDS, JsonColumn, TrialTable
 
 STATUSES = ("completed", "pruned", "failed", "running")
 STATUS_CODES = {name: code for code, name in enumerate(STATUSES)}
@@ -71,6 +71,11 @@ class Columns:
     def sigmas(self) -> list[dict | None]:
         return list(self._sigmas)
 
+    def hyperparams_at(self, i: int) -> dict | None:
+        """Trial i's hyper-parameters, without parsing the others' where they are not parsed yet."""
+        column = self._hyperparams
+        return column.item(i) if isinstance(column, JsonColumn) else column[i]
+
     def arm(self, spectral_norm: bool) -> np.ndarray:
         return self.sn if spectral_norm else ~self.sn
 
@@ -123,3 +128,16 @@ class Columns:
         low, high = low[complete], high[complete]
         low_is_sn = self.sn[low]
         return np.where(low_is_sn, low, high), np.where(low_is_sn, high, low), len(links)
+
+
+class Lazily(Sequence):
+    """get(positions[k]) at index k, computed when read: for a sequence of which few entries are ever read."""
+
+    def __init__(self, get, positions: Sequence[int]) -> None:
+        self._get, self._positions = get, positions
+
+    def __len__(self) -> int:
+        return len(self._positions)
+
+    def __getitem__(self, k):
+        return self._get(self._positions[k])

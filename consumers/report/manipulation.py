@@ -73,11 +73,11 @@ def check(sn: Arm, baseline: Arm) -> dict:
     over = np.zeros(len(sn_ids), bool)
     for names, at, sigma in sn_groups:
         all_wrapped = sigma > SN_TOLERANCE
-        last = names.index(sorted(names, key=_layer_order)[-1]) if names else None
-        unwrapped_output = np.fromiter(((sn_hps[i] or {}).get("sn_output_layer") is False for i in at.tolist()),
-                                       bool, len(at))
-        if last is not None:
-            all_wrapped[unwrapped_output, last] = False
+        if names:  # the output layer is exempt where a trial says it is not wrapped (its hyper-parameters are read
+            # only for trials with that layer above the tolerance)
+            last = names.index(sorted(names, key=_layer_order)[-1])
+            all_wrapped[[k for k in np.flatnonzero(all_wrapped[:, last]).tolist()
+                         if (sn_hps[at[k]] or {}).get("sn_output_layer") is False], last] = False
         over[at] = all_wrapped.any(axis=1)
     under = np.zeros(len(base_ids), bool)
     for names, at, sigma in base_groups:

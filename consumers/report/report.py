@@ -19,7 +19,7 @@ from consumers.report import equivalence as eq
 from consumers.report import explore, forked, manipulation, robustness
 from consumers.report import stats as st
 from consumers.report import verdict as vd
-from consumers.report.columns import Columns
+from consumers.report.columns import Columns, Lazily
 from consumers.report.snapshot import ComparisonData, TrialRecord, paused_gc
 
 REPORT_VERSION = 2
@@ -236,16 +236,27 @@ def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha:
         return _build_report(data, min_effect, alpha, now, fork)
 
 
-def _by_hyperparameters(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool,
-                        alpha: float) -> tuple[list[dict], dict, dict]:
-    """The sections that read the trials' hyper-parameters and σ (parsed here, on first use): confounding, the
-    manipulation check and where it helps."""
+def _beside(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool, alpha: float,
+            min_effect: float) -> tuple[list[dict], dict, tuple[dict, eq.Tost]]:
+    """The sections computed beside the others, in the forked child where the report forks: those that read the
+    trials' hyper-parameters (parsed here, on first use), confounding and where it helps, and the equivalence tests
+    (resampling for ASO and the Bayesian test)."""
     confounding = [] if paired_design else _confounding(c, alpha)
-    measured = np.fromiter(map(bool, c.sigmas), bool, c.n)  # σ were recorded
-    check = manipulation.check(*(tuple(list(map(column.__getitem__, np.flatnonzero(mask & measured).tolist()))
-                                       for column in (c.ids, c.sigmas, c.hyperparams))
-                                 for mask in (c.done & c.sn, c.done & ~c.sn)))
-    return confounding, check, _where(c, sn_index, base_index, paired_design, alpha)
+    sn, base = c.val[c.done & c.sn], c.val[c.done & ~c.sn]
+    equivalence = _equivalence(sn, base, c.val[sn_index], c.val[base_index], paired_design, min_effect)
+    return confounding, _where(c, sn_index, base_index, paired_design, alpha), equivalence
+
+
+def _manipulation(c: Columns) -> dict:
+    """The manipulation check over the completed trials that recorded σ (parsed here, on first use; hyper-parameters
+    only where the check needs them)."""
+    measured = np.fromiter(map(bool, c.sigmas), bool, c.n)
+    arms = []
+    for mask in (c.done & c.sn, c.done & ~c.sn):
+        at = np.flatnonzero(mask & measured).tolist()
+        arms.append((list(map(c.ids.__getitem__, at)), list(map(c.sigmas.__getitem__, at)),
+                     Lazily(c.hyperparams_at, at)))
+    return manipulation.check(*arms)
 
 
 def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: datetime | None, fork: bool) -> dict:
@@ -253,8 +264,7 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
     sn_index, base_index, linked = c.pairs()
     n_pairs = len(sn_index)
     paired_design = vd.choose_design(int(c.done.sum()), n_pairs) == vd.PAIRED
-    by_hyperparameters = (forked.start if fork else partial)(
-        _by_hyperparameters, c, sn_index, base_index, paired_design, alpha)
+    beside = (forked.start if fork else partial)(_beside, c, sn_index, base_index, paired_design, alpha, min_effect)
     sn_done, base_done = c.done & c.sn, c.done & ~c.sn
     sn, base = c.val[sn_done], c.val[base_done]
     warnings: list[str] = [w for w in (_lag_warning(data),) if w]
@@ -315,7 +325,6 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
                            "it is context, not evidence, and stays out of the verdict",
         "min_effect": _power_block(min_effect, scale, n_now, paired_design, alpha),
     }
-    equivalence, tost = _equivalence(sn, base, pa, pb, paired_design, min_effect)
     epochs_done = c.done & c.epochs_present
     epochs_paired = c.epochs_present[sn_index] & c.epochs_present[base_index]
     stability = robustness.stability(sn, base, pa, pb)
@@ -326,7 +335,8 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
     training_time = {"overhead": overhead, "difference_ms": asdict(st.welch_difference(*durations)),
                      "ratio": robustness.duration_ratio(*durations, timed_sn, timed_base)}
     curves = _curves(data)
-    confounding, check, where_it_helps = by_hyperparameters()
+    check = _manipulation(c)
+    confounding, where_it_helps, (equivalence, tost) = beside()
     differing = [x for x in confounding if x["differs"]]
     if differing:
         listed = ", ".join(f"{x['hyperparam']} (p = {vd.fmt_p(x['p_value'])})" for x in differing)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -167,6 +167,13 @@ class JsonColumn(Sequence):
         parsed = dict(zip(distinct, _json_list(distinct), strict=True))
         return list(map(parsed.__getitem__, self.texts))
 
+    def item(self, index: int):
+        """The value at `index`, parsing only its text where the column is not parsed yet."""
+        if "values" in self.__dict__:
+            return self.values[index]
+        text = self.texts[index]
+        return None if text is None else from_json(text)
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -177,56 +184,62 @@ class JsonColumn(Sequence):
         return iter(self.values)
 
 
-def _trial_columns(row: asyncpg.Record) -> dict[str, Sequence]:
-    """REPORT_TRIALS' row of arrays (TRIAL_FIELDS, in order) as columns, hyper-parameters and σ as JsonColumns."""
-    columns = {name: [] if values is None else values for name, values in zip(TRIAL_FIELDS, row, strict=True)}
+def _trial_columns(row: asyncpg.Record, json_row: asyncpg.Record) -> dict[str, Sequence]:
+    """REPORT_TRIALS' and REPORT_TRIAL_JSON's rows of arrays as columns (TRIAL_FIELDS), hyper-parameters and σ as
+    JsonColumns."""
+    columns = {name: [] if values is None else values for name, values in (*row.items(), *json_row.items())}
     columns["hyperparams"] = JsonColumn(columns["hyperparams"], repeats=True)
     columns["sigmas"] = JsonColumn(columns["sigmas"])
     return columns
 
 
-async def _side_read(conn: asyncpg.Connection, helper: asyncpg.Connection, scope: tuple) -> asyncio.Future:
-    """REPORT_CURVES started on `helper`, in a transaction in `conn`'s exported snapshot."""
+Read = Callable[[asyncpg.Connection], Awaitable]
+
+
+async def _side_reads(conn: asyncpg.Connection, helpers: Sequence[asyncpg.Connection],
+                      reads: Sequence[Read]) -> list[asyncio.Future]:
+    """Each read started on its own helper, in a transaction in `conn`'s exported snapshot."""
     snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
 
-    async def read() -> list:
+    async def on(helper: asyncpg.Connection, read: Read):
         async with helper.transaction(isolation="repeatable_read", readonly=True):
             await helper.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'; {_NO_JIT}")
-            return await helper.fetch(queries.REPORT_CURVES, *scope)
-    return asyncio.ensure_future(read())
+            return await read(helper)
+    return [asyncio.ensure_future(on(helper, read)) for helper, read in zip(helpers, reads, strict=False)]
 
 
 async def load(conn: asyncpg.Connection, model_run_id: str | None = None,
                dataset: str | None = None, *, live: bool = True, curves: bool = True,
-               helper: asyncpg.Connection | None = None) -> ComparisonData:
+               helpers: Sequence[asyncpg.Connection] = ()) -> ComparisonData:
     """Read trials (each with the summary of its curve the trials projection keeps), the mean learning curves and
     the sn_comparison rows in one repeatable-read snapshot. Not `live`: the connection's search_path starts with a
     schema written by `sntrack replay trials --until`, which holds trials and trial_metrics only; the summaries then
     come from its trials, and neither the live sn_comparison nor the journal is read. `curves=False` leaves the
     learning curves out (a scan of every epoch of every trial in scope; only JSON, CSV and the figure show them).
-    `helper`, another connection to the same database and search_path, reads the curves meanwhile, in the same
-    snapshot. The trials come back as a TrialTable (columns; records on demand)."""
+    `helpers`, other connections to the same database and search_path, read the trials' hyper-parameters and σ,
+    then the curves, meanwhile, one each and in the same snapshot; what no helper reads, `conn` reads after the
+    trials. The trials come back as a TrialTable (columns; records on demand)."""
     scope = (model_run_id, dataset)
+    reads: list[Read] = [lambda c: c.fetchrow(queries.REPORT_TRIAL_JSON, *scope)]
+    if curves:
+        reads.append(lambda c: c.fetch(queries.REPORT_CURVES, *scope))
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute(_NO_JIT)
-        side = await _side_read(conn, helper, scope) if curves and helper is not None else None
+        side = await _side_reads(conn, helpers, reads) if helpers else []
         try:
-            columns = _trial_columns(await conn.fetchrow(queries.REPORT_TRIALS, *scope))
-            journal = await _check_scope(conn, model_run_id, dataset, len(columns["id"]), live)
-            if side is not None:
-                curve_rows = await side
-            else:
-                curve_rows = await conn.fetch(queries.REPORT_CURVES, *scope) if curves else []
-        finally:  # an unknown scope: the side read stops, and its connection is free again when this returns
-            if side is not None:
-                side.cancel()
-                await asyncio.gather(side, return_exceptions=True)
+            row = await conn.fetchrow(queries.REPORT_TRIALS, *scope)
+            journal = await _check_scope(conn, model_run_id, dataset, len(row["id"] or ()), live)
+            json_row, *more = [await each for each in side] + [await read(conn) for read in reads[len(side):]]
+        finally:  # an unknown scope: the side reads stop, and their connections are free again when this returns
+            for each in side:
+                each.cancel()
+            await asyncio.gather(*side, return_exceptions=True)
         aggregates = None
         if dataset is None and live:
             found = await conn.fetch(queries.REPORT_AGGREGATES, model_run_id or OVERALL)
             aggregates = {(r["spectral_norm"], r["status"]): dict(r) for r in found}
     with paused_gc():
-        trials = TrialTable(columns, TrialRecord)
+        trials = TrialTable(_trial_columns(row, json_row), TrialRecord)
     points = [CurvePoint(r["spectral_norm"], r["epoch"], r["n"], r["mean"], r["std"], r["elapsed_s"])
-              for r in curve_rows]
+              for r in (more[0] if more else [])]
     return ComparisonData(trials, aggregates, points, model_run_id, dataset, journal)

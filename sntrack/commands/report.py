@@ -21,7 +21,9 @@ BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")  
 # From this many trials the build computes its hyper-parameter and σ sections in a forked worker on the second core
 # (consumers.report.forked); below it, forking costs more than it saves.
 FORK_MIN_TRIALS = 5_000
-SIDE_READERS = 1  # reads the curves beside the connection that reads the trials (consumers.report.snapshot.load)
+# Connections beside the one that reads the trials (consumers.report.snapshot.load): one reads their
+# hyper-parameters and σ meanwhile, one the learning curves where they are shown.
+HELPERS, CURVE_HELPERS = 1, 1
 MIN_EFFECT = 0.01  # the same default as consumers.report.report.MIN_EFFECT (imported lazily, with numpy)
 EXAMPLES = """examples:
   sntrack report --run demo-study
@@ -117,7 +119,7 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
     from consumers.report.snapshot import UnknownScope, load
 
     curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
-    size = 1 + SIDE_READERS if curves else 1
+    size = 1 + HELPERS + (CURVE_HELPERS if curves else 0)
     pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
     # The read needs no numpy: the statistics' modules import in a thread while the server works on it (started
     # once connected: the handshake's round trips would each wait for the interpreter), and their first use waits
@@ -135,7 +137,7 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
                     for each in connections:
                         await _use_schema(each, args.schema)
                 data = await load(connections[0], args.model_run_id, args.dataset, live=args.schema is None,
-                                  curves=curves, helper=connections[1] if curves else None)
+                                  curves=curves, helpers=connections[1:])
         except UnknownScope as exc:
             raise ConfigurationError(str(exc)) from None
         finally:
