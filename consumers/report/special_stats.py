@@ -159,10 +159,11 @@ def nct_cdf(x: float, df: float, nc: float) -> float:
 
 
 def nct_sf(x: float, df: float, nc: float) -> float:
-    """stats.nct.sf(x, df, nc): the Boost sf nct._sf calls (special._ufuncs._nct_sf), for finite x, nc, df > 0."""
+    """stats.nct.sf(x, df, nc): the Boost sf nct._sf calls (scipy.special._ufuncs._nct_sf), for finite x, nc,
+    df > 0."""
     if _finite(x, nc) and _positive(df):
         with np.errstate(over="ignore"):
-            return float(np.clip(special._ufuncs._nct_sf(x, df, nc), 0, 1))
+            return float(np.clip(special._nct_sf(x, df, nc), 0, 1))
     return float(stats.nct.sf(x, df, nc))
 
 
@@ -343,21 +344,21 @@ class _Hypergeometric:
 
     def pmf(self, k: int) -> float:
         if self.low <= k <= self.high:
-            return float(np.clip(special._ufuncs._hypergeom_pmf(float(k), *self.args), 0, 1))
+            return float(np.clip(special._hypergeom_pmf(float(k), *self.args), 0, 1))
         return 0.0
 
     def cdf(self, k: int) -> float:
         if k >= self.high:
             return 1.0
         if k >= self.low:
-            return float(np.clip(special._ufuncs._hypergeom_cdf(float(k), *self.args), 0, 1))
+            return float(np.clip(special._hypergeom_cdf(float(k), *self.args), 0, 1))
         return 0.0
 
     def sf(self, k: int) -> float:
         if k < self.low:
             return 1.0
         if k < self.high:
-            return float(np.clip(special._ufuncs._hypergeom_sf(float(k), *self.args), 0, 1))
+            return float(np.clip(special._hypergeom_sf(float(k), *self.args), 0, 1))
         return 0.0
 
 

@@ -11,12 +11,13 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from common.errors import ConfigurationError
+from consumers.report.lazy_stats import SPECIAL_FUNCTIONS, import_in_background
 from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
 from sntrack.pools import read_pool
 from sntrack.settings import Settings
 
 # scipy.stats only where an exact small-sample test or Kolmogorov–Smirnov needs it (consumers.report.special_stats)
-STATISTICS = ("consumers.report.report", "scipy.special")
+STATISTICS = ("consumers.report.report", SPECIAL_FUNCTIONS)
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")  # what OpenBLAS reads, in its order
 # From this many trials the build computes its hyper-parameter and σ sections in a forked worker on the second core
 # (consumers.report.forked); below it, forking costs more than it saves.
@@ -115,7 +116,6 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigurationError("the standard output is closed: redirect it, e.g. sntrack report > report.txt")
     if args.plot:
         check_plot_path(args.plot)
-    from consumers.report.lazy_stats import import_in_background
     from consumers.report.snapshot import UnknownScope, load
 
     curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
