@@ -267,7 +267,7 @@ async def run(base: Settings, *, duration_s: float = 8.0, throughput_events: int
                 await _purge(settings)
                 publisher_rate = await asyncio.to_thread(
                     _publisher_throughput,
-                    settings.model_copy(update={"worker_id": "bench", "publish_buffer": throughput_events + 1}),
+                    settings.replace(worker_id="bench", publish_buffer=throughput_events + 1),
                     _events(throughput_events, seed=5))
                 await _purge(settings)
                 gateway_rate = await _gateway_throughput(session, url, _events(throughput_events, seed=6))

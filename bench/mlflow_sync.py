@@ -127,8 +127,7 @@ async def bare_trials(client: MlflowRest, experiment_id: str, study: list[list[E
 async def backlog_drain(settings: Settings, trials: int) -> dict:
     """Trials per second through `consume mlflow` for a backlog of trials it must create runs for, beside the same
     calls issued bare with the same concurrency."""
-    settings = settings.model_copy(update={"mlflow_enabled": True,
-                                           "mlflow_experiment": f"bench-backlog-{uuid.uuid4().hex[:8]}"})
+    settings = settings.replace(mlflow_enabled=True, mlflow_experiment=f"bench-backlog-{uuid.uuid4().hex[:8]}")
     study = synthetic_study(trials, 1, seed=3, producer=producer_info())
     events = [e for trial in study for e in trial]
     assert all(trial[0].payload.mlflow_run_id is None for trial in study)
@@ -164,8 +163,7 @@ def _daemon(settings: Settings) -> subprocess.Popen:
 
 async def graceful_stop(settings: Settings, trials: int) -> dict:
     """SIGTERM → exit of `sntrack consume mlflow` with a backlog in hand; then the rest drained and counted."""
-    settings = settings.model_copy(update={"mlflow_enabled": True,
-                                           "mlflow_experiment": f"bench-stop-{uuid.uuid4().hex[:8]}"})
+    settings = settings.replace(mlflow_enabled=True, mlflow_experiment=f"bench-stop-{uuid.uuid4().hex[:8]}")
     study = synthetic_study(trials, 1, seed=4, producer=producer_info())
     events = [e for trial in study for e in trial]
     trial_ids = [t[0].trial_id for t in study]
@@ -208,8 +206,7 @@ async def graceful_stop(settings: Settings, trials: int) -> dict:
 
 async def curve_throughput(settings: Settings, trials: int, epochs: int) -> dict:
     """Metric events synced per second through the consumer, beside bare log-batch calls of the same points."""
-    settings = settings.model_copy(update={"mlflow_enabled": True,
-                                           "mlflow_experiment": f"bench-curve-{uuid.uuid4().hex[:8]}"})
+    settings = settings.replace(mlflow_enabled=True, mlflow_experiment=f"bench-curve-{uuid.uuid4().hex[:8]}")
     study = synthetic_study(trials, epochs, seed=2, producer=producer_info())
     events = [e for trial in study for e in trial]
     client = _client(settings)
@@ -244,8 +241,7 @@ async def curve_throughput(settings: Settings, trials: int, epochs: int) -> dict
 
 
 async def run(settings: Settings, trials: int = 100, warmup: int = 5) -> dict:
-    settings = settings.model_copy(update={"mlflow_enabled": True,
-                                           "mlflow_experiment": f"bench-{uuid.uuid4().hex[:8]}"})
+    settings = settings.replace(mlflow_enabled=True, mlflow_experiment=f"bench-{uuid.uuid4().hex[:8]}")
     study = synthetic_study(trials + warmup, 1, seed=1, producer=producer_info())
     client = _client(settings)
     connection = await aio_pika.connect(settings.amqp_url)

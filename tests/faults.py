@@ -1,7 +1,7 @@
 """Fault injection for tests: a TCP proxy that can cut the line to a server (RabbitMQ, PostgreSQL, MLflow, ...).
 
     proxy = TcpProxy("127.0.0.1", 5672)                 # listens on 127.0.0.1:<proxy.port> at once
-    settings = settings.model_copy(update={"amqp_url": proxy.url_for(settings.amqp_url)})
+    settings = settings.replace(amqp_url=proxy.url_for(settings.amqp_url))
     ...                                                 # clients connect through the proxy
     proxy.cut()                                         # server unreachable: connections dropped, new ones reset
     proxy.delay_s = 0.5                                 # a slow server: every answer chunk waits 0.5 s

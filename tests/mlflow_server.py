@@ -49,8 +49,8 @@ class LocalMlflow:
 
 def mlflow_settings(settings: Settings, url: str) -> Settings:
     """The test's settings pointed at `url`, in an experiment of its own."""
-    return settings.model_copy(update={"mlflow_enabled": True, "mlflow_tracking_uri": url,
-                                       "mlflow_experiment": f"test-{uuid.uuid4().hex[:12]}", "mlflow_timeout_s": 5.0})
+    return settings.replace(mlflow_enabled=True, mlflow_tracking_uri=url,
+                            mlflow_experiment=f"test-{uuid.uuid4().hex[:12]}", mlflow_timeout_s=5.0)
 
 
 def _run_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:

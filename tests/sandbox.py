@@ -41,11 +41,8 @@ async def sandbox(base: Settings, prefix: str = "sntrack-sandbox", passwords: di
     suffix = f"{time.strftime(STAMP, time.gmtime())}-{session_id()}-{uuid.uuid4().hex[:8]}"
     vhost, database = f"{prefix}-{suffix}", f"{prefix.replace('-', '_')}_{suffix.replace('-', '_')}"
     api = ManagementApi(base.rabbitmq_admin_url)
-    settings = base.model_copy(update={
-        "amqp_url": with_path(base.amqp_url, vhost),
-        "database_url": with_path(base.database_url, database),
-        **overrides,
-    })
+    settings = base.replace(amqp_url=with_path(base.amqp_url, vhost),
+                            database_url=with_path(base.database_url, database), **overrides)
     try:
         await asyncio.to_thread(apply_topology, api, vhost, passwords, user_prefix=vhost)
         await asyncio.to_thread(create_database, settings.database_url)

@@ -116,7 +116,7 @@ async def test_chaos_flood_with_kills_restarts_outages_and_a_live_rebuild(env, o
     daemons = Daemons(environ, tmp_path)
     for name in CONSUMERS:
         daemons.start(name)
-    publishers = [EventPublisher(settings.model_copy(update={"spool_dir": tmp_path / f"spool-{i}"}).publisher()).start()
+    publishers = [EventPublisher(settings.replace(spool_dir=tmp_path / f"spool-{i}").publisher()).start()
                   for i in range(PUBLISHERS)]
     halt = threading.Event()
     threads = [threading.Thread(target=_publish, args=(p, s, 0.25, halt)) for p, s in zip(publishers, studies,

@@ -65,7 +65,7 @@ async def test_25_restarts_and_reconnects_during_a_backlog_dead_letter_nothing(e
     # too. The broker counts a delivery for the whole window each time; the head of the backlog is in every window.
     amqp = urlsplit(env.settings.amqp_url)
     with TcpProxy(amqp.hostname, amqp.port) as broker:
-        env.settings = env.settings.model_copy(update={"amqp_url": broker.url_for(env.settings.amqp_url)})
+        env.settings = env.settings.replace(amqp_url=broker.url_for(env.settings.amqp_url))
         for round_ in range(25):
             blocker = await env.db()
             lock = blocker.transaction()

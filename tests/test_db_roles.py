@@ -55,11 +55,10 @@ class Prod:
         self.owner_url = _as(url, self.owner, "owner-pw")
         self.writer_url = _as(url, self.writer, self.passwords[self.writer])
         self.reader_url = _as(url, self.reader, self.passwords[self.reader])
-        self.settings: Settings = env.settings.model_copy(update={
-            "database_url": self.writer_url, "read_database_url": self.reader_url,
-            "admin_database_url": self.owner_url, "db_writer_role": self.writer, "db_reader_role": self.reader,
-            "db_writer_password": self.passwords[self.writer], "db_reader_password": self.passwords[self.reader]})
-        self.settings = Settings.model_validate(self.settings.model_dump())  # SecretStr from the plain strings
+        self.settings: Settings = env.settings.replace(
+            database_url=self.writer_url, read_database_url=self.reader_url, admin_database_url=self.owner_url,
+            db_writer_role=self.writer, db_reader_role=self.reader, db_writer_password=self.passwords[self.writer],
+            db_reader_password=self.passwords[self.reader])
 
     def environ(self, **extra: str) -> dict[str, str]:
         return {**os.environ, **self.settings.to_env(), "SNTRACK_LOG_JSON": "true", **extra}

@@ -101,8 +101,8 @@ async def test_slow_mlflow_gives_one_run_per_trial(env, storage, mlflow_server, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "x")
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")  # the logger sets it; restored afterwards
-    settings = mlflow_settings(env.settings, mlflow_server).model_copy(
-        update={"mlflow_experiment": f"{mlflow_settings(env.settings, mlflow_server).mlflow_experiment}/{{study}}"})
+    settings = mlflow_settings(env.settings, mlflow_server)
+    settings = settings.replace(mlflow_experiment=f"{settings.mlflow_experiment}/{{study}}")
     host, port = mlflow_server.removeprefix("http://").split(":")
     with TcpProxy(host, int(port)) as proxy:
         proxy.delay_s = 0.15  # per answer: a run creation (2-3 calls) exceeds start_wait_s below
@@ -214,7 +214,7 @@ async def test_runs_read_well(env, mlflow_server):  # noqa: F811
     """Experiment per study, arm in the run name, `params.spectral_norm = 'true'` finds the SN runs, singular
     values by step, and the consumer's runs carry params and the learning curve."""
     settings = mlflow_settings(env.settings, mlflow_server)
-    settings = settings.model_copy(update={"mlflow_experiment": settings.mlflow_experiment + "/{study}"})
+    settings = settings.replace(mlflow_experiment=settings.mlflow_experiment + "/{study}")
     study = synthetic_study(4, 3, seed=51, producer=producer_info())
     name = study[0][0].model_run_id
     async with running_consumers(settings.consumer(), PIPELINE):
@@ -264,7 +264,7 @@ async def test_repair_gives_a_trial_mlflow_missed_its_params_and_curve(env, mlfl
     settings = mlflow_settings(env.settings, mlflow_server)
     study = synthetic_study(3, 3, seed=63, producer=producer_info())
     name = study[0][0].model_run_id
-    async with running_consumers(settings.model_copy(update={"mlflow_enabled": False}).consumer(), PIPELINE):
+    async with running_consumers(settings.replace(mlflow_enabled=False).consumer(), PIPELINE):
         await publish(env, [e for trial in study for e in trial])
         await wait_until(lambda: env.fetchval("SELECT count(*) = 3 FROM trials WHERE status <> 'running'"),
                          what="the trials")

@@ -40,7 +40,7 @@ async def test_sigterm_with_a_backlog_exits_within_a_bound_and_loses_nothing(env
     host, port = mlflow_server.removeprefix("http://").split(":")
     with TcpProxy(host, int(port)) as proxy:
         proxy.delay_s = 0.3  # per answer: a batch's calls take far longer than the bound, one round of them does not
-        proxied = settings.model_copy(update={"mlflow_tracking_uri": proxy.url_for(mlflow_server)})
+        proxied = settings.replace(mlflow_tracking_uri=proxy.url_for(mlflow_server))
         daemon = consume_mlflow(env, proxied)
         try:
             # The first batch is whatever had arrived when the daemon started; the next one is full (≥ 100 events).

@@ -21,8 +21,8 @@ async def test_database_and_broker_outages_mid_stream(env):
     thirds = [events[: len(events) // 3], events[len(events) // 3: 2 * len(events) // 3],
               events[2 * len(events) // 3:]]
     with _proxy_for(env.settings.amqp_url) as broker, _proxy_for(env.settings.database_url) as database:
-        settings = env.settings.model_copy(update={"amqp_url": broker.url_for(env.settings.amqp_url),
-                                                   "database_url": database.url_for(env.settings.database_url)})
+        settings = env.settings.replace(amqp_url=broker.url_for(env.settings.amqp_url),
+                                        database_url=database.url_for(env.settings.database_url))
         async with running_consumers(settings.consumer(), ["journal", "trials"]) as runtimes:
             await env.publish_events(thirds[0])
             await wait_until(lambda: env.fetchval("SELECT count(*) > 0 FROM events"), what="progress")

@@ -53,7 +53,7 @@ async def test_poison_messages_go_to_dead_letters_and_good_ones_are_applied(env)
     study = synthetic_study(30, 5, producer=producer_info(), seed=11)
     good = [e for trial in study for e in trial]
     poison = _poison(next(e for e in good if e.event_type == "ml.run.metric"))
-    settings = env.settings.model_copy(update={"max_message_bytes": GATE_LIMIT})
+    settings = env.settings.replace(max_message_bytes=GATE_LIMIT)
     async with running_consumers(settings.consumer(), ["journal", "trials"]) as runtimes:
         third = len(good) // 3
         await env.publish_events(good[:third])

@@ -30,7 +30,7 @@ def _events(trials: int, epochs: int, seed: int = 0) -> list:
 def _proxied(env):
     parts = urlsplit(env.settings.amqp_url)
     proxy = TcpProxy(parts.hostname, parts.port or 5672)
-    return proxy, env.settings.model_copy(update={"amqp_url": proxy.url_for(env.settings.amqp_url)})
+    return proxy, env.settings.replace(amqp_url=proxy.url_for(env.settings.amqp_url))
 
 
 def _spooled_events(spool_dir) -> int:
@@ -134,7 +134,7 @@ async def test_broker_cut_mid_stream_loses_nothing(env):
 
 async def test_full_buffer_spools_synchronously_in_order(env):
     events = _events(60, 20, seed=8)[:1200]
-    settings = env.settings.model_copy(update={"publish_buffer": 20})
+    settings = env.settings.replace(publish_buffer=20)
     async with running_consumers(env.settings.consumer(), ["journal"]):
         publisher = EventPublisher(settings.publisher()).start()
         await wait_until(lambda: publisher.stats.connected, timeout=10, what="publisher connected")

@@ -36,7 +36,7 @@ async def test_full_disk_and_no_broker_bound_the_buffer_then_the_broker_takes_it
 
     monkeypatch.setattr(Spool, "append", disk_full)
     proxy, settings = _proxied(env)
-    settings = settings.model_copy(update={"publish_buffer": 50})
+    settings = settings.replace(publish_buffer=50)
     events = _events(20, 10, seed=11)
     with proxy:
         proxy.cut()
@@ -120,7 +120,7 @@ async def test_a_really_full_disk_loses_and_corrupts_nothing(env, tiny_disk):
     """On a 64 KiB tmpfs with the broker away: the spool fills (short writes, then ENOSPC, cut back), publish()
     refuses with SpoolFull, and every accepted event reaches the journal once the broker is back."""
     proxy, settings = _proxied(env)
-    settings = settings.model_copy(update={"publish_buffer": 50, "spool_dir": tiny_disk / "spool"})
+    settings = settings.replace(publish_buffer=50, spool_dir=tiny_disk / "spool")
     events = _events(60, 20, seed=14)
     with proxy:
         proxy.cut()

@@ -34,3 +34,41 @@ def test_settings_build_the_libraries_configs_from_the_environment(tmp_path):
     publisher = settings.publisher()
     assert (publisher.amqp_url, publisher.spool_dir, publisher.buffer, publisher.confirm_timeout_s,
             publisher.worker_id) == ("amqp://u:p@h:1/v", tmp_path, 5, 1.5, "w1")
+
+
+def test_every_bad_value_is_named_by_its_variable_in_one_message():
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"SNTRACK_BATCH_SIZE": "0", "SNTRACK_METRICS_PORT": "70000", "SNTRACK_MLFLOW_TIMEOUT_S": "0",
+                           "SNTRACK_MLFLOW_ENABLED": "maybe", "SNTRACK_DB_READER_ROLE": "pg_reader",
+                           "SNTRACK_PREFETCH": "1.5", "SNTRACK_PUBLISH_CONFIRM_TIMEOUT_S": "nan"})
+    message = str(caught.value)
+    assert message.startswith("invalid configuration: ") and "\n" not in message
+    for expected in ("SNTRACK_BATCH_SIZE: must be at least 1, not 0", "SNTRACK_METRICS_PORT: must be at most 65535",
+                     "SNTRACK_MLFLOW_TIMEOUT_S: must be greater than 0", "SNTRACK_MLFLOW_ENABLED: must be true or false",
+                     "SNTRACK_DB_READER_ROLE: PostgreSQL reserves the role name 'pg_reader'",
+                     "SNTRACK_PREFETCH: must be a whole number, not '1.5'",
+                     "SNTRACK_PUBLISH_CONFIRM_TIMEOUT_S: must be a number, not NaN"):
+        assert expected in message
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("Yes", True), (" on ", True), ("1", True),
+                                             ("false", False), ("NO", False), ("off", False), ("0", False)])
+def test_booleans_read_as_people_write_them(text, value):
+    assert Settings.from_env({"SNTRACK_MLFLOW_ENABLED": text}).mlflow_enabled is value
+
+
+def test_values_from_code_are_converted_and_checked_as_from_the_environment(tmp_path):
+    settings = Settings.from_env({}).replace(batch_size="7", spool_dir=str(tmp_path), db_writer_password="s3cret")
+    assert (settings.batch_size, settings.spool_dir) == (7, tmp_path)
+    with pytest.raises(ConfigurationError, match="SNTRACK_BATCH_SIZE: must be at least 1"):
+        settings.replace(batch_size=0)
+    with pytest.raises(ConfigurationError, match="SNTRACK_AMQP_URL: must be set"):
+        settings.replace(amqp_url=None)
+
+
+def test_passwords_are_hidden_when_printed_and_given_to_child_processes():
+    settings = Settings.from_env({"SNTRACK_DB_WRITER_PASSWORD": "s3cret"})
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+    assert settings.db_writer_password.get_secret_value() == "s3cret"
+    assert settings.to_env()["SNTRACK_DB_WRITER_PASSWORD"] == "s3cret"
+    assert Settings.from_env(settings.to_env()) == settings

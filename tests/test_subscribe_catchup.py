@@ -385,8 +385,8 @@ async def test_a_subscriber_needs_only_its_own_queues_the_journal_and_its_positi
         await conn.execute(f"CREATE ROLE {role} LOGIN")
         for grant in SUBSCRIBER_GRANTS:
             await conn.execute(grant.format(role=role))
-        narrow = replace(env, settings=env.settings.model_copy(update={
-            "amqp_url": env.roles["subscriber"], "database_url": with_login(env.settings.database_url, role, "-")}))
+        narrow = replace(env, settings=env.settings.replace(
+            amqp_url=env.roles["subscriber"], database_url=with_login(env.settings.database_url, role, "-")))
         out = tmp_path / "out.txt"
         async with running_consumers(env.settings.consumer(), ["journal"]):
             await env.publish_events(history)

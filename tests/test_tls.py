@@ -48,11 +48,11 @@ def tls_settings(settings: Settings, server: CertificateAuthority, trusted: Path
     amqp, postgres = urlsplit(settings.amqp_url), urlsplit(settings.database_url)
     with TlsProxy(amqp.hostname, amqp.port or 5672, context) as broker, \
             TlsProxy(postgres.hostname, postgres.port or 5432, context, postgres=True) as database:
-        yield settings.model_copy(update={
-            "amqp_url": with_query(broker.url_for(settings.amqp_url, host), f"cafile={trusted}", scheme="amqps"),
-            "database_url": with_query(database.url_for(settings.database_url, host),
-                                       f"sslmode=verify-full&sslrootcert={trusted}"),
-        }), broker, database
+        yield settings.replace(
+            amqp_url=with_query(broker.url_for(settings.amqp_url, host), f"cafile={trusted}", scheme="amqps"),
+            database_url=with_query(database.url_for(settings.database_url, host),
+                                    f"sslmode=verify-full&sslrootcert={trusted}"),
+        ), broker, database
 
 
 async def test_publisher_consumers_and_optuna_work_over_verified_tls(env, tmp_path):
@@ -86,7 +86,7 @@ def sntrack(settings: Settings, *args: str) -> subprocess.CompletedProcess:
 async def test_a_certificate_from_another_ca_is_refused_in_one_line(env, tmp_path):
     trusted = CertificateAuthority("trusted CA").write(tmp_path)
     with tls_settings(env.settings, CertificateAuthority("impostor CA"), trusted, tmp_path) as (settings, *_):
-        plain_db = settings.model_copy(update={"database_url": env.settings.database_url})
+        plain_db = settings.replace(database_url=env.settings.database_url)
         consume, report = await asyncio.gather(asyncio.to_thread(sntrack, plain_db, "consume", "journal"),
                                                asyncio.to_thread(sntrack, settings, "report"))
     assert (consume.returncode, consume.stderr) == (2, (

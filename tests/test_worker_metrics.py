@@ -22,7 +22,7 @@ async def test_worker_metrics_follow_the_publisher_and_health_the_broker_and_sto
     trials = synthetic_study(4, 2, producer=producer_info(), seed=9)
     first, second = [e for t in trials[:2] for e in t], [e for t in trials[2:] for e in t]
     with proxy_for(env.settings.amqp_url) as broker, proxy_for(env.settings.database_url) as database:
-        settings = env.settings.model_copy(update={"amqp_url": broker.url_for(env.settings.amqp_url)})
+        settings = env.settings.replace(amqp_url=broker.url_for(env.settings.amqp_url))
         publisher = EventPublisher(settings.publisher()).start()
         # The test's database stands in for the Optuna storage: the check is one query on a fresh connection.
         health = WorkerHealth(publisher, database.url_for(env.settings.database_url))

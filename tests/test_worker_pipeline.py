@@ -131,7 +131,7 @@ async def test_broker_outage_mid_study_loses_nothing(env, storage):
     event reaches the journal and every trial the read model."""
     broker = urlsplit(env.settings.amqp_url)
     proxy = TcpProxy(broker.hostname, broker.port)
-    settings = env.settings.model_copy(update={"amqp_url": proxy.url_for(env.settings.amqp_url)})
+    settings = env.settings.replace(amqp_url=proxy.url_for(env.settings.amqp_url))
 
     def on_trial(result):  # trials 2 and 3 train while the broker is unreachable
         if result.trials == 1:
