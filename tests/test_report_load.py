@@ -205,3 +205,12 @@ def test_a_json_column_gives_one_value_without_parsing_the_others():
     assert "values" not in vars(column)  # nothing parsed as a whole yet
     assert list(column) == [{"lr": 0.1}, None, {"lr": 0.1}, [1, 2]]
     assert column.item(3) is column.values[3]  # once parsed, the parsed values
+
+
+def test_two_reads_of_trials_that_disagree_stop_the_report():
+    from consumers.report.snapshot import _trial_columns
+
+    main = {"id": ["a", "b"], "spectral_norm": [True, False]}
+    with pytest.raises(RuntimeError, match="disagree: 2 trials, 1 hyper-parameter sets"):
+        _trial_columns(main, {"hyperparams": ["{}"], "sigmas": [None]})
+    assert len(_trial_columns(main, {"hyperparams": ["{}", None], "sigmas": [None, None]})["hyperparams"]) == 2

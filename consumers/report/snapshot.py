@@ -188,6 +188,9 @@ def _trial_columns(row: asyncpg.Record, json_row: asyncpg.Record) -> dict[str, S
     """REPORT_TRIALS' and REPORT_TRIAL_JSON's rows of arrays as columns (TRIAL_FIELDS), hyper-parameters and σ as
     JsonColumns."""
     columns = {name: [] if values is None else values for name, values in (*row.items(), *json_row.items())}
+    if len(columns["hyperparams"]) != len(columns["id"]):  # one snapshot and one order: cannot happen unless broken
+        raise RuntimeError(f"the report's two reads of trials disagree: {len(columns['id'])} trials, "
+                           f"{len(columns['hyperparams'])} hyper-parameter sets")
     columns["hyperparams"] = JsonColumn(columns["hyperparams"], repeats=True)
     columns["sigmas"] = JsonColumn(columns["sigmas"])
     return columns
