@@ -44,7 +44,8 @@ def test_every_bad_value_is_named_by_its_variable_in_one_message():
     message = str(caught.value)
     assert message.startswith("invalid configuration: ") and "\n" not in message
     for expected in ("SNTRACK_BATCH_SIZE: must be at least 1, not 0", "SNTRACK_METRICS_PORT: must be at most 65535",
-                     "SNTRACK_MLFLOW_TIMEOUT_S: must be greater than 0", "SNTRACK_MLFLOW_ENABLED: must be true or false",
+                     "SNTRACK_MLFLOW_TIMEOUT_S: must be greater than 0",
+                     "SNTRACK_MLFLOW_ENABLED: must be true or false",
                      "SNTRACK_DB_READER_ROLE: PostgreSQL reserves the role name 'pg_reader'",
                      "SNTRACK_PREFETCH: must be a whole number, not '1.5'",
                      "SNTRACK_PUBLISH_CONFIRM_TIMEOUT_S: must be a number, not NaN"):

@@ -24,10 +24,10 @@ _SPECIAL_PACKAGE = threading.Lock()  # one import_special_functions at a time st
 def import_special_functions() -> ModuleType:
     """scipy.special._ufuncs, the compiled module every special function the report calls comes from (the same
     objects scipy.special exports), imported without running scipy.special's __init__, which wraps every function for
-    other array libraries: after numpy, scipy.special's import took 0.100-0.135 s here, this one 0.010-0.013 s. Meanwhile a bare
-    package module stands for scipy.special in sys.modules; it is removed afterwards, so a later `import
-    scipy.special` (scipy.stats does one) runs the real one, which finds these functions already loaded. Only where
-    no other thread imports scipy.special meanwhile: it would be given that bare package."""
+    other array libraries: after numpy, scipy.special's import took 0.100-0.135 s here, this one 0.010-0.013 s.
+    Meanwhile a bare package module stands for scipy.special in sys.modules; it is removed afterwards, so a later
+    `import scipy.special` (scipy.stats does one) runs the real one, which finds these functions already loaded. Only
+    where no other thread imports scipy.special meanwhile: it would be given that bare package."""
     with _SPECIAL_PACKAGE:
         if "scipy.special" in sys.modules:
             return importlib.import_module(SPECIAL_FUNCTIONS)
