@@ -15,6 +15,7 @@ import aio_pika
 import numpy as np
 import pytest
 
+from common.urls import with_login
 from consumers.persistence import apply_events
 from consumers.projections.sn_comparison import OVERALL
 from consumers.registry import PROJECTIONS
@@ -225,6 +226,31 @@ async def test_report_contract_in_process_and_from_the_command_line(env, tmp_pat
     assert out.returncode == 0, out.stderr
     assert {k: v for k, v in json.loads(out.stdout).items() if k != "generated_at"} == {
         k: v for k, v in report.items() if k != "generated_at"}
+
+
+async def test_a_login_allowed_one_connection_gets_the_same_report(env):
+    """`sntrack report` reads on two or three connections at once; a login at its connection limit reads everything
+    on one, in turn, and reports the same."""
+    await _apply(env, synthetic_study(16, 4, seed=9, producer=producer_info(), model_run_id="limited", paired=True))
+    role, password = f"{env.database}_one", "one-connection"
+    conn = await env.db()
+    try:
+        await conn.execute(f'CREATE ROLE "{role}" LOGIN PASSWORD \'{password}\' CONNECTION LIMIT 1; '
+                           f'GRANT pg_read_all_data TO "{role}"; '
+                           f'GRANT CONNECT ON DATABASE "{env.database}" TO "{role}"')
+        outputs = []
+        for url in (env.settings.database_url, with_login(env.settings.database_url, role, password)):
+            for form in ("table", "json"):
+                out = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "sntrack", "report", "--run", "limited", "--format", form],
+                    env={**os.environ, "SNTRACK_DATABASE_URL": url}, capture_output=True, text=True, timeout=60)
+                assert (out.returncode, out.stderr) == (0, ""), out.stderr
+                outputs.append(out.stdout if form == "table" else
+                               {k: v for k, v in json.loads(out.stdout).items() if k != "generated_at"})
+    finally:
+        await conn.execute(f'DROP OWNED BY "{role}"; DROP ROLE IF EXISTS "{role}"')
+        await conn.close()
+    assert outputs[:2] == outputs[2:] and outputs[1]["tests"]["paired"]["n_pairs"] >= 2
 
 
 def _trial(i: int, flag: bool, val: float | None, status: str = "completed") -> TrialRecord:

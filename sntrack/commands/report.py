@@ -10,6 +10,8 @@ import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import asyncpg
+
 from common.errors import ConfigurationError
 from consumers.report.lazy_stats import SPECIAL_FUNCTIONS, import_in_background
 from consumers.report.render import FORMATS, PLOT_SUFFIXES, RENDERERS
@@ -120,7 +122,11 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 
     curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
     size = 1 + HELPERS + (CURVE_HELPERS if curves else 0)
-    pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
+    try:
+        pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
+    except asyncpg.TooManyConnectionsError:  # a login or server at its connection limit: all reads on one, in turn
+        size = 1
+        pool = await read_pool(settings, min_size=size, max_size=size)
     # The read needs no numpy: the statistics' modules import in a thread while the server works on it (started
     # once connected: the handshake's round trips would each wait for the interpreter), and their first use waits
     # for them. matplotlib only for --plot.
