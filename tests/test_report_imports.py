@@ -88,3 +88,23 @@ def test_the_special_functions_import_without_scipy_special_and_are_the_ones_it_
         "      callable(scipy.special.comb), import_special_functions() is functions)"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["0.5", "False", "True", "True", "True", "True"]
+
+
+def test_scipy_stats_waits_while_a_bare_package_stands_in_for_scipy_special():
+    """The stand-in import_special_functions puts in sys.modules would break scipy.stats' import of scipy.special in
+    another thread (the dashboard builds reports in threads): the lazy modules' imports wait for it."""
+    code = "\n".join([
+        "import importlib.util, sys, threading, time",
+        "from consumers.report import lazy_stats",
+        "done = []",
+        "with lazy_stats._SPECIAL_PACKAGE:",
+        "    sys.modules['scipy.special'] = importlib.util.module_from_spec(importlib.util.find_spec('scipy.special'))",
+        "    thread = threading.Thread(target=lambda: done.append(float(lazy_stats.stats.norm.cdf(0.0))))",
+        "    thread.start()",
+        "    time.sleep(0.5)",
+        "    waited = not done",
+        "    del sys.modules['scipy.special']",
+        "thread.join()",
+        "print(waited, done)"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["True", "[0.5]"], out.stderr[-2000:]

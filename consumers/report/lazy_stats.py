@@ -26,8 +26,9 @@ def import_special_functions() -> ModuleType:
     objects scipy.special exports), imported without running scipy.special's __init__, which wraps every function for
     other array libraries: after numpy, scipy.special's import took 0.100-0.135 s here, this one 0.010-0.013 s.
     Meanwhile a bare package module stands for scipy.special in sys.modules; it is removed afterwards, so a later
-    `import scipy.special` (scipy.stats does one) runs the real one, which finds these functions already loaded. Only
-    where no other thread imports scipy.special meanwhile: it would be given that bare package."""
+    `import scipy.special` (scipy.stats does one) runs the real one, which finds these functions already loaded. The
+    imports made here (`stats`, `import_in_background`) wait for it; an import of scipy.special in another thread by
+    other code meanwhile would be given the bare package."""
     with _SPECIAL_PACKAGE:
         if "scipy.special" in sys.modules:
             return importlib.import_module(SPECIAL_FUNCTIONS)
@@ -41,7 +42,12 @@ def import_special_functions() -> ModuleType:
 
 
 def _import(name: str) -> ModuleType:
-    return import_special_functions() if name == SPECIAL_FUNCTIONS else importlib.import_module(name)
+    if name == SPECIAL_FUNCTIONS:
+        return import_special_functions()
+    if name.startswith("scipy."):  # it imports scipy.special: never while a bare package stands in for it
+        with _SPECIAL_PACKAGE:
+            return importlib.import_module(name)
+    return importlib.import_module(name)
 
 
 def import_in_background(*names: str) -> threading.Thread:
