@@ -87,7 +87,13 @@ def _bool(value: object) -> bool:
     text = str(value).strip().lower()
     if text in TRUE or text in FALSE:
         return text in TRUE
-    raise ValueError(f"must be true or false (also 1/0, yes/no, on/off), not {value!r}")
+    raise ValueError(f"must be true or false (also 1/0, yes/no, on/off), not {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """The value as an error message quotes it: its repr, cut to 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _int(value: object) -> int:
@@ -96,7 +102,14 @@ def _int(value: object) -> int:
     try:
         return int(str(value).strip())
     except ValueError:
-        raise ValueError(f"must be a whole number, not {value!r}") from None
+        pass
+    try:
+        number = _float(value)  # "2.0" or 2.0: a whole number written as a decimal
+    except ValueError:
+        number = None
+    if number is None or not number.is_integer():
+        raise ValueError(f"must be a whole number, not {_shown(value)}") from None
+    return int(number)
 
 
 def _float(value: object) -> float:
@@ -106,7 +119,7 @@ def _float(value: object) -> float:
         try:
             number = float(str(value).strip())
         except ValueError:
-            raise ValueError(f"must be a number, not {value!r}") from None
+            raise ValueError(f"must be a number, not {_shown(value)}") from None
     if number != number:  # noqa: PLR0124 - NaN
         raise ValueError("must be a number, not NaN")
     return number

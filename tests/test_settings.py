@@ -73,3 +73,12 @@ def test_passwords_are_hidden_when_printed_and_given_to_child_processes():
     assert settings.db_writer_password.get_secret_value() == "s3cret"
     assert settings.to_env()["SNTRACK_DB_WRITER_PASSWORD"] == "s3cret"
     assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_whole_numbers_may_be_written_as_decimals_and_long_values_are_cut_in_the_message():
+    assert Settings.from_env({"SNTRACK_BATCH_SIZE": "2.0"}).batch_size == 2
+    assert Settings.from_env({}).replace(prefetch=3.0).prefetch == 3
+    for text in ("abc", "2.5", "x" * 5000):
+        with pytest.raises(ConfigurationError, match="SNTRACK_BATCH_SIZE: must be a whole number, not '") as caught:
+            Settings.from_env({"SNTRACK_BATCH_SIZE": text})
+        assert len(str(caught.value)) < 140
