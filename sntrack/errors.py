@@ -17,4 +17,6 @@ def configuration_message(exc: BaseException) -> str | None:
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):  # a command run with another job's login
         return (f"PostgreSQL refused: {exc}; this command needs another login (README: Production set-up and "
                 "security, which command uses which SNTRACK_*DATABASE_URL)")
+    if isinstance(exc, asyncpg.TooManyConnectionsError):  # the login's CONNECTION LIMIT or the server's max_connections
+        return f"PostgreSQL has no connection free: {exc}; try again when fewer are open, or raise the limit"
     return None

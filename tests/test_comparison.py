@@ -230,7 +230,7 @@ async def test_report_contract_in_process_and_from_the_command_line(env, tmp_pat
 
 async def test_a_login_allowed_one_connection_gets_the_same_report(env):
     """`sntrack report` reads on two or three connections at once; a login at its connection limit reads everything
-    on one, in turn, and reports the same."""
+    on one, in turn, and reports the same; a login with no connection free is told so in one line."""
     await _apply(env, synthetic_study(16, 4, seed=9, producer=producer_info(), model_run_id="limited", paired=True))
     role, password = f"{env.database}_one", "one-connection"
     conn = await env.db()
@@ -247,10 +247,18 @@ async def test_a_login_allowed_one_connection_gets_the_same_report(env):
                 assert (out.returncode, out.stderr) == (0, ""), out.stderr
                 outputs.append(out.stdout if form == "table" else
                                {k: v for k, v in json.loads(out.stdout).items() if k != "generated_at"})
+        await conn.execute(f'ALTER ROLE "{role}" CONNECTION LIMIT 0')  # no connection at all: one line, exit 2
+        refused = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "sntrack", "report", "--run", "limited"],
+            env={**os.environ, "SNTRACK_DATABASE_URL": with_login(env.settings.database_url, role, password)},
+            capture_output=True, text=True, timeout=60)
     finally:
         await conn.execute(f'DROP OWNED BY "{role}"; DROP ROLE IF EXISTS "{role}"')
         await conn.close()
     assert outputs[:2] == outputs[2:] and outputs[1]["tests"]["paired"]["n_pairs"] >= 2
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr == (f'sntrack: PostgreSQL has no connection free: too many connections for role "{role}"; '
+                              "try again when fewer are open, or raise the limit\n")
 
 
 def _trial(i: int, flag: bool, val: float | None, status: str = "completed") -> TrialRecord:
