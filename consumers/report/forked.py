@@ -1,10 +1,10 @@
 """Part of the report on the second core: a function run in a forked child while the parent computes the rest.
 
-Everything the report computes runs under one GIL; `sntrack report` over 100,000 trials spends about a quarter of
-its time parsing the trials' hyper-parameters and σ and computing what uses them. A forked child starts with the
-loaded data already in its memory (copy-on-write), so nothing is sent to it; only its result comes back, pickled
-through a pipe. Wherever a child cannot be used (no fork, one core) or fails, the parent computes the same result
-itself when asked for it (tests/test_report_forked.py).
+Everything the report computes runs under one GIL; `sntrack report` over 100,000 trials gives about half of its
+build to the sections that parse the trials' hyper-parameters and to the resampling equivalence tests. A forked child
+starts with the loaded data already in its memory (copy-on-write), so nothing is sent to it; only its result comes
+back, pickled through a pipe. Wherever a child cannot be used (no fork, one core) or fails, the parent computes the
+same result itself when asked for it (tests/test_report_forked.py).
 """
 
 from __future__ import annotations

@@ -228,22 +228,21 @@ def build_report(data: ComparisonData, *, min_effect: float = MIN_EFFECT, alpha:
     itself what it could not compute, so their RuntimeWarnings are not printed
     (tests/test_config_errors.py::test_a_small_study_reports_without_numerical_warnings).
 
-    `fork`: the sections that read hyper-parameters and σ are computed in a forked child meanwhile
-    (consumers.report.forked), the same report sooner on two cores; only where no other thread of the process runs
-    (`sntrack report`)."""
+    `fork`: the sections that read hyper-parameters and the equivalence tests are computed in a forked child
+    meanwhile (`_beside`, consumers.report.forked), the same report sooner on two cores; only where no other thread of
+    the process runs (`sntrack report`)."""
     with _warnings.catch_warnings(), paused_gc():
         _warnings.simplefilter("ignore", RuntimeWarning)
         return _build_report(data, min_effect, alpha, now, fork)
 
 
-def _beside(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, paired_design: bool, alpha: float,
-            min_effect: float) -> tuple[list[dict], dict, tuple[dict, eq.Tost]]:
+def _beside(c: Columns, sn_index: np.ndarray, base_index: np.ndarray, values: tuple[np.ndarray, ...],
+            paired_design: bool, alpha: float, min_effect: float) -> tuple[list[dict], dict, tuple[dict, eq.Tost]]:
     """The sections computed beside the others, in the forked child where the report forks: those that read the
     trials' hyper-parameters (parsed here, on first use), confounding and where it helps, and the equivalence tests
-    (resampling for ASO and the Bayesian test)."""
+    (resampling for ASO and the Bayesian test) over `values` (sn, base, pa, pb as _build_report has them)."""
     confounding = [] if paired_design else _confounding(c, alpha)
-    sn, base = c.val[c.done & c.sn], c.val[c.done & ~c.sn]
-    equivalence = _equivalence(sn, base, c.val[sn_index], c.val[base_index], paired_design, min_effect)
+    equivalence = _equivalence(*values, paired_design, min_effect)
     return confounding, _where(c, sn_index, base_index, paired_design, alpha), equivalence
 
 
@@ -264,9 +263,11 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
     sn_index, base_index, linked = c.pairs()
     n_pairs = len(sn_index)
     paired_design = vd.choose_design(int(c.done.sum()), n_pairs) == vd.PAIRED
-    beside = (forked.start if fork else partial)(_beside, c, sn_index, base_index, paired_design, alpha, min_effect)
     sn_done, base_done = c.done & c.sn, c.done & ~c.sn
     sn, base = c.val[sn_done], c.val[base_done]
+    pa, pb = c.val[sn_index], c.val[base_index]
+    beside = (forked.start if fork else partial)(_beside, c, sn_index, base_index, (sn, base, pa, pb), paired_design,
+                                                 alpha, min_effect)
     warnings: list[str] = [w for w in (_lag_warning(data),) if w]
 
     arms = {name: _arm_from_trials(c, c.arm(flag)) for name, flag in zip(ARMS, (True, False), strict=True)}
@@ -282,7 +283,6 @@ def _build_report(data: ComparisonData, min_effect: float, alpha: float, now: da
     for name, mask in zip(ARMS, (sn_done, base_done), strict=True):
         arms[name]["best"] = _best(c, mask)
 
-    pa, pb = c.val[sn_index], c.val[base_index]
     paired = st.paired(pa, pb)
     welch, mann_whitney = st.welch_test(sn, base), st.mann_whitney(sn, base)
     primary, subset = _analyses(sn, base, n_pairs, paired_design, paired, welch, mann_whitney)

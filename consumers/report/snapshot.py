@@ -151,9 +151,9 @@ _NO_JIT = "SET LOCAL jit = off"  # the curves' read scans millions of rows once:
 
 class JsonColumn(Sequence):
     """A column of JSON texts (None: null) as the values they encode, all parsed in one call on first use: the report
-    parses hyper-parameters and σ only where it uses them (`sntrack report`: in its forked worker,
-    consumers.report.forked). `repeats`: many texts are expected to be equal (the twins of a pair share their
-    hyper-parameters), so each distinct text is parsed once, and equal texts give one shared value."""
+    parses hyper-parameters and σ only where it uses them (`sntrack report`: hyper-parameters in its forked worker,
+    consumers.report.forked, σ in the parent). `repeats`: many texts are expected to be equal (the twins of a pair
+    share their hyper-parameters), so each distinct text is parsed once, and equal texts give one shared value."""
 
     def __init__(self, texts: list[str | None], repeats: bool = False) -> None:
         self.texts = texts

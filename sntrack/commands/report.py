@@ -21,8 +21,8 @@ from sntrack.settings import Settings
 # scipy.stats only where an exact small-sample test or Kolmogorov–Smirnov needs it (consumers.report.special_stats)
 STATISTICS = ("consumers.report.report", SPECIAL_FUNCTIONS)
 BLAS_THREADS = ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS")  # what OpenBLAS reads, in its order
-# From this many trials the build computes its hyper-parameter and σ sections in a forked worker on the second core
-# (consumers.report.forked); below it, forking costs more than it saves.
+# From this many trials the build computes its hyper-parameter sections and equivalence tests in a forked worker on
+# the second core (consumers.report.forked); below it, forking costs more than it saves.
 FORK_MIN_TRIALS = 5_000
 # Connections beside the one that reads the trials (consumers.report.snapshot.load): one reads their
 # hyper-parameters and σ meanwhile, one the learning curves where they are shown.
