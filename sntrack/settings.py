@@ -9,6 +9,7 @@ It was a pydantic model: importing what `sntrack report` imports before it conne
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -50,6 +51,11 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
+
+
+def _variable(field: str) -> str:
+    """The environment variable a field is read from."""
+    return f"SNTRACK_{field.upper()}"
 
 
 def _env_value(value: object) -> str:
@@ -99,17 +105,13 @@ def _shown(value: object) -> str:
 def _int(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    try:
+    with contextlib.suppress(ValueError):
         return int(str(value).strip())
-    except ValueError:
-        pass
-    try:
+    with contextlib.suppress(ValueError):
         number = _float(value)  # "2.0" or 2.0: a whole number written as a decimal
-    except ValueError:
-        number = None
-    if number is None or not number.is_integer():
-        raise ValueError(f"must be a whole number, not {_shown(value)}") from None
-    return int(number)
+        if number.is_integer():
+            return int(number)
+    raise ValueError(f"must be a whole number, not {_shown(value)}")
 
 
 def _float(value: object) -> float:
@@ -232,7 +234,7 @@ class Settings:
             try:
                 object.__setattr__(self, field.name, _converted(field, kind, optional, getattr(self, field.name)))
             except (ValueError, TypeError) as exc:
-                problems.append(f"SNTRACK_{field.name.upper()}: {exc}")
+                problems.append(f"{_variable(field.name)}: {exc}")
         if problems:
             raise ConfigurationError(f"invalid configuration: {'; '.join(problems)}")
 
@@ -241,7 +243,7 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for field in dataclasses.fields(cls):
-            key = f"SNTRACK_{field.name.upper()}"
+            key = _variable(field.name)
             if key in environ:
                 values[field.name] = environ[key]
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -254,7 +256,7 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """The SNTRACK_* variables from which `from_env` rebuilds these settings (for child processes)."""
         return {
-            f"SNTRACK_{name.upper()}": _env_value(value)
+            _variable(name): _env_value(value)
             for field in dataclasses.fields(self)
             if (value := getattr(self, name := field.name)) is not None
         }
