@@ -122,23 +122,22 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 
     curves = args.format in ("json", "csv") or bool(args.plot)  # the learning curves: only these show them
     size = 1 + HELPERS + (CURVE_HELPERS if curves else 0)
-    try:
-        pool = await read_pool(settings, min_size=size, max_size=size)  # connected at once
-    except asyncpg.TooManyConnectionsError:  # a login or server at its connection limit: all reads on one, in turn
-        size = 1
-        pool = await read_pool(settings, min_size=size, max_size=size)
-    # The read needs no numpy: the statistics' modules import in a thread while the server works on it (started
-    # once connected: the handshake's round trips would each wait for the interpreter), and their first use waits
-    # for them. matplotlib only for --plot.
-    # OpenBLAS starts a thread per core at numpy's import, and they spin: on 2 cores they took about 0.15 s of CPU
-    # from the read and the server. The report's linear algebra is a few 4×4 solves. A user's own setting wins.
-    if not any(name in os.environ for name in BLAS_THREADS):
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    statistics = import_in_background(*STATISTICS)
+    pool = await read_pool(settings, min_size=1, max_size=size)
+    statistics = None
     try:
         try:
             async with AsyncExitStack() as stack:
-                connections = [await stack.enter_async_context(pool.acquire()) for _ in range(size)]
+                stack.push_async_callback(pool.close)  # the last to run: once every connection is released
+                connections = await _connections(pool, stack, size)
+                # The read needs no numpy: the statistics' modules import in a thread while the server works on it
+                # (started once connected: the handshake's round trips would each wait for the interpreter), and
+                # their first use waits for them. matplotlib only for --plot.
+                # OpenBLAS starts a thread per core at numpy's import, and they spin: on 2 cores they took about
+                # 0.15 s of CPU from the read and the server. The report's linear algebra is a few 4×4 solves. A
+                # user's own setting wins.
+                if not any(name in os.environ for name in BLAS_THREADS):
+                    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+                statistics = import_in_background(*STATISTICS)
                 if args.schema is not None:
                     for each in connections:
                         await _use_schema(each, args.schema)
@@ -146,15 +145,32 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
                                   curves=curves, helpers=connections[1:])
         except UnknownScope as exc:
             raise ConfigurationError(str(exc)) from None
-        finally:
-            await pool.close()
         # The build needs the statistics, and forks its worker only where no other thread runs: the import thread,
         # or asyncio's executor (left from resolving a host name).
         statistics.join()
         await asyncio.get_running_loop().shutdown_default_executor()
         return _build_and_print(args, data)
     finally:
-        statistics.join()  # not torn down half-imported at exit, whatever happened
+        if statistics is not None:
+            statistics.join()  # not torn down half-imported at exit, whatever happened
+
+
+async def _connections(pool: asyncpg.Pool, stack: AsyncExitStack, size: int) -> list[asyncpg.Connection]:
+    """The pool's first connection, and of the `size - 1` others as many as the login's or the server's connection
+    limit allows, connected at once. The first is never given up: a server frees a closed connection's slot only
+    when its backend has exited, moments later, so a second try at the limit could find no slot at all
+    (tests/test_comparison.py::test_a_login_allowed_one_connection_gets_the_same_report)."""
+    first = await stack.enter_async_context(pool.acquire())
+
+    async def another() -> asyncpg.Connection | None:
+        try:
+            return await stack.enter_async_context(pool.acquire())
+        except asyncpg.TooManyConnectionsError:  # at the limit: what this one would read, the first reads in turn
+            return None
+    more = await asyncio.gather(*(another() for _ in range(size - 1)), return_exceptions=True)
+    for failed in (each for each in more if isinstance(each, BaseException)):
+        raise failed  # once every attempt has ended, so none is left to enter the stack after it has closed
+    return [first, *(each for each in more if each is not None)]
 
 
 def _build_and_print(args: argparse.Namespace, data) -> int:
