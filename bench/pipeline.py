@@ -5,6 +5,10 @@ message bodies through a plain quorum queue on an exchange of its own, no valida
 measured in alternating turns (raw, then sntrack, then raw…), so both see the same load from whatever else the
 machine runs.
 
+The durable floor, measured beside both: the same raw consume, and per consumer whatever has arrived (up to a batch)
+written in one INSERT, its own transaction, then acked: one round trip and one durable commit per batch, what any
+consumer that keeps what it acks must pay. Its event counts as arrived at its commit.
+
 Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on `applied_events`
 (written in the same transaction as the trials rows) notifies the projection and event id (the journal, which keeps no
 applied_events rows, by a trigger on its own rows), and PostgreSQL delivers notifications at commit. The consumers run
@@ -33,6 +37,7 @@ import asyncpg
 
 from bench.timing import percentiles
 from consumers.broker_admin import ManagementApi
+from consumers.config import ConsumerConfig
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from producer.emitter import producer_info
@@ -43,6 +48,9 @@ from sntrack.settings import Settings
 from tests.sandbox import sandbox
 
 RAW_EXCHANGE = "sntrack.bench-raw"
+FLOOR_EXCHANGE = "sntrack.bench-floor"  # its queues: FLOOR_EXCHANGE.<consumer>
+FLOOR_TABLE = "CREATE TABLE bench_floor (consumer text, event_id text, PRIMARY KEY (consumer, event_id))"
+FLOOR_INSERT = "INSERT INTO bench_floor SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING"
 LATENCY_CONSUMERS = ("journal", "trials")
 THROUGHPUT_CONSUMERS = ("journal", "trials", "comparison")
 DAEMONS, ONE_PROCESS = "one daemon per consumer", "one daemon for all"  # the layouts measured side by side
@@ -184,6 +192,48 @@ def raw_listener(settings: Settings):
     return listen
 
 
+def floor_listener(settings: Settings, names: tuple[str, ...] = (MEASURED,)):
+    """The durable floor's consumers, one per name, in this process: a batch (what has arrived, up to sntrack's
+    batch size) is one INSERT in its own transaction, then acked at once."""
+    batch_size = ConsumerConfig().batch_size
+
+    async def listen(arrivals: _Arrivals):
+        connection = await aio_pika.connect(settings.amqp_url)
+        pool = await asyncpg.create_pool(settings.database_url, min_size=len(names), max_size=len(names))
+        workers = []
+
+        async def apply(name: str, inbox: asyncio.Queue) -> None:
+            while True:
+                batch = [await inbox.get()]
+                while len(batch) < batch_size and not inbox.empty():
+                    batch.append(inbox.get_nowait())
+                await pool.execute(FLOOR_INSERT, name, [message.message_id for message in batch])
+                for message in batch:
+                    arrivals.arrived(name, message.message_id)
+                await batch[-1].ack(multiple=True)
+
+        for name in names:
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=1000)
+            queue = await channel.get_queue(f"{FLOOR_EXCHANGE}.{name}", ensure=False)
+            inbox: asyncio.Queue = asyncio.Queue()
+
+            async def put(message, inbox=inbox):
+                inbox.put_nowait(message)
+            await queue.consume(put)
+            workers.append(asyncio.ensure_future(apply(name, inbox)))
+
+        async def close():
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await connection.close()
+            await pool.close()
+        return close
+
+    return listen
+
+
 def pipeline_listener(settings: Settings):
     async def listen(arrivals: _Arrivals):
         listener = await asyncpg.connect(settings.database_url)
@@ -200,8 +250,18 @@ async def _declare_raw(settings: Settings) -> None:
         exchange = await channel.declare_exchange(RAW_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue("sntrack.bench-raw", durable=True, arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, routing_key="ml.run.#")
+        floor = await channel.declare_exchange(FLOOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        for name in THROUGHPUT_CONSUMERS:  # bound as sntrack's queues are: comparison takes only the stops
+            queue = await channel.declare_queue(f"{FLOOR_EXCHANGE}.{name}", durable=True,
+                                                arguments={"x-queue-type": "quorum"})
+            await queue.bind(floor, routing_key=RUN_STOP if name == "comparison" else "ml.run.#")
     finally:
         await connection.close()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(FLOOR_TABLE)
+    finally:
+        await conn.close()
 
 
 def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS, stage_log: Path | None = None,
@@ -270,19 +330,23 @@ def _breakdown(stage_log: Path, arrivals: _Arrivals, event_ids: set[str]) -> dic
 
 async def _latency(layouts: dict[str, Settings], raw: Settings, rate: int, duration_s: float, seed: int, turn: int,
                    stage_log: Path) -> dict:
-    """The raw baseline and each layout (its own sandbox) in alternating turns; the stage breakdown of DAEMONS."""
+    """The raw baseline, the durable floor and each layout (its own sandbox) in alternating turns; the stage
+    breakdown of DAEMONS."""
     events = int(rate * duration_s)
-    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw))}
+    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw)),
+            "floor": (_messages(events, seed + 5), raw, FLOOR_EXCHANGE, floor_listener(raw))}
     for n, (name, settings) in enumerate(layouts.items(), start=1):
         arms[name] = (_messages(events, seed + 10 * n), settings, EXCHANGE, pipeline_listener(settings))
     load = os.getloadavg()[0]
     arrivals = await _measure_in_turns(arms, rate, turn)
     ms = {name: percentiles(arrivals[name].latencies_ms(arm[0])) for name, arm in arms.items()}
-    row = {"raw_ms": ms["raw"], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
+    row = {"raw_ms": ms["raw"], "floor_ms": ms["floor"], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
            "p95_ratio": round(ms[DAEMONS]["p95"] / ms["raw"]["p95"], 2),
            "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    for name, key in ((DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
-        row[f"{key}_delta_ms"] = {q: round(ms[name][q] - ms["raw"][q], 2) for q in ("p50", "p95", "p99")}
+    for name, key in (("floor", "floor"), (DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
+        for below, suffix in (("raw", "delta_ms"), ("floor", "over_floor_ms")):
+            if name != below:
+                row[f"{key}_{suffix}"] = {q: round(ms[name][q] - ms[below][q], 2) for q in ("p50", "p95", "p99")}
     row["breakdown"] = _breakdown(stage_log, arrivals[DAEMONS], {event_id for event_id, _, _ in arms[DAEMONS][0]})
     return row
 
@@ -291,13 +355,17 @@ async def _throughput(layouts: dict[str, tuple[Settings, list[subprocess.Popen]]
                       events: int) -> dict:
     load = os.getloadavg()[0]
     _, raw_rate = await _measure(raw, _messages(events, 42), None, RAW_EXCHANGE, raw_listener(raw))
-    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate)}
+    _, floor_rate = await _measure(raw, _messages(events, 41), None, FLOOR_EXCHANGE,
+                                   floor_listener(raw, THROUGHPUT_CONSUMERS), THROUGHPUT_CONSUMERS)
+    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate),
+              "floor_events_per_s": round(floor_rate), "floor_ratio": round(floor_rate / raw_rate, 2)}
     for n, (name, (settings, daemons)) in enumerate(layouts.items()):
         cpu_before = _cpu_s(daemons)
         _, rate = await _measure(settings, _messages(events, 43 + n), None, EXCHANGE, pipeline_listener(settings),
                                  THROUGHPUT_CONSUMERS)
         key = "pipeline" if name == DAEMONS else "one_process"
         result.update({f"{key}_events_per_s": round(rate), f"{key}_ratio": round(rate / raw_rate, 2),
+                       f"{key}_of_floor": round(rate / floor_rate, 2),
                        f"{key}_cpu_ms_per_event": round((_cpu_s(daemons) - cpu_before) * 1000 / events, 3)})
     result["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return result

@@ -16,7 +16,9 @@ def _pipeline(r: dict) -> list[str]:
              "Latency: publish → `trials` row committed, with the journal and trials consumers as two daemons (one "
              "per consumer), and beside them as one daemon running both (its own vhost and database), each measured "
              "in alternating turns with the baseline. Throughput: journal, trials and comparison consumers, until "
-             "all three applied everything.", "",
+             "all three applied everything. The durable floor, in the same turns: the raw consume, and per consumer "
+             "each batch of what has arrived written in one INSERT, its own transaction (one round trip, one durable "
+             "commit), then acked; what any consumer that keeps what it acks pays.", "",
              "| figure | sntrack | baseline: raw aio-pika publish→consume | difference | target |",
              "|---|---|---|---|---|"]
     for rate, row in r["latency"].items():
@@ -27,6 +29,9 @@ def _pipeline(r: dict) -> list[str]:
                   f"| {target} |",
                   f"| the same, one daemon for both | {_ms(row['one_process_ms'])} | (same turns) | "
                   f"{_delta(row['one_process_delta_ms'])} | |"]
+        if "floor_ms" in row:  # from this benchmark's runs since 2026-12-08
+            lines.append(f"| the durable floor at {rate} events/s: one INSERT and commit per batch | "
+                         f"{_ms(row['floor_ms'])} | (same turns) | {_delta(row['floor_delta_ms'])} | |")
     tp = r["throughput"]
     consumers = "+".join(tp["consumers"])
     lines += [f"| sustained events/s ({tp['events']} events; {consumers}, one daemon per consumer; 1-minute load "
@@ -34,9 +39,19 @@ def _pipeline(r: dict) -> list[str]:
               f"{tp['raw_events_per_s']:,} | {tp['pipeline_ratio']:.0%} | ≥ 90% |",
               f"| the same, one daemon for all three | {tp['one_process_events_per_s']:,} | (same run) | "
               f"{tp['one_process_ratio']:.0%} | |"]
+    if "floor_events_per_s" in tp:
+        lines.append(f"| the durable floor, three consumers: one INSERT and commit per batch each | "
+                     f"{tp['floor_events_per_s']:,} | (same run) | {tp['floor_ratio']:.0%} | |")
     rp = r["replay"]
     lines.append(f"| replay of `trials`, events/s ({rp['events']} events) | {rp['events_per_s']:,} "
                  "| – | – | ≥ 50,000 |")
+    floors = [(rate, row) for rate, row in r["latency"].items() if "floor_ms" in row]
+    if floors:
+        lines += ["", "sntrack above the durable floor, same turns: " + "; ".join(
+            f"at {rate} events/s one daemon per consumer {_delta(row['pipeline_over_floor_ms'])}, one daemon for "
+            f"both {_delta(row['one_process_over_floor_ms'])}" for rate, row in floors)
+            + f". Throughput: {tp['pipeline_of_floor']:.0%} of the floor as one daemon per consumer, "
+            f"{tp['one_process_of_floor']:.0%} as one daemon for all."]
     lines += ["", f"CPU the consumer daemons used per event during the throughput runs, on {r['cpus']} CPUs: "
               f"{tp['pipeline_cpu_ms_per_event']} ms as one daemon per consumer, {tp['one_process_cpu_ms_per_event']} "
               "ms as one daemon for all."]
