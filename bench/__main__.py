@@ -32,7 +32,7 @@ from bench import (
     report_bench,
     training_overhead,
 )
-from bench.report import render_markdown
+from bench.report import LOOP_STEPS, render_markdown
 from sntrack.logging import configure_logging
 from sntrack.mlflow_server import free_port, healthy, start
 from sntrack.settings import Settings
@@ -78,6 +78,15 @@ async def _training(base: Settings, quick: bool) -> dict:
     return await _with_mlflow(base, work)
 
 
+def _loop_s() -> float:
+    """Seconds for LOOP_STEPS steps of a plain Python loop: how fast this machine runs Python code right now. The
+    shared host's speed changes from day to day (twice as slow on some), and every figure with it."""
+    started, total = time.perf_counter(), 0
+    for step in range(LOOP_STEPS):
+        total += step
+    return round(time.perf_counter() - started, 3)
+
+
 def _keep_earlier(results: dict) -> None:
     """With --only, the benchmarks not run keep their last results (each marked with the run it came from)."""
     latest = RESULTS / "latest.json"
@@ -110,6 +119,7 @@ async def main(names: list[str], quick: bool) -> int:
     failed = []
     for name in names:
         print(f"== {name}", flush=True)
+        loop_s = _loop_s()
         started = time.perf_counter()
         try:
             results["benchmarks"][name] = await runners[name]()
@@ -117,7 +127,7 @@ async def main(names: list[str], quick: bool) -> int:
             traceback.print_exc()
             results["benchmarks"][name] = {"error": repr(exc)}
             failed.append(name)
-        results["benchmarks"][name]["wall_s"] = round(time.perf_counter() - started, 1)
+        results["benchmarks"][name].update(wall_s=round(time.perf_counter() - started, 1), loop_s=loop_s)
     RESULTS.mkdir(exist_ok=True)
     _keep_earlier(results)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

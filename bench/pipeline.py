@@ -5,9 +5,9 @@ message bodies through a plain quorum queue on an exchange of its own, no valida
 measured in alternating turns (raw, then sntrack, then raw…), so both see the same load from whatever else the
 machine runs.
 
-The durable floor, measured beside both: the same raw consume, and per consumer whatever has arrived (up to a batch)
-written in one INSERT, its own transaction, then acked: one round trip and one durable commit per batch, what any
-consumer that keeps what it acks must pay. Its event counts as arrived at its commit.
+The durable floor, measured in the same turns and the same way as sntrack (its own sandbox, a daemon, a NOTIFY at
+commit): bench/floor.py, a consumer that writes each batch of what has arrived in one INSERT, its own transaction,
+then acks it. One round trip and one durable commit per batch: what any consumer that keeps what it acks pays.
 
 Pipeline latency is publish → `trials` row committed, observed with LISTEN/NOTIFY: a trigger on `applied_events`
 (written in the same transaction as the trials rows) notifies the projection and event id (the journal, which keeps no
@@ -35,9 +35,9 @@ from pathlib import Path
 import aio_pika
 import asyncpg
 
+from bench import floor
 from bench.timing import percentiles
 from consumers.broker_admin import ManagementApi
-from consumers.config import ConsumerConfig
 from consumers.registry import PROJECTIONS
 from consumers.replay import replay
 from producer.emitter import producer_info
@@ -48,12 +48,10 @@ from sntrack.settings import Settings
 from tests.sandbox import sandbox
 
 RAW_EXCHANGE = "sntrack.bench-raw"
-FLOOR_EXCHANGE = "sntrack.bench-floor"  # its queues: FLOOR_EXCHANGE.<consumer>
-FLOOR_TABLE = "CREATE TABLE bench_floor (consumer text, event_id text, PRIMARY KEY (consumer, event_id))"
-FLOOR_INSERT = "INSERT INTO bench_floor SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING"
 LATENCY_CONSUMERS = ("journal", "trials")
 THROUGHPUT_CONSUMERS = ("journal", "trials", "comparison")
 DAEMONS, ONE_PROCESS = "one daemon per consumer", "one daemon for all"  # the layouts measured side by side
+FLOOR = "the durable floor"
 MEASURED = "trials"  # latency is publish → this projection's commit (the raw baseline's consume stands for it)
 NOTIFY_TRIGGER = """
 CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -192,48 +190,6 @@ def raw_listener(settings: Settings):
     return listen
 
 
-def floor_listener(settings: Settings, names: tuple[str, ...] = (MEASURED,)):
-    """The durable floor's consumers, one per name, in this process: a batch (what has arrived, up to sntrack's
-    batch size) is one INSERT in its own transaction, then acked at once."""
-    batch_size = ConsumerConfig().batch_size
-
-    async def listen(arrivals: _Arrivals):
-        connection = await aio_pika.connect(settings.amqp_url)
-        pool = await asyncpg.create_pool(settings.database_url, min_size=len(names), max_size=len(names))
-        workers = []
-
-        async def apply(name: str, inbox: asyncio.Queue) -> None:
-            while True:
-                batch = [await inbox.get()]
-                while len(batch) < batch_size and not inbox.empty():
-                    batch.append(inbox.get_nowait())
-                await pool.execute(FLOOR_INSERT, name, [message.message_id for message in batch])
-                for message in batch:
-                    arrivals.arrived(name, message.message_id)
-                await batch[-1].ack(multiple=True)
-
-        for name in names:
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=1000)
-            queue = await channel.get_queue(f"{FLOOR_EXCHANGE}.{name}", ensure=False)
-            inbox: asyncio.Queue = asyncio.Queue()
-
-            async def put(message, inbox=inbox):
-                inbox.put_nowait(message)
-            await queue.consume(put)
-            workers.append(asyncio.ensure_future(apply(name, inbox)))
-
-        async def close():
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-            await connection.close()
-            await pool.close()
-        return close
-
-    return listen
-
-
 def pipeline_listener(settings: Settings):
     async def listen(arrivals: _Arrivals):
         listener = await asyncpg.connect(settings.database_url)
@@ -250,18 +206,8 @@ async def _declare_raw(settings: Settings) -> None:
         exchange = await channel.declare_exchange(RAW_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
         queue = await channel.declare_queue("sntrack.bench-raw", durable=True, arguments={"x-queue-type": "quorum"})
         await queue.bind(exchange, routing_key="ml.run.#")
-        floor = await channel.declare_exchange(FLOOR_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-        for name in THROUGHPUT_CONSUMERS:  # bound as sntrack's queues are: comparison takes only the stops
-            queue = await channel.declare_queue(f"{FLOOR_EXCHANGE}.{name}", durable=True,
-                                                arguments={"x-queue-type": "quorum"})
-            await queue.bind(floor, routing_key=RUN_STOP if name == "comparison" else "ml.run.#")
     finally:
         await connection.close()
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute(FLOOR_TABLE)
-    finally:
-        await conn.close()
 
 
 def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS, stage_log: Path | None = None,
@@ -275,6 +221,17 @@ def _start_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUM
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for group in groups]
 
 
+def _route(layout: str) -> tuple[str, str]:
+    """The queue name prefix and the exchange of a layout's consumers."""
+    return (floor.QUEUE_PREFIX, floor.EXCHANGE) if layout == FLOOR else ("sntrack.", EXCHANGE)
+
+
+def _start_floor(settings: Settings, names: tuple[str, ...]) -> list[subprocess.Popen]:
+    """bench/floor.py consuming `names`' queues, one daemon for all."""
+    return [subprocess.Popen([sys.executable, "-m", "bench.floor", *names], env={**os.environ, **settings.to_env()},
+                             stdout=subprocess.DEVNULL)]
+
+
 def _stop(daemons: list[subprocess.Popen]) -> None:
     for daemon in daemons:
         daemon.send_signal(signal.SIGTERM)
@@ -282,11 +239,12 @@ def _stop(daemons: list[subprocess.Popen]) -> None:
         daemon.wait(timeout=30)
 
 
-async def _wait_for_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS) -> None:
+async def _wait_for_consumers(settings: Settings, names: tuple[str, ...] = LATENCY_CONSUMERS,
+                              prefix: str = "sntrack.") -> None:
     api = ManagementApi(settings.rabbitmq_admin_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        infos = [await asyncio.to_thread(api.request, "GET", f"queues/{settings.amqp_vhost}/sntrack.{name}")
+        infos = [await asyncio.to_thread(api.request, "GET", f"queues/{settings.amqp_vhost}/{prefix}{name}")
                  for name in names]
         if all(info and info.get("consumers") for info in infos):
             return
@@ -330,21 +288,20 @@ def _breakdown(stage_log: Path, arrivals: _Arrivals, event_ids: set[str]) -> dic
 
 async def _latency(layouts: dict[str, Settings], raw: Settings, rate: int, duration_s: float, seed: int, turn: int,
                    stage_log: Path) -> dict:
-    """The raw baseline, the durable floor and each layout (its own sandbox) in alternating turns; the stage
-    breakdown of DAEMONS."""
+    """The raw baseline and each layout (its own sandbox; FLOOR's is the durable floor) in alternating turns; the
+    stage breakdown of DAEMONS."""
     events = int(rate * duration_s)
-    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw)),
-            "floor": (_messages(events, seed + 5), raw, FLOOR_EXCHANGE, floor_listener(raw))}
+    arms = {"raw": (_messages(events, seed), raw, RAW_EXCHANGE, raw_listener(raw))}
     for n, (name, settings) in enumerate(layouts.items(), start=1):
-        arms[name] = (_messages(events, seed + 10 * n), settings, EXCHANGE, pipeline_listener(settings))
+        arms[name] = (_messages(events, seed + 10 * n), settings, _route(name)[1], pipeline_listener(settings))
     load = os.getloadavg()[0]
     arrivals = await _measure_in_turns(arms, rate, turn)
     ms = {name: percentiles(arrivals[name].latencies_ms(arm[0])) for name, arm in arms.items()}
-    row = {"raw_ms": ms["raw"], "floor_ms": ms["floor"], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
+    row = {"raw_ms": ms["raw"], "floor_ms": ms[FLOOR], "pipeline_ms": ms[DAEMONS], "one_process_ms": ms[ONE_PROCESS],
            "p95_ratio": round(ms[DAEMONS]["p95"] / ms["raw"]["p95"], 2),
            "load_avg_1m": [round(load, 2), round(os.getloadavg()[0], 2)]}
-    for name, key in (("floor", "floor"), (DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
-        for below, suffix in (("raw", "delta_ms"), ("floor", "over_floor_ms")):
+    for name, key in ((FLOOR, "floor"), (DAEMONS, "pipeline"), (ONE_PROCESS, "one_process")):
+        for below, suffix in (("raw", "delta_ms"), (FLOOR, "over_floor_ms")):
             if name != below:
                 row[f"{key}_{suffix}"] = {q: round(ms[name][q] - ms[below][q], 2) for q in ("p50", "p95", "p99")}
     row["breakdown"] = _breakdown(stage_log, arrivals[DAEMONS], {event_id for event_id, _, _ in arms[DAEMONS][0]})
@@ -355,18 +312,16 @@ async def _throughput(layouts: dict[str, tuple[Settings, list[subprocess.Popen]]
                       events: int) -> dict:
     load = os.getloadavg()[0]
     _, raw_rate = await _measure(raw, _messages(events, 42), None, RAW_EXCHANGE, raw_listener(raw))
-    _, floor_rate = await _measure(raw, _messages(events, 41), None, FLOOR_EXCHANGE,
-                                   floor_listener(raw, THROUGHPUT_CONSUMERS), THROUGHPUT_CONSUMERS)
-    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate),
-              "floor_events_per_s": round(floor_rate), "floor_ratio": round(floor_rate / raw_rate, 2)}
+    result = {"events": events, "consumers": list(THROUGHPUT_CONSUMERS), "raw_events_per_s": round(raw_rate)}
     for n, (name, (settings, daemons)) in enumerate(layouts.items()):
         cpu_before = _cpu_s(daemons)
-        _, rate = await _measure(settings, _messages(events, 43 + n), None, EXCHANGE, pipeline_listener(settings),
-                                 THROUGHPUT_CONSUMERS)
-        key = "pipeline" if name == DAEMONS else "one_process"
+        _, rate = await _measure(settings, _messages(events, 43 + n), None, _route(name)[1],
+                                 pipeline_listener(settings), THROUGHPUT_CONSUMERS)
+        key = {FLOOR: "floor", DAEMONS: "pipeline", ONE_PROCESS: "one_process"}[name]
         result.update({f"{key}_events_per_s": round(rate), f"{key}_ratio": round(rate / raw_rate, 2),
-                       f"{key}_of_floor": round(rate / floor_rate, 2),
                        f"{key}_cpu_ms_per_event": round((_cpu_s(daemons) - cpu_before) * 1000 / events, 3)})
+    for key in ("pipeline", "one_process"):
+        result[f"{key}_of_floor"] = round(result[f"{key}_events_per_s"] / result["floor_events_per_s"], 2)
     result["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return result
 
@@ -375,41 +330,45 @@ async def run(base: Settings, *, duration_s: float = 8.0, throughput_events: int
               log=print) -> dict:
     results: dict = {"latency": {}, "cpus": os.cpu_count()}
     async with (sandbox(base, prefix="sntrack-bench") as settings,
-                sandbox(base, prefix="sntrack-bench") as single):
-        layouts = {DAEMONS: settings, ONE_PROCESS: single}
-        for each in layouts.values():
+                sandbox(base, prefix="sntrack-bench") as single,
+                sandbox(base, prefix="sntrack-bench") as durable):
+        layouts = {FLOOR: durable, DAEMONS: settings, ONE_PROCESS: single}
+        for each in (settings, single):
             conn = await asyncpg.connect(each.database_url)
             await conn.execute(NOTIFY_TRIGGER)
             await conn.close()
         await _declare_raw(settings)
         with tempfile.TemporaryDirectory(prefix="sntrack-bench-stages-") as folder:
             stage_log = Path(folder)
-            daemons = {DAEMONS: _start_consumers(settings, LATENCY_CONSUMERS, stage_log),
+            daemons = {FLOOR: _start_floor(durable, LATENCY_CONSUMERS),
+                       DAEMONS: _start_consumers(settings, LATENCY_CONSUMERS, stage_log),
                        ONE_PROCESS: _start_consumers(single, LATENCY_CONSUMERS, together=True)}
             try:
-                for each in layouts.values():
-                    await _wait_for_consumers(each, LATENCY_CONSUMERS)
-                    await _measure(each, _messages(500, seed=99), None, EXCHANGE, pipeline_listener(each))  # warm-up
+                for name, each in layouts.items():
+                    prefix, exchange = _route(name)
+                    await _wait_for_consumers(each, LATENCY_CONSUMERS, prefix)
+                    await _measure(each, _messages(500, seed=99), None, exchange, pipeline_listener(each))  # warm-up
                 for seed, rate in enumerate((250, 500), start=1):
-                    log(f"latency at {rate} events/s: {int(rate * duration_s)} events each, raw, {DAEMONS} and "
-                        f"{ONE_PROCESS} in alternating turns of {turn}")
+                    log(f"latency at {rate} events/s: {int(rate * duration_s)} events each, raw, {FLOOR}, {DAEMONS} "
+                        f"and {ONE_PROCESS} in alternating turns of {turn}")
                     row = results["latency"][str(rate)] = await _latency(layouts, settings, rate, duration_s, seed,
                                                                          turn, stage_log)
-                    log(f"  raw {row['raw_ms']}\n  {DAEMONS} {row['pipeline_ms']}\n  {ONE_PROCESS} "
-                        f"{row['one_process_ms']}  (load {row['load_avg_1m']})")
+                    log(f"  raw {row['raw_ms']}\n  {FLOOR} {row['floor_ms']}\n  {DAEMONS} {row['pipeline_ms']}\n"
+                        f"  {ONE_PROCESS} {row['one_process_ms']}  (load {row['load_avg_1m']})")
                 daemons[DAEMONS] += _start_consumers(settings, ("comparison",))
-                _stop(daemons[ONE_PROCESS])
+                _stop(daemons[ONE_PROCESS] + daemons[FLOOR])
                 daemons[ONE_PROCESS] = _start_consumers(single, THROUGHPUT_CONSUMERS, together=True)
-                for each in layouts.values():
-                    await _wait_for_consumers(each, THROUGHPUT_CONSUMERS)
+                daemons[FLOOR] = _start_floor(durable, THROUGHPUT_CONSUMERS)
+                for name, each in layouts.items():
+                    await _wait_for_consumers(each, THROUGHPUT_CONSUMERS, _route(name)[0])
                 log(f"throughput: {throughput_events} events published as fast as confirms allow")
                 tp = results["throughput"] = await _throughput(
                     {name: (layouts[name], daemons[name]) for name in layouts}, settings, throughput_events)
             finally:
                 for each in daemons.values():
                     _stop(each)
-        log(f"  raw {tp['raw_events_per_s']:,}/s  {DAEMONS} {tp['pipeline_events_per_s']:,}/s  {ONE_PROCESS} "
-            f"{tp['one_process_events_per_s']:,}/s")
+        log(f"  raw {tp['raw_events_per_s']:,}/s  {FLOOR} {tp['floor_events_per_s']:,}/s  {DAEMONS} "
+            f"{tp['pipeline_events_per_s']:,}/s  {ONE_PROCESS} {tp['one_process_events_per_s']:,}/s")
         pool = await asyncpg.create_pool(settings.database_url, min_size=2, max_size=2)
         try:
             replayed = await replay(pool, PROJECTIONS["trials"])

@@ -7,8 +7,12 @@ def _ms(d: dict) -> str:
     return f"{d['p50']:.1f} / {d['p95']:.1f} / {d.get('p99', float('nan')):.1f}" if d.get("p50") is not None else "–"
 
 
+def _signed(value: float) -> str:
+    return f"+ {value}" if value >= 0 else f"− {-value}"
+
+
 def _delta(d: dict) -> str:
-    return f"p95 + {d['p95']} ms, p99 + {d['p99']} ms"
+    return f"p95 {_signed(d['p95'])} ms, p99 {_signed(d['p99'])} ms"
 
 
 def _pipeline(r: dict) -> list[str]:
@@ -264,6 +268,9 @@ SECTIONS = {"pipeline": _pipeline, "comparison": _comparison, "mlflow": _mlflow,
             "replay": _replay}
 
 
+LOOP_STEPS = 5_000_000  # bench/__main__.py times this loop before each benchmark: runs on days of a slower host differ
+
+
 def render_markdown(results: dict) -> str:
     lines = [f"# Benchmark results — {results['started_at']} on {results['host']}"
              + (" (quick)" if results.get("quick") else ""), "",
@@ -281,5 +288,7 @@ def render_markdown(results: dict) -> str:
                 lines += [f"## {name}", "", "Kept from a run of an earlier version of this benchmark, in a form this "
                           f"version does not read: rerun `python -m bench --only {name}`."]
         origin = f", from the run of {result['from_run']}" if result.get("from_run") else ""
-        lines += ["", f"({name}: {result['wall_s']} s{origin})", ""]
+        speed = (f"; this machine's speed just before: {result['loop_s']} s for {LOOP_STEPS:,} steps of a Python loop"
+                 if "loop_s" in result else "")
+        lines += ["", f"({name}: {result['wall_s']} s{origin}{speed})", ""]
     return "\n".join(lines)
