@@ -288,7 +288,7 @@ def render_markdown(results: dict) -> str:
                 lines += [f"## {name}", "", "Kept from a run of an earlier version of this benchmark, in a form this "
                           f"version does not read: rerun `python -m bench --only {name}`."]
         origin = f", from the run of {result['from_run']}" if result.get("from_run") else ""
-        speed = (f"; this machine's speed just before: {result['loop_s']} s for {LOOP_STEPS:,} steps of a Python loop"
+        speed = (f"; a {LOOP_STEPS:,}-step Python loop took {result['loop_s']} s just before it"
                  if "loop_s" in result else "")
         lines += ["", f"({name}: {result['wall_s']} s{origin}{speed})", ""]
     return "\n".join(lines)
