@@ -58,7 +58,8 @@ def _pipeline(r: dict) -> list[str]:
             f"{tp['one_process_of_floor']:.0%} as one daemon for all."]
     lines += ["", f"CPU the consumer daemons used per event during the throughput runs, on {r['cpus']} CPUs: "
               f"{tp['pipeline_cpu_ms_per_event']} ms as one daemon per consumer, {tp['one_process_cpu_ms_per_event']} "
-              "ms as one daemon for all."]
+              "ms as one daemon for all" + (f"; the durable floor's daemon {tp['floor_cpu_ms_per_event']} ms."
+                                            if "floor_cpu_ms_per_event" in tp else ".")]
     for rate, row in r["latency"].items():
         b = row["breakdown"]
         lines += ["", f"Where an event's time goes at {rate} events/s, one daemon per consumer (the trials daemon's "
