@@ -16,6 +16,7 @@ as `sntrack consume` daemons in two layouts, each in its own sandbox and measure
 consumer (as the systemd units deploy them) and one daemon for all (fewer processes on the CPUs). Journal and trials
 for latency; journal, trials and comparison for throughput. The trials daemon of the first layout writes its batches'
 stage timestamps (SNTRACK_STAGE_LOG, consumers/stages.py), from which each event's latency is split into its stages.
+The one daemon for all is profiled with py-spy (bench/profile.py) in a throughput pass of its own.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import aio_pika
 import asyncpg
 
 from bench import floor
+from bench.profile import sampled
 from bench.timing import percentiles
 from consumers.broker_admin import ManagementApi
 from consumers.registry import PROJECTIONS
@@ -322,6 +324,12 @@ async def _throughput(layouts: dict[str, tuple[Settings, list[subprocess.Popen]]
                        f"{key}_cpu_ms_per_event": round((_cpu_s(daemons) - cpu_before) * 1000 / events, 3)})
     for key in ("pipeline", "one_process"):
         result[f"{key}_of_floor"] = round(result[f"{key}_events_per_s"] / result["floor_events_per_s"], 2)
+    # A pass of its own for the profile, so that the sampler's CPU is in none of the figures above.
+    settings, daemons = layouts[ONE_PROCESS]
+    profile = result["one_process_profile"] = {"events": events // 2}
+    with sampled(daemons[0].pid, profile):
+        await _measure(settings, _messages(events // 2, 47), None, EXCHANGE, pipeline_listener(settings),
+                       THROUGHPUT_CONSUMERS)
     result["load_avg_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
     return result
 

@@ -60,6 +60,8 @@ def _pipeline(r: dict) -> list[str]:
               f"{tp['pipeline_cpu_ms_per_event']} ms as one daemon per consumer, {tp['one_process_cpu_ms_per_event']} "
               "ms as one daemon for all" + (f"; the durable floor's daemon {tp['floor_cpu_ms_per_event']} ms."
                                             if "floor_cpu_ms_per_event" in tp else ".")]
+    if "one_process_profile" in tp:
+        lines += _profile(tp["one_process_profile"])
     for rate, row in r["latency"].items():
         b = row["breakdown"]
         lines += ["", f"Where an event's time goes at {rate} events/s, one daemon per consumer (the trials daemon's "
@@ -67,6 +69,18 @@ def _pipeline(r: dict) -> list[str]:
                   f"{b['batch_size']['max']}; the means add up, the percentiles do not):", "",
                   "| stage | mean ms | p50 / p95 / p99 ms |", "|---|---|---|"]
         lines += [f"| {label} | {part['mean']:.3f} | {_ms(part)} |" for label, part in b["stages"].items()]
+    return lines
+
+
+def _profile(p: dict) -> list[str]:
+    lines = ["", f"Where the one daemon's CPU goes while it applies {p['events']:,} events as fast as they come "
+             f"(py-spy, {p['rate_hz']} samples/s of its running threads, {p['samples']:,} samples; a pass of its "
+             "own, after the measured ones):", "", "| running, by the innermost frame | % of samples |", "|---|---|"]
+    lines += [f"| {name} | {pct} |" for name, pct in p["parts_pct"].items()]
+    lines += ["", "| sntrack's step anywhere on the stack (they nest) | % of samples |", "|---|---|"]
+    lines += [f"| {name} | {pct} |" for name, pct in p["steps_pct"].items()]
+    lines += ["", "| innermost function | % of samples |", "|---|---|"]
+    lines += [f"| `{leaf}` | {pct} |" for leaf, pct in p["top_pct"]]
     return lines
 
 
