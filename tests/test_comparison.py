@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import urllib.parse
 
 import aio_pika
 import numpy as np
@@ -259,6 +260,58 @@ async def test_a_login_allowed_one_connection_gets_the_same_report(env):
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr == (f'sntrack: PostgreSQL has no connection free: too many connections for role "{role}"; '
                               "try again when fewer are open, or raise the limit\n")
+
+
+async def _first_through_then_reset(host: str, port: int) -> asyncio.base_events.Server:
+    """A TCP proxy to host:port that passes its first connection through and resets every later one at once."""
+    accepted = 0
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted > 1:
+            writer.transport.abort()  # RST: what a pooler or a restarting server can do to a new connection
+            return
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_report_whose_second_connection_fails_reads_on_the_first(env):
+    """A connection the report opens beside its first, refused in any way (here reset by a proxy that lets only the
+    first through), leaves its read to the first: the same report, exit 0, nothing on stderr."""
+    await _apply(env, synthetic_study(16, 4, seed=9, producer=producer_info(), model_run_id="flaky", paired=True))
+    url = urllib.parse.urlsplit(env.settings.database_url)
+    outputs = []
+    for through_proxy in (False, True):
+        proxy = await _first_through_then_reset(url.hostname, url.port or 5432) if through_proxy else None
+        try:
+            login = url.netloc.rpartition("@")[0]
+            target = url if proxy is None else url._replace(
+                netloc=f"{login}@127.0.0.1:{proxy.sockets[0].getsockname()[1]}" if login else
+                f"127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+            out = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "sntrack", "report", "--run", "flaky", "--format", "json",
+                env={**os.environ, "SNTRACK_DATABASE_URL": urllib.parse.urlunsplit(target)},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(out.communicate(), timeout=60)
+        finally:
+            if proxy is not None:
+                proxy.close()
+        assert (out.returncode, stderr.decode()) == (0, "")
+        outputs.append({k: v for k, v in json.loads(stdout).items() if k != "generated_at"})
+    assert outputs[0] == outputs[1] and outputs[1]["tests"]["paired"]["n_pairs"] >= 2
 
 
 def _trial(i: int, flag: bool, val: float | None, status: str = "completed") -> TrialRecord:

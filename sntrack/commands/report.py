@@ -156,16 +156,19 @@ async def _report(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _connections(pool: asyncpg.Pool, stack: AsyncExitStack, size: int) -> list[asyncpg.Connection]:
-    """The pool's first connection, and of the `size - 1` others as many as the login's or the server's connection
-    limit allows, connected at once. The first is never given up: a server frees a closed connection's slot only
-    when its backend has exited, moments later, so a second try at the limit could find no slot at all
-    (tests/test_comparison.py::test_a_login_allowed_one_connection_gets_the_same_report)."""
+    """The pool's first connection, and of the `size - 1` others as many as can be opened, connected at once. The
+    others only read beside the first: one refused for any reason (the login's or the server's connection limit, a
+    pooler's, a reset) leaves its read to the first, in turn
+    (tests/test_comparison.py::test_a_login_allowed_one_connection_gets_the_same_report,
+    tests/test_comparison.py::test_a_report_whose_second_connection_fails_reads_on_the_first). The first is never
+    given up: a server frees a closed connection's slot only when its backend has exited, moments later, so a
+    second try at the limit could find no slot at all."""
     first = await stack.enter_async_context(pool.acquire())
 
     async def another() -> asyncpg.Connection | None:
         try:
             return await stack.enter_async_context(pool.acquire())
-        except asyncpg.TooManyConnectionsError:  # at the limit: what this one would read, the first reads in turn
+        except Exception:  # noqa: BLE001 - not opened: what this one would read, the first reads in turn
             return None
     more = await asyncio.gather(*(another() for _ in range(size - 1)), return_exceptions=True)
     for failed in (each for each in more if isinstance(each, BaseException)):
