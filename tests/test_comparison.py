@@ -29,6 +29,7 @@ from producer.emitter import producer_info
 from producer.sample import synthetic_study
 from schemas import EXCHANGE, RunStopped
 from tests.conftest import wait_until
+from tests.tls import pump
 
 SN_ROWS = f"SELECT {', '.join(COMPARISON_COLUMNS)} FROM sn_comparison ORDER BY model_run_id, spectral_norm, status"
 FROM_TRIALS = f"SELECT * FROM ({COMPARISON_FROM_TRIALS}) AS x ORDER BY model_run_id, spectral_norm, status"
@@ -266,16 +267,6 @@ async def _first_through_then_reset(host: str, port: int) -> asyncio.base_events
     """A TCP proxy to host:port that passes its first connection through and resets every later one at once."""
     accepted = 0
 
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
-
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal accepted
         accepted += 1
@@ -283,7 +274,7 @@ async def _first_through_then_reset(host: str, port: int) -> asyncio.base_events
             writer.transport.abort()  # RST: what a pooler or a restarting server can do to a new connection
             return
         upstream_reader, upstream_writer = await asyncio.open_connection(host, port)
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer))
 
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
