@@ -170,9 +170,7 @@ async def _connections(pool: asyncpg.Pool, stack: AsyncExitStack, size: int) -> 
             return await stack.enter_async_context(pool.acquire())
         except Exception:  # noqa: BLE001 - not opened: what this one would read, the first reads in turn
             return None
-    more = await asyncio.gather(*(another() for _ in range(size - 1)), return_exceptions=True)
-    for failed in (each for each in more if isinstance(each, BaseException)):
-        raise failed  # once every attempt has ended, so none is left to enter the stack after it has closed
+    more = await asyncio.gather(*(another() for _ in range(size - 1)))
     return [first, *(each for each in more if each is not None)]
 
 
