@@ -79,8 +79,8 @@ async def _training(base: Settings, quick: bool) -> dict:
 
 
 def _loop_s() -> float:
-    """Seconds for LOOP_STEPS steps of a plain Python loop: how fast this machine runs Python code right now. The
-    shared host's speed changes from day to day (twice as slow on some), and every figure with it."""
+    """Seconds for LOOP_STEPS steps of a plain Python loop: one reading of the shared host's speed, which changes from
+    day to day. It does not follow every slowdown (README, Benchmarks): the same-run baselines are the comparison."""
     started, total = time.perf_counter(), 0
     for step in range(LOOP_STEPS):
         total += step
